@@ -1,0 +1,224 @@
+"""ClapModel: the two towers, their projections and the logit scales, plus the embedding helpers.
+
+Attribute names equal the Hugging Face `ClapModel` state-dict keys (`audio_model.audio_encoder.*`,
+`text_model.*`, `audio_projection.linear1`, `logit_scale_a`, ...), so a converted checkpoint loads with
+no mapping table and stage-by-stage comparisons match by name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .config import ClapConfig
+
+if TYPE_CHECKING:
+    from .tokenizer import ClapTokenizer
+
+DEFAULT_TEMPLATE = "This is a sound of {}."
+
+
+def l2_normalize(x: mx.array, eps: float = 1e-12) -> mx.array:
+    """x / max(||x||, eps) along the last axis, in float32 (as torch.nn.functional.normalize)."""
+    x32 = x.astype(mx.float32)
+    norm = mx.sqrt(mx.sum(x32 * x32, axis=-1, keepdims=True))
+    return x32 / mx.maximum(norm, eps)
+
+
+class ClapProjectionLayer(nn.Module):
+    """Linear -> ReLU -> Linear, with biases (LAION `*_projection`, HF `ClapProjectionLayer`)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.linear1 = nn.Linear(in_dim, out_dim)
+        self.linear2 = nn.Linear(out_dim, out_dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear2(nn.relu(self.linear1(x)))
+
+
+class ClapModel(nn.Module):
+    def __init__(self, config: ClapConfig):
+        super().__init__()
+        from .htsat import ClapAudioModel
+        from .text import ClapTextModel
+
+        self.config = config
+        self.audio_model = ClapAudioModel(config.audio_config)
+        self.text_model = ClapTextModel(config.text_config)
+        self.audio_projection = ClapProjectionLayer(config.audio_config.hidden_size, config.projection_dim)
+        self.text_projection = ClapProjectionLayer(config.text_config.hidden_size, config.projection_dim)
+        init = math.log(config.logit_scale_init_value)
+        self.logit_scale_a = mx.array(init, dtype=mx.float32)
+        self.logit_scale_t = mx.array(init, dtype=mx.float32)
+        # Set by from_pretrained when the folder carries tokenizer files; not a module parameter.
+        self._tokenizer: ClapTokenizer | None = None
+        self._feature_extractor = None
+        self.source_dir: Path | None = None
+        self.eval()
+
+    # ------------------------------------------------------------------------------------ tensors in
+    def get_audio_features(self, input_features: mx.array, is_longer: mx.array | None = None) -> mx.array:
+        """HF layout (B, C, 1001, 64) log-mels (+ (B, 1) is_longer for fused models) -> unit (B, D)."""
+        pooled = self.audio_model(input_features, is_longer)
+        return l2_normalize(self.audio_projection(pooled))
+
+    def get_text_features(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
+        """Token ids (B, L) and mask (B, L) -> unit (B, D), from RoBERTa's pooler output."""
+        pooled = self.text_model(input_ids, attention_mask)
+        return l2_normalize(self.text_projection(pooled))
+
+    def logits(self, audio_embeds: mx.array, text_embeds: mx.array) -> tuple[mx.array, mx.array]:
+        """(logits_per_audio, logits_per_text) with the learned scales, as HF ClapModel.forward."""
+        a = audio_embeds.astype(mx.float32)
+        t = text_embeds.astype(mx.float32)
+        logits_per_text = (t @ a.T) * mx.exp(self.logit_scale_t.astype(mx.float32))
+        logits_per_audio = (a @ t.T) * mx.exp(self.logit_scale_a.astype(mx.float32))
+        return logits_per_audio, logits_per_text
+
+    # ------------------------------------------------------------------------------ files and strings in
+    @property
+    def feature_extractor(self):
+        if self._feature_extractor is None:
+            from .features import ClapFeatureExtractor
+
+            self._feature_extractor = ClapFeatureExtractor(self.config.feature_config)
+        return self._feature_extractor
+
+    @property
+    def tokenizer(self) -> ClapTokenizer:
+        if self._tokenizer is None:
+            raise RuntimeError(
+                "this model has no tokenizer: its folder lacks tokenizer.json (or vocab.json + merges.txt); "
+                "convert it again from a source that has the tokenizer files"
+            )
+        return self._tokenizer
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.projection_dim
+
+    def embed_audio(
+        self,
+        inputs: Sequence[str | Path | np.ndarray] | str | Path | np.ndarray,
+        *,
+        batch_size: int = 8,
+        long_audio: str = "windows-mean",
+        seed: int | None = None,
+        quantize_int16: bool = False,
+    ) -> np.ndarray:
+        """Unit audio embeddings (N, D) as numpy float32 for paths or 1-D float arrays at 48 kHz.
+
+        `long_audio` decides what happens past 10 s: "windows-mean" (default, deterministic: consecutive
+        10-s windows, mean of the unit embeddings, renormalized), "head", "center", or "reference"
+        (the model's own random `rand_trunc`/`fusion` as LAION/HF do it, seedable with `seed`).
+        """
+        from .audio import load_audio
+
+        if isinstance(inputs, (str, Path, np.ndarray)):
+            inputs = [inputs]
+        waves = []
+        for item in inputs:
+            if isinstance(item, (str, Path)):
+                waves.append(load_audio(item, self.config.feature_config.sampling_rate).samples)
+            else:
+                waves.append(item)
+        return self.embed_waveforms(
+            waves, batch_size=batch_size, long_audio=long_audio, seed=seed, quantize_int16=quantize_int16
+        )
+
+    def embed_waveforms(
+        self,
+        waveforms: Sequence[np.ndarray],
+        *,
+        batch_size: int = 8,
+        long_audio: str = "windows-mean",
+        seed: int | None = None,
+        quantize_int16: bool = False,
+    ) -> np.ndarray:
+        """Unit embeddings (N, D) for decoded mono 48 kHz waveforms; see `embed_audio`."""
+        fx = self.feature_extractor
+        out = np.zeros((len(waveforms), self.embedding_dim), dtype=np.float32)
+        for start in range(0, len(waveforms), batch_size):
+            chunk = list(waveforms[start : start + batch_size])
+            feats, is_longer, owner = fx.extract_for_embedding(
+                chunk, long_audio=long_audio, seed=seed, quantize_int16=quantize_int16
+            )
+            rows = []
+            for r in range(0, feats.shape[0], batch_size):
+                emb = self.get_audio_features(feats[r : r + batch_size], is_longer[r : r + batch_size])
+                mx.eval(emb)
+                rows.append(np.array(emb.astype(mx.float32)))
+            rows_np = np.concatenate(rows, axis=0)
+            out[start : start + len(chunk)] = pool_windows(rows_np, owner, len(chunk))
+        return out
+
+    def embed_text(self, texts: Sequence[str] | str, *, batch_size: int = 64) -> np.ndarray:
+        """Unit text embeddings (N, D) as numpy float32, batched by length."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"embed_text: item {i} is {type(t).__name__}, not str")
+        out = np.zeros((len(texts), self.embedding_dim), dtype=np.float32)
+        if not texts:
+            return out
+        tok = self.tokenizer
+        # Sort by length so each batch pads to a similar length; results go back in input order.
+        lengths = np.array([len(t) for t in texts])
+        order = np.argsort(-lengths, kind="stable")
+        for start in range(0, len(texts), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = tok([texts[i] for i in idx])
+            emb = self.get_text_features(mx.array(ids), mx.array(mask))
+            mx.eval(emb)
+            out[idx] = np.array(emb.astype(mx.float32))
+        return out
+
+    def classify(
+        self,
+        audio: Sequence[str | Path | np.ndarray] | np.ndarray | str | Path,
+        labels: Sequence[str],
+        template: str | None = DEFAULT_TEMPLATE,
+        **embed_kwargs: Any,
+    ) -> np.ndarray:
+        """Zero-shot probabilities (N, len(labels)): softmax over labels of logits_per_audio.
+
+        `audio` is anything `embed_audio` takes, or an (N, D) array of unit audio embeddings.
+        """
+        labels = list(labels)
+        if not labels:
+            raise ValueError("classify: no labels given")
+        if isinstance(audio, np.ndarray) and audio.ndim == 2 and audio.shape[1] == self.embedding_dim:
+            audio_emb = audio
+        else:
+            audio_emb = self.embed_audio(audio, **embed_kwargs)
+        prompts = [template.format(label) if template else label for label in labels]
+        text_emb = self.embed_text(prompts)
+        logits_per_audio, _ = self.logits(mx.array(audio_emb), mx.array(text_emb))
+        probs = mx.softmax(logits_per_audio, axis=-1)
+        return np.array(probs)
+
+    # ---------------------------------------------------------------------------------------- loading
+    @staticmethod
+    def from_pretrained(path: str | Path, dtype: mx.Dtype = mx.float32) -> ClapModel:
+        """Load a converted folder (config.json + model.safetensors [+ tokenizer files])."""
+        from .weights import load_converted
+
+        return load_converted(Path(path), dtype=dtype)
+
+
+def pool_windows(rows: np.ndarray, owner: np.ndarray, n_items: int) -> np.ndarray:
+    """Mean of the unit embeddings that belong to each item, renormalized (one row per item)."""
+    dim = rows.shape[1]
+    sums = np.zeros((n_items, dim), dtype=np.float64)
+    np.add.at(sums, owner, rows.astype(np.float64))
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return (sums / np.maximum(norms, 1e-12)).astype(np.float32)
