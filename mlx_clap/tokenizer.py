@@ -171,8 +171,8 @@ class ClapTokenizer:
         for i, seq in enumerate(ids):
             if len(seq) > self.max_tokens:
                 raise ValueError(
-                    f"text item {i} has {len(seq)} tokens, more than the model's {self.max_tokens} positions; "
-                    "use policy='laion' (truncates to 77) or pass max_length"
+                    f"text item {i} has {len(seq)} tokens, more than the model's {self.max_tokens} "
+                    "positions; use policy='laion' (truncates to 77) or pass max_length"
                 )
         return ids
 
