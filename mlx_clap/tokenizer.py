@@ -133,13 +133,20 @@ class ClapTokenizer:
             got = self._tok.token_to_id(name)
             if got != want:
                 raise TokenizerError(f"{where}: special token {name} has id {got}, the model expects {want}")
-        if self._tok.post_processor is None:
+        if not self._wraps():
+            # A bare BPE file (no post-processor, or a ByteLevel one): CLAP's text tower always reads
+            # RoBERTa's `<s> ... </s>` layout, so install it rather than feed unwrapped ids.
             self._tok.post_processor = processors.RobertaProcessing(
                 (EOS, cfg.eos_token_id), (BOS, cfg.bos_token_id), trim_offsets=True, add_prefix_space=False
             )
-        probe = self._tok.encode("a").ids
-        if len(probe) < 3 or probe[0] != cfg.bos_token_id or probe[-1] != cfg.eos_token_id:
+        if not self._wraps():
+            probe = self._tok.encode("a").ids
             raise TokenizerError(f"{where}: post-processing does not wrap text as <s> ... </s> (got {probe})")
+
+    def _wraps(self) -> bool:
+        probe = self._tok.encode("a").ids
+        cfg = self.text_config
+        return len(probe) >= 3 and probe[0] == cfg.bos_token_id and probe[-1] == cfg.eos_token_id
 
     # --------------------------------------------------------------------------------------- encoding
     def _set_truncation(self, length: int | None) -> None:
