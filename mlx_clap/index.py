@@ -81,7 +81,7 @@ class SearchResult:
     def hits(self, items: Sequence[dict[str, Any]], query: int = 0) -> list[Hit]:
         """The hits of one query as `Hit`s, with the paths from the store's items."""
         out = []
-        for row, score in zip(self.rows[query], self.scores[query]):
+        for row, score in zip(self.rows[query], self.scores[query], strict=False):
             if row < 0:
                 break
             out.append(Hit(int(row), str(items[int(row)]["path"]), float(score)))

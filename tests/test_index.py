@@ -91,12 +91,12 @@ def test_ann_recall_and_exact_rescoring(tmp_path):
     ann = AnnIndex.open(store)
     assert ann.built_now and (tmp_path / "s" / "ann.usearch").is_file()
     res = ann.search(q, k=10)
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(res.rows, flat.rows)])
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(res.rows, flat.rows, strict=False)])
     assert recall >= 0.95, recall
     # Shared rows carry the same (exact) score in both backends.
     for i in range(len(q)):
-        common = {r: s for r, s in zip(flat.rows[i], flat.scores[i])}
-        for r, s in zip(res.rows[i], res.scores[i]):
+        common = {r: s for r, s in zip(flat.rows[i], flat.scores[i], strict=False)}
+        for r, s in zip(res.rows[i], res.scores[i], strict=False):
             if r in common:
                 assert abs(common[r] - s) < 1e-5
 
