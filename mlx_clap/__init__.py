@@ -16,6 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# Linux CPU: route MLX's matmuls to an optimized BLAS (no-op elsewhere; MLX_CLAP_BLAS=off opts out).
+from .blas import setup_blas as _setup_blas  # noqa: E402
+
+_setup_blas()
+
 if TYPE_CHECKING:
     from .model import ClapModel
 
