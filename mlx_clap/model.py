@@ -8,7 +8,7 @@ no mapping table and stage-by-stage comparisons match by name.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -145,6 +145,27 @@ class ClapModel(nn.Module):
         """Unit embeddings (N, D) for decoded mono 48 kHz waveforms; see `embed_audio`."""
         fx = self.feature_extractor
         out = np.zeros((len(waveforms), self.embedding_dim), dtype=np.float32)
+        if long_audio == "windows-mean":
+            # Long clips go window-group by window-group (embed_windows), so a 2-hour file never has
+            # all its 720 windows' features in memory at once; the rest are batched as before.
+            from .features import as_waveform_list
+
+            waveforms = as_waveform_list(list(waveforms)) if len(waveforms) else []
+            long_idx = [i for i, w in enumerate(waveforms) if w.shape[0] > fx.max_samples]
+            for i in long_idx:
+                out[i] = self.embed_windows(
+                    [waveforms[i]], batch_size=batch_size, quantize_int16=quantize_int16
+                )
+            if long_idx:
+                short = [i for i in range(len(waveforms)) if i not in set(long_idx)]
+                if short:
+                    out[short] = self.embed_waveforms(
+                        [waveforms[i] for i in short],
+                        batch_size=batch_size,
+                        long_audio=long_audio,
+                        quantize_int16=quantize_int16,
+                    )
+                return out
         for start in range(0, len(waveforms), batch_size):
             chunk = list(waveforms[start : start + batch_size])
             feats, is_longer, owner = fx.extract_for_embedding(
@@ -158,6 +179,37 @@ class ClapModel(nn.Module):
             rows_np = np.concatenate(rows, axis=0)
             out[start : start + len(chunk)] = pool_windows(rows_np, owner, len(chunk))
         return out
+
+    def embed_windows(
+        self, blocks: Iterable[np.ndarray], *, batch_size: int = 8, quantize_int16: bool = False
+    ) -> np.ndarray:
+        """Unit "windows-mean" embedding (D,) of one clip given as consecutive 1-D blocks at 48 kHz.
+
+        Same windows as `extract_for_embedding(long_audio="windows-mean")`: 10-s windows with a 10-s hop,
+        plus one end-aligned window for a remainder; a clip of at most 10 s gives its one padded row.
+        Windows are featurized and embedded `batch_size` at a time, so memory stays bounded for any
+        length; `blocks` may be a streaming decoder (`mlx_clap.audio.AudioStream`).
+        """
+        fx = self.feature_extractor
+        total = np.zeros(self.embedding_dim, dtype=np.float64)
+        group: list[np.ndarray] = []
+
+        def flush() -> None:
+            nonlocal total
+            feats, is_longer, _ = fx.extract_for_embedding(group, quantize_int16=quantize_int16)
+            emb = self.get_audio_features(feats, is_longer)
+            mx.eval(emb)
+            for row in np.array(emb.astype(mx.float32)).astype(np.float64):
+                total += row  # row by row, as pool_windows' np.add.at sums
+            group.clear()
+
+        for window in sliding_windows(blocks, fx.max_samples):
+            group.append(window)
+            if len(group) == batch_size:
+                flush()
+        if group:
+            flush()
+        return (total / max(np.linalg.norm(total), 1e-12)).astype(np.float32)
 
     def embed_text(self, texts: Sequence[str] | str, *, batch_size: int = 64) -> np.ndarray:
         """Unit text embeddings (N, D) as numpy float32, batched by length."""
@@ -213,6 +265,33 @@ class ClapModel(nn.Module):
         from .weights import load_converted
 
         return load_converted(Path(path), dtype=dtype)
+
+
+def sliding_windows(blocks: Iterable[np.ndarray], length: int) -> Iterator[np.ndarray]:
+    """Cut a stream of 1-D blocks into windows of `length` at hop `length`, plus an end-aligned last one.
+
+    A stream of at most `length` samples yields itself once (unpadded); an empty stream yields nothing.
+    Holds about two windows of samples (plus one block), whatever the stream's length.
+    """
+    buf = np.zeros(0, dtype=np.float32)
+    prev: np.ndarray | None = None  # the last window yielded
+    total = 0
+    for block in blocks:
+        block = np.asarray(block, dtype=np.float32).reshape(-1)
+        total += block.size
+        buf = np.concatenate([buf, block]) if buf.size else block
+        # A full window stays in `buf` until more data arrives: it may be the last one.
+        while buf.size > length:
+            prev = buf[:length].copy()
+            yield prev
+            buf = buf[length:]
+    if total == 0:
+        return
+    if prev is None or buf.size == length:
+        yield buf
+    else:
+        # A remainder: the last window ends at the stream's end and overlaps the previous one.
+        yield np.concatenate([prev, buf])[-length:]
 
 
 def pool_windows(rows: np.ndarray, owner: np.ndarray, n_items: int) -> np.ndarray:
