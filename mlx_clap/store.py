@@ -16,6 +16,7 @@ Row k always lives in shard k // shard_size, so a resumed run yields the same fi
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -45,6 +46,33 @@ class UnknownPathError(StoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+def _file_mode() -> int:
+    # mkstemp makes 0600 files; published files get the usual mode (0666 minus the umask), as open() does.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `path` via a temp file + fsync + rename: readers see the old or the whole new content."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, _FILE_MODE)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _shard_name(index: int) -> str:
     return f"emb-{index:05d}.npy"
 
@@ -64,33 +92,17 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
-def _append_lines(path: Path, objs: list[dict]) -> None:
+def append_lines(path: Path, objs: list[dict]) -> None:
+    """Append JSON lines in one write, then fsync (a crash can only tear the last line)."""
     if not objs:
         return
     data = "".join(json.dumps(o, ensure_ascii=False, sort_keys=True) + "\n" for o in objs).encode("utf-8")
@@ -253,13 +265,8 @@ class EmbeddingStore:
 
     def _rewrite_items(self) -> None:
         ipath = self.path / ITEMS_NAME
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{ITEMS_NAME}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            for o in self.items:
-                fh.write((json.dumps(o, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, ipath)
+        lines = "".join(json.dumps(o, ensure_ascii=False, sort_keys=True) + "\n" for o in self.items)
+        atomic_write_bytes(ipath, lines.encode("utf-8"))
 
     # -------------------------------------------------------------------------------------- reading
     def __len__(self) -> int:
@@ -338,7 +345,7 @@ class EmbeddingStore:
                 block = vecs[lo - start : hi - start]
             _atomic_save_npy(p, np.ascontiguousarray(block))
         _fsync_dir(shard_dir)
-        _append_lines(self.path / ITEMS_NAME, [dict(it) for it in items])
+        append_lines(self.path / ITEMS_NAME, [dict(it) for it in items])
         self.items.extend(dict(it) for it in items)
         if self._row_by_path is not None:
             for i, it in enumerate(items):
@@ -347,4 +354,4 @@ class EmbeddingStore:
     def record_error(self, path: str | Path, error: str, **extra: Any) -> None:
         """Append one failure record to errors.jsonl."""
         rec = {"path": str(path), "error": str(error), "time": time.time(), **extra}
-        _append_lines(self.path / ERRORS_NAME, [rec])
+        append_lines(self.path / ERRORS_NAME, [rec])
