@@ -181,9 +181,9 @@ def _exclusion_mask(n: int, mask: np.ndarray | None, exclude: Sequence[int] | No
 class FlatIndex:
     """Exact search: every stored vector is scored against the queries, block by block, in MLX.
 
-    `resident=True` keeps the blocks as MLX arrays (in the store's dtype) after the first pass, for
-    many queries in one process; the default re-reads the memory map each time (the OS page cache
-    keeps it warm).
+    `resident=True` keeps the blocks as float32 MLX arrays after the first pass, for many queries in
+    one process (4 bytes per value, so 2 GiB for 1M x 512); the default re-reads the memory map each
+    time (the OS page cache keeps it warm).
     """
 
     name = "flat"
@@ -207,6 +207,8 @@ class FlatIndex:
         for first, block in iter_blocks(self.store, self.block_rows):
             arr = mx.array(np.ascontiguousarray(block))
             if self.resident:
+                # Kept as float32: converting float16 per query dominates on CPU (not on a GPU).
+                arr = arr.astype(mx.float32)
                 mx.eval(arr)
                 kept.append((first, arr))
             yield first, arr
@@ -495,7 +497,7 @@ class AnnIndex:
 def open_index(store: StoreLike, backend: str = "auto", **kwargs: Any) -> FlatIndex | AnnIndex:
     """ "flat", "ann", or "auto" (ANN from `ANN_AUTO_ROWS` vectors on when usearch is installed)."""
     if backend == "flat":
-        return FlatIndex(store)
+        return FlatIndex(store)  # ANN options in kwargs do not apply
     if backend == "ann":
         return AnnIndex.open(store, **kwargs)
     if backend != "auto":
