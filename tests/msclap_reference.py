@@ -1,0 +1,205 @@
+"""Build msclap 1.3.4's own reference models offline, with every parameter and buffer randomized.
+
+msclap downloads at construction: `models.clap.TextEncoder` calls `AutoModel.from_pretrained(text_model)`
+and `CLAPWrapper.load_clap` calls `AutoTokenizer.from_pretrained(text_model)` (plus the weights from the
+hub). Offline, these are replaced by:
+- a random-init `GPT2Model(GPT2Config())` / `BertModel(BertConfig())` (the default configs are gpt2-small
+  and bert-base-uncased), randomized by `reference_models.randomize_`;
+- tokenizers built by transformers from small vocabularies trained here (GPT-2-style byte-level BPE with
+  `!` at id 0 and `<|endoftext|>` last; BERT-style uncased WordPiece with `[PAD]` at id 0).
+
+`CLAPWrapper` itself imports torchaudio (its file loader), which is not installed; a stand-in module lets
+the class import, and its text preprocessing, similarity and embedding helpers run unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from fixtures import TOKENIZER_TEXTS, _bpe_corpus  # noqa: E402
+from reference_models import randomize_  # noqa: E402
+
+# Texts for msclap tokenization: the shared fixtures plus `!` cases (the pad-token quirk).
+MSCLAP_TEXTS = [
+    *TOKENIZER_TEXTS,
+    "a dog barks!",
+    "wow! a loud bang!! then silence",
+    "!",
+    "! leading",
+    "this is the sound of rain",
+]
+
+
+def _stub_torchaudio() -> None:
+    """CLAPWrapper imports torchaudio (+ .transforms) at module level; only its file loader uses them."""
+    if "torchaudio" in sys.modules:
+        return
+    import importlib.machinery
+
+    import transformers  # noqa: F401  (its lazy availability checks must run before the stand-in exists)
+
+    ta = types.ModuleType("torchaudio")
+    transforms = types.ModuleType("torchaudio.transforms")
+    # find_spec() on a module without __spec__ raises; transformers probes optional packages that way.
+    ta.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None)
+    transforms.__spec__ = importlib.machinery.ModuleSpec("torchaudio.transforms", None)
+
+    def _no_load(*_a, **_k):
+        raise RuntimeError("torchaudio stand-in: the msclap reference never loads files")
+
+    ta.load = _no_load
+    transforms.Resample = _no_load
+    ta.transforms = transforms
+    sys.modules.update({"torchaudio": ta, "torchaudio.transforms": transforms})
+
+
+def train_gpt2_files(folder: Path, vocab_size: int = 1200) -> Path:
+    """A GPT-2-style byte-level BPE (vocab.json + merges.txt): `!` is id 0, `<|endoftext|>` last."""
+    import json
+
+    from tokenizers import ByteLevelBPETokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    corpus = _bpe_corpus() + [t for t in MSCLAP_TEXTS if t] * 3
+    bpe.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=1, show_progress=False)
+    bpe.save_model(str(folder))
+    vocab = json.loads((folder / "vocab.json").read_text())
+    if vocab.get("!") != 0:
+        raise RuntimeError(f"trained BPE puts '!' at {vocab.get('!')}, the GPT-2 layout needs 0")
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    return folder
+
+
+def train_bert_files(folder: Path, vocab_size: int = 1200) -> Path:
+    """A bert-base-uncased-style WordPiece vocab.txt with `[PAD]`=0, `[UNK]`, `[CLS]`, `[SEP]`, `[MASK]`."""
+    from tokenizers import BertWordPieceTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    wp = BertWordPieceTokenizer(lowercase=True)
+    corpus = _bpe_corpus() + [t for t in MSCLAP_TEXTS if t] * 3
+    wp.train_from_iterator(
+        corpus,
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        show_progress=False,
+    )
+    wp.save_model(str(folder))
+    return folder
+
+
+def hf_tokenizer(folder: Path, text_model: str):
+    """The transformers tokenizer msclap would get from `AutoTokenizer.from_pretrained(text_model)`."""
+    from transformers import BertTokenizerFast, GPT2TokenizerFast
+
+    folder = Path(folder)
+    if "gpt" in text_model:
+        # transformers 5's from_pretrained reads a bare vocab.json/merges.txt folder as an empty vocabulary.
+        return GPT2TokenizerFast(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    return BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True)
+
+
+def import_msclap(tokenizer_dirs: dict[str, Path] | None = None):
+    """Import msclap offline and return (models.clap module, CLAPWrapper class).
+
+    `tokenizer_dirs` maps a text model name to a folder made by `train_*_files`, for the wrapper's
+    `AutoTokenizer.from_pretrained`.
+    """
+    _stub_torchaudio()
+    import msclap.CLAPWrapper as wrapper_mod
+    import msclap.models.clap as clap_mod
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+
+    class _RandomAutoModel:
+        @staticmethod
+        def from_pretrained(name, *_a, **_k):
+            if "gpt" in name:
+                return GPT2Model(GPT2Config())
+            if "bert" in name:
+                return BertModel(BertConfig())
+            raise ValueError(f"offline reference has no text model {name!r}")
+
+    class _OfflineAutoTokenizer:
+        @staticmethod
+        def from_pretrained(name, *_a, **_k):
+            if not tokenizer_dirs or name not in tokenizer_dirs:
+                raise OSError(f"offline reference: no tokenizer files for {name!r}")
+            return hf_tokenizer(tokenizer_dirs[name], name)
+
+    clap_mod.AutoModel = _RandomAutoModel
+    wrapper_mod.AutoTokenizer = _OfflineAutoTokenizer
+    return clap_mod, wrapper_mod.CLAPWrapper
+
+
+def random_msclap(
+    version: str, tokenizer_dir: Path | None = None, seed: int = 0, checkpoint: Path | None = None
+):
+    """A `CLAPWrapper` around a random-init msclap `CLAP` of the released architecture, in eval mode.
+
+    The wrapper is built as `CLAPWrapper.load_clap` builds it (same yml, same constructor, same tokenizer
+    call); every parameter and buffer is randomized. If `checkpoint` is given, the weights are also saved
+    there in the released file layout `{'model': state_dict}`.
+    """
+    import torch
+
+    text_model = "gpt2" if version == "2023" else "bert-base-uncased"
+    dirs = {text_model: tokenizer_dir} if tokenizer_dir is not None else None
+    clap_mod, CLAPWrapper = import_msclap(dirs)
+    wrapper = CLAPWrapper.__new__(CLAPWrapper)
+    wrapper.config_as_str = (
+        Path(sys.modules["msclap.CLAPWrapper"].__file__).parent / f"configs/config_{version}.yml"
+    ).read_text()
+    wrapper.use_cuda = False
+    args = wrapper.read_config_as_args(wrapper.config_as_str, is_config_str=True)
+    wrapper.token_keys = (
+        ["input_ids", "attention_mask"]
+        if "gpt" in args.text_model
+        else ["input_ids", "token_type_ids", "attention_mask"]
+    )
+    torch.manual_seed(seed)
+    clap = clap_mod.CLAP(
+        audioenc_name=args.audioenc_name,
+        sample_rate=args.sampling_rate,
+        window_size=args.window_size,
+        hop_size=args.hop_size,
+        mel_bins=args.mel_bins,
+        fmin=args.fmin,
+        fmax=args.fmax,
+        classes_num=args.num_classes,
+        out_emb=args.out_emb,
+        text_model=args.text_model,
+        transformer_embed_dim=args.transformer_embed_dim,
+        d_proj=args.d_proj,
+    ).eval()
+    # The Swin shift masks are float buffers: keep them (randomize_ would fill them like weights).
+    masks = {k: v.clone() for k, v in clap.named_buffers() if k.endswith("attn_mask")}
+    randomize_(clap, seed)
+    with torch.no_grad():
+        for name, buf in clap.named_buffers():
+            if name in masks:
+                buf.copy_(masks[name])
+    if checkpoint is not None:
+        torch.save({"model": clap.state_dict()}, checkpoint)
+    wrapper.clap = clap
+    wrapper.args = args
+    if tokenizer_dir is not None:
+        tok = sys.modules["msclap.CLAPWrapper"].AutoTokenizer.from_pretrained(args.text_model)
+        if "gpt" in args.text_model:
+            tok.add_special_tokens({"pad_token": "!"})
+        if not hasattr(tok, "encode_plus"):
+            # transformers 5 dropped encode_plus (msclap pins <5); for one text it was __call__ itself.
+            tok.encode_plus = tok.__call__
+        wrapper.tokenizer = tok
+    else:
+        wrapper.tokenizer = None
+    return wrapper
