@@ -7,7 +7,6 @@ store's is refused, since vectors from two models do not share a space.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -35,48 +34,26 @@ def open_store(path: str | Path):
 
 
 def store_model_ref(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The model a store was embedded with, from its manifest: {"source", "sha256", "dim"} (any may be None).
-
-    Accepts `"model": {"id"|"source"|"path", "weights_sha256"|"sha256", "dim"}` or a string
-    `"model"`, and top-level `model_id` / `model_path` / `weights_sha256`.
-    """
+    """The model a store was embedded with, from the manifest `mlx-clap embed` writes:
+    {"source": the --model it was given, "sha256": weights_sha256, "dtype": compute dtype}."""
     m = manifest.get("model")
-    ref: dict[str, Any] = {"source": None, "sha256": None, "dim": None}
-    if isinstance(m, dict):
-        ref["source"] = m.get("path") or m.get("source") or m.get("id")
-        ref["sha256"] = m.get("weights_sha256") or m.get("sha256")
-        ref["dim"] = m.get("dim") or m.get("projection_dim")
-    elif isinstance(m, str):
-        ref["source"] = m
-    ref["source"] = ref["source"] or manifest.get("model_path") or manifest.get("model_id")
-    ref["sha256"] = ref["sha256"] or manifest.get("weights_sha256")
-    return ref
+    if isinstance(m, dict):  # tolerate a nested form: {"id"|"path", "weights_sha256"}
+        source, sha = m.get("path") or m.get("id"), m.get("weights_sha256")
+    else:
+        source, sha = m, None
+    settings = manifest.get("settings") or {}
+    return {
+        "source": source or manifest.get("model_source"),
+        "sha256": sha or manifest.get("weights_sha256"),
+        "dtype": settings.get("compute_dtype"),
+    }
 
 
-def weights_sha256(model: Any) -> str | None:
-    """sha256 of the loaded model's `model.safetensors`, when it came from a folder."""
-    folder = getattr(model, "source_dir", None)
-    if folder is None:
-        return None
-    path = Path(folder) / "model.safetensors"
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def load_model(source: str | None, dtype: str | None = None) -> Any:
+    """Load a model (default: $MLX_CLAP_MODEL or DEFAULT_MODEL) with a user-facing error."""
+    from .cli_embed import load_model_or_exit
 
-
-def load_model(source: str | None) -> Any:
-    """Load a model, turning a failure into a ClickException that names the source."""
-    import mlx_clap
-
-    source = source or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
-    try:
-        return mlx_clap.load(source)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise click.ClickException(f"cannot load model {source}: {exc}") from exc
+    return load_model_or_exit(source or os.environ.get(MODEL_ENV) or DEFAULT_MODEL, dtype or "float32")
 
 
 def load_store_model(store: Any, override: str | None) -> Any:
@@ -86,7 +63,7 @@ def load_store_model(store: Any, override: str | None) -> Any:
         raise click.ClickException(
             f"{store.path}: the manifest names no model; pass --model with the model it was embedded with"
         )
-    model = load_model(str(source))
+    model = load_model(str(source), store_model_ref(store.manifest)["dtype"])
     check_store_model(store, model, str(source))
     return model
 
@@ -101,6 +78,8 @@ def check_store_model(store: Any, model: Any, source: str) -> None:
             "ones; use the model the store was embedded with"
         )
     if ref["sha256"]:
+        from .cli_embed import weights_sha256
+
         have = weights_sha256(model)
         if have is not None and have != ref["sha256"]:
             raise click.ClickException(
@@ -113,7 +92,8 @@ def check_store_model(store: Any, model: Any, source: str) -> None:
 def embed_settings(manifest: dict[str, Any]) -> dict[str, Any]:
     """Audio embedding options recorded in the manifest that `embed_audio` understands."""
     settings = manifest.get("settings") or {}
-    return {k: settings[k] for k in ("long_audio", "quantize_int16") if k in settings}
+    out = {k: settings[k] for k in ("long_audio", "quantize_int16", "seed") if settings.get(k) is not None}
+    return out
 
 
 def note(message: str) -> None:
