@@ -128,6 +128,8 @@ class AudioStream:
         self.n_samples = 0
         self.decoder = ""
         self.warnings: list[str] = []  # e.g. damaged packets skipped in a truncated file
+        # Frame count from the header when the decoder gives one (a hint: MP3 headers can be wrong).
+        self.expected_frames: int | None = None
 
     # ---------------------------------------------------------------------------------- decoders
     def _soundfile_blocks(self) -> Iterator[np.ndarray]:
@@ -135,6 +137,7 @@ class AudioStream:
 
         with sf.SoundFile(str(self.path)) as f:
             self.source_rate, self.channels, self.decoder = int(f.samplerate), int(f.channels), "soundfile"
+            self.expected_frames = int(f.frames) if f.frames > 0 else None
             self._check_format()
             while True:
                 block = f.read(self.block_frames, dtype="float32", always_2d=True)
@@ -312,8 +315,25 @@ def _describe(exc: BaseException | None, path: Path | None = None) -> str:
 def load_audio(path: str | os.PathLike, sr: int = DEFAULT_SR) -> DecodedAudio:
     """Decode a file to mono float32 at `sr` (see the module docstring); AudioDecodeError on bad input."""
     stream = AudioStream(path, sr)
-    blocks = list(stream)
-    samples = np.concatenate(blocks) if len(blocks) != 1 else blocks[0]
+    out: np.ndarray | None = None
+    blocks: list[np.ndarray] = []
+    filled = 0
+    for block in stream:
+        if out is None and not blocks and stream.expected_frames:
+            # Known length: fill one array, so a long file does not need twice its size at the end.
+            out = np.empty(target_length(stream.expected_frames, stream.source_rate, sr), dtype=np.float32)
+        if out is not None and filled + block.size <= out.size:
+            out[filled : filled + block.size] = block
+            filled += block.size
+            continue
+        if out is not None:  # the header was wrong: go on with a list of blocks
+            blocks.append(out[:filled])
+            out = None
+        blocks.append(block)
+    if out is not None and not blocks:
+        samples = out[:filled] if filled != out.size else out
+    else:
+        samples = np.concatenate(blocks) if len(blocks) != 1 else blocks[0]
     return DecodedAudio(
         samples=samples,
         sample_rate=int(sr),

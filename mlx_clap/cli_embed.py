@@ -482,7 +482,8 @@ class EmbedRun:
         from tqdm import tqdm
 
         sr = self.model.config.feature_config.sampling_rate
-        stream_long = self.settings["long_audio"] == "windows-mean"
+        # Models without embed_windows (other families) get whole waveforms.
+        stream_long = self.settings["long_audio"] == "windows-mean" and hasattr(self.model, "embed_windows")
         self.bar = tqdm(
             total=len(files),
             unit="file",
@@ -645,6 +646,12 @@ def embed(
     if seed is not None and long_audio != "reference":
         click.echo("note: --seed only matters with --long-audio reference", err=True)
     files, missing = discover(paths, recursive)
+    if not files and not missing:
+        raise click.ClickException(
+            "no audio files found in "
+            + ", ".join(paths)
+            + (" (add --recursive for sub-folders)" if not recursive else "")
+        )
     model = load_model_or_exit(model_id, dtype)
     fused = model.config.feature_config.truncation == "fusion"
     if long_audio == "fusion" and not fused:

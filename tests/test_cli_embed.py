@@ -181,6 +181,9 @@ def test_missing_paths_and_bad_model(tiny_model_dir, audio_dir, tmp_path):
     assert len(r.stdout.splitlines()) == 1
     r = _run(["embed", str(audio_dir), "--model", str(tmp_path / "no_model"), "-q"])
     assert r.exit_code == 1 and "cannot load model" in r.output
+    (tmp_path / "empty").mkdir()
+    r = _run(["embed", str(tmp_path / "empty"), "--model", str(tiny_model_dir)])
+    assert r.exit_code == 1 and "no audio files found" in r.output
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("x")
     r = _run(["embed", str(audio_dir), "--model", str(tiny_model_dir), "--out", str(tmp_path / "other")])
