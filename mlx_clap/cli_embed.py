@@ -177,9 +177,9 @@ def decode_file(file: InputFile, sr: int, stream_long: bool) -> Decoded:
 
 # ------------------------------------------------------------------------------------------ writers
 def _atomic_json(path: Path, obj: Any) -> None:
-    from .store import atomic_write_bytes
+    from .store import atomic_write_bytes, json_line
 
-    atomic_write_bytes(path, (json.dumps(obj, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, json_line(obj).encode("utf-8"))
 
 
 def _settings_diff(old: dict, new: dict) -> list[str]:
@@ -287,12 +287,17 @@ class JsonWriter:
 
 class JsonlWriter:
     def __init__(self, manifest: dict):
+        from .store import json_line
+
         self.manifest = manifest
+        # Non-ASCII stays readable where stdout takes UTF-8; elsewhere it is escaped.
+        self.utf8 = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "") == "utf8"
+        self._json_line = json_line
 
     def write(self, records: list[dict], vectors) -> None:
         for rec, vec in zip(records, vectors, strict=True):
             obj = {**rec["item"], **rec["meta"], "embedding": [float(x) for x in vec]}
-            sys.stdout.write(json.dumps(obj, ensure_ascii=False, sort_keys=True) + "\n")
+            sys.stdout.write(self._json_line(obj) if self.utf8 else json.dumps(obj, sort_keys=True) + "\n")
         sys.stdout.flush()
 
     def error(self, path: str, cause: str) -> None:
@@ -700,7 +705,7 @@ def embed(
         click.echo("interrupted: what was written is kept; rerun the same command to resume", err=True)
     summary = run.summary(len(files) + len(missing), skipped, str(out) if out else None, fmt)
     if summary_json:
-        click.echo(json.dumps(summary, ensure_ascii=False), err=(fmt == "jsonl"))
+        click.echo(json.dumps(summary), err=(fmt == "jsonl"))
     elif not quiet:
         click.echo(
             f"embedded {summary['embedded']}, skipped {skipped}, failed {summary['failed']} "
@@ -731,7 +736,7 @@ def embed_text(texts: tuple[str, ...], model_id: str, fmt: str, out: Path | None
     """
     import numpy as np
 
-    from .store import atomic_write_bytes
+    from .store import atomic_write_bytes, json_line
 
     if fmt == "npy" and out is None:
         raise click.UsageError("--format npy needs --out FILE")
@@ -748,8 +753,7 @@ def embed_text(texts: tuple[str, ...], model_id: str, fmt: str, out: Path | None
         atomic_write_bytes(out, buf.getvalue())
         return
     lines = "".join(
-        json.dumps({"text": t, "model": model_id, "embedding": [float(x) for x in v]}, ensure_ascii=False)
-        + "\n"
+        json_line({"text": t, "model": model_id, "embedding": [float(x) for x in v]})
         for t, v in zip(texts, vectors, strict=True)
     )
     if out is not None:
@@ -834,7 +838,7 @@ def info(model_id: str, as_json: bool) -> None:
         model_info["error"] = str(exc)
     report["model"] = model_info
     if as_json:
-        click.echo(json.dumps(report, indent=2, ensure_ascii=False))
+        click.echo(json.dumps(report, indent=2))
         return
     m = report["model"]
     click.echo(f"model:    {m['id']}")

@@ -101,11 +101,22 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
+def json_line(obj: Any) -> str:
+    """One JSON line; non-ASCII kept readable, but a path that is not valid UTF-8 (lone surrogates from
+    os.fsdecode) is written escaped, so the line stays valid UTF-8 and reads back to the same str."""
+    text = json.dumps(obj, ensure_ascii=False, sort_keys=True)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, ensure_ascii=True, sort_keys=True)
+    return text + "\n"
+
+
 def append_lines(path: Path, objs: list[dict]) -> None:
     """Append JSON lines in one write, then fsync (a crash can only tear the last line)."""
     if not objs:
         return
-    data = "".join(json.dumps(o, ensure_ascii=False, sort_keys=True) + "\n" for o in objs).encode("utf-8")
+    data = "".join(json_line(o) for o in objs).encode("utf-8")
     with open(path, "ab") as fh:
         fh.write(data)
         fh.flush()
@@ -265,7 +276,7 @@ class EmbeddingStore:
 
     def _rewrite_items(self) -> None:
         ipath = self.path / ITEMS_NAME
-        lines = "".join(json.dumps(o, ensure_ascii=False, sort_keys=True) + "\n" for o in self.items)
+        lines = "".join(json_line(o) for o in self.items)
         atomic_write_bytes(ipath, lines.encode("utf-8"))
 
     # -------------------------------------------------------------------------------------- reading

@@ -283,3 +283,16 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     np.testing.assert_allclose(resumed.matrix(), whole.matrix(), atol=1e-6, rtol=0)
     assert (out / "items.jsonl").read_bytes() == (ref_out / "items.jsonl").read_bytes()
     assert not list((out / "shards").glob("*.tmp"))
+
+
+def test_non_utf8_file_name(tiny_model_dir, tmp_path):
+    """A file name that is not valid UTF-8 embeds, and is written so that it reads back unchanged."""
+    src = tmp_path / "odd"
+    src.mkdir()
+    raw = os.path.join(os.fsencode(src), b"x\xff.wav")
+    sf.write(raw, np.zeros(4800, np.float32), 48000)
+    r = _run(["embed", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "st"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert os.fsencode(EmbeddingStore.open(tmp_path / "st").items[0]["path"]) == raw
+    r = _run(["embed", str(src), "--model", str(tiny_model_dir), "-q"])
+    assert r.exit_code == 0 and os.fsencode(json.loads(r.stdout)["path"]) == raw

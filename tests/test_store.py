@@ -131,3 +131,16 @@ def test_errors_log(tmp_path):
     s.record_error("/x/bad.mp3", "not an audio file")
     errs = EmbeddingStore.open(tmp_path / "st").errors()
     assert errs[0]["path"] == "/x/bad.mp3" and "not an audio" in errs[0]["error"]
+
+
+def test_non_utf8_path_roundtrip(tmp_path):
+    """A file name that is not valid UTF-8 (os.fsdecode surrogates) is stored and read back unchanged."""
+    odd = "/a/x\udcff\udcfe.wav"
+    nice = "/a/été 犬.wav"
+    s = EmbeddingStore.create(tmp_path / "st", {}, dim=8)
+    s.append([{"path": odd, "size": 1, "mtime": 2.0}, {"path": nice, "size": 1, "mtime": 2.0}], _vecs(0, 2))
+    s.record_error(odd, "bad")
+    s2 = EmbeddingStore.open(tmp_path / "st")
+    assert [it["path"] for it in s2.items] == [odd, nice]
+    assert s2.row_of(odd) == 0 and s2.errors()[0]["path"] == odd
+    assert "été" in (tmp_path / "st" / "items.jsonl").read_text(encoding="utf-8")
