@@ -31,6 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 DEFAULT_BLOCK_ROWS = 65536  # 65536 x 512 float32 = 128 MiB of scores per query batch of 1
+SCORE_BUDGET = 1 << 25  # floats in one (queries x block) score matrix: 128 MiB
 DEDUPE_TILE = 4096  # rows per tile side when comparing the store with itself
 ANN_AUTO_ROWS = 1_000_000  # "auto" picks the ANN backend from this many vectors on
 ANN_FILE = "ann.usearch"
@@ -241,22 +242,32 @@ class FlatIndex:
         neg_inf = mx.array(-np.inf, dtype=mx.float32)
         for first, block in self._iter_mx_blocks():
             b = block.shape[0]
-            scores = qm @ block.astype(mx.float32).T  # (m, b), float32
+            keep = None
             if mask is not None:
                 keep = mask[first : first + b]
                 if not keep.any():
                     continue
-                scores = mx.where(mx.array(keep)[None, :], scores, neg_inf)
-            kk = min(k, b)
-            if kk < b:
-                idx = mx.argpartition(-scores, kth=kk - 1, axis=1)[:, :kk]
-                top = mx.take_along_axis(scores, idx, axis=1)
-            else:
-                idx = mx.broadcast_to(mx.arange(b)[None, :], (m, b))
-                top = scores
-            mx.eval(idx, top)
-            cand_s = np.concatenate([best_s, np.array(top)], axis=1)
-            cand_r = np.concatenate([best_r, np.array(idx).astype(np.int64) + first], axis=1)
+                keep = mx.array(keep)[None, :]
+            block32 = block.astype(mx.float32)
+            # Queries in chunks so the (queries x block) score matrix stays under ~128 MiB.
+            step = max(1, SCORE_BUDGET // b)
+            tops, idxs = [], []
+            for q0 in range(0, m, step):
+                scores = qm[q0 : q0 + step] @ block32.T  # float32
+                if keep is not None:
+                    scores = mx.where(keep, scores, neg_inf)
+                kk = min(k, b)
+                if kk < b:
+                    idx = mx.argpartition(-scores, kth=kk - 1, axis=1)[:, :kk]
+                    top = mx.take_along_axis(scores, idx, axis=1)
+                else:
+                    idx = mx.broadcast_to(mx.arange(b)[None, :], scores.shape)
+                    top = scores
+                mx.eval(idx, top)
+                tops.append(np.array(top))
+                idxs.append(np.array(idx).astype(np.int64) + first)
+            cand_s = np.concatenate([best_s, np.concatenate(tops)], axis=1)
+            cand_r = np.concatenate([best_r, np.concatenate(idxs)], axis=1)
             if cand_s.shape[1] > k:
                 part = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
                 cand_s = np.take_along_axis(cand_s, part, axis=1)
@@ -587,13 +598,16 @@ def near_duplicates(
     best = np.full(n, -np.inf, dtype=np.float32)  # each row's strongest link
     edge_sum = np.zeros(n, dtype=np.float64)  # per row: sum and count of its links (to score groups)
     edge_cnt = np.zeros(n, dtype=np.int64)
-    blocks = [(first, mx.array(np.ascontiguousarray(b))) for first, b in iter_blocks(store, tile)]
+    # float32 once (2 GiB for 1M x 512): converting float16 tiles again for every pair costs more.
+    blocks = [
+        (first, mx.array(np.ascontiguousarray(b)).astype(mx.float32)) for first, b in iter_blocks(store, tile)
+    ]
+    mx.eval([b for _, b in blocks])
     total = len(blocks) * (len(blocks) + 1) // 2
     done = 0
     for bi, (fi, xi) in enumerate(blocks):
-        xi32 = xi.astype(mx.float32)
         for fj, xj in blocks[bi:]:
-            s = xi32 @ xj.astype(mx.float32).T
+            s = xi @ xj.T
             if fi == fj:  # the diagonal tile: only pairs i < j
                 ni = s.shape[0]
                 upper = mx.arange(ni)[:, None] < mx.arange(ni)[None, :]

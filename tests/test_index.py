@@ -40,11 +40,13 @@ def brute_force(matrix: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, 
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_flat_equals_brute_force(tmp_path, dtype):
+def test_flat_equals_brute_force(tmp_path, dtype, monkeypatch):
     vecs = unit(np.random.default_rng(0).standard_normal((2500, 48)))
     store = make_store(tmp_path / "s", vecs, dtype=dtype, shard_size=700)
     q = unit(np.random.default_rng(1).standard_normal((5, 48)))
-    # Small blocks so the running top-k merges across blocks and shard boundaries.
+    # Small blocks so the running top-k merges across blocks and shard boundaries, and a small score
+    # budget so the queries go through in chunks.
+    monkeypatch.setattr("mlx_clap.index.SCORE_BUDGET", 512)
     res = FlatIndex(store, block_rows=256).search(q, k=10)
     want_s, want_r = brute_force(store.matrix(np.float32), q, 10)
     np.testing.assert_array_equal(res.rows, want_r)
