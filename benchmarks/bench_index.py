@@ -52,6 +52,10 @@ def rss_mib() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
@@ -96,8 +100,10 @@ def recall_at_10(store: EmbeddingStore, ann: AnnIndex, queries: np.ndarray) -> f
 
 
 def bench_search(path: Path, n: int, n_queries: int) -> dict:
+    log(f"writing a {n} x {DIM} store")
     t = time.perf_counter()
     store = build_store(path, n, seed=0)
+    log("flat search")
     out: dict = {
         "rows": n,
         "dim": DIM,
@@ -122,9 +128,11 @@ def bench_search(path: Path, n: int, n_queries: int) -> dict:
     out["flat_resident_batch32_ms"] = round((time.perf_counter() - t) * 1000, 1)
     resident = None  # frees the resident blocks before the ANN build
 
+    log("ANN build")
     rss0 = rss_mib()
     t = time.perf_counter()
     ann = AnnIndex.open(store)
+    log("ANN queries")
     out["ann_build_s"] = round(time.perf_counter() - t, 1)
     out["ann_build_rows_per_s"] = round(n / out["ann_build_s"])
     out["ann_memory_mib"] = round(ann.index.memory_usage / 2**20, 1)
@@ -139,6 +147,7 @@ def bench_search(path: Path, n: int, n_queries: int) -> dict:
 
 
 def bench_dedupe(path: Path, n: int) -> dict:
+    log(f"dedupe over {n}")
     store = build_store(path, n, seed=1)
     t = time.perf_counter()
     groups = near_duplicates(store, threshold=0.97)
@@ -172,6 +181,8 @@ def main() -> None:
     )
     import mlx.core as mx
 
+    from mlx_clap.blas import blas_info
+
     work = Path(tempfile.mkdtemp(prefix="bench_index_", dir=args.workdir))
     try:
         result = {
@@ -181,11 +192,14 @@ def main() -> None:
                 "cpus": os.cpu_count(),
                 "mlx": mx.__version__,
                 "mlx_device": str(mx.default_device()),
+                "blas": blas_info().get("config") or blas_info().get("status"),
+                "load_average_at_start": os.getloadavg()[0],
             },
             "search": bench_search(work / "search", n, args.queries),
         }
         shutil.rmtree(work / "search")
         result["dedupe"] = bench_dedupe(work / "dedupe", nd)
+        result["machine"]["load_average_at_end"] = os.getloadavg()[0]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = json.dumps(result, indent=2)
