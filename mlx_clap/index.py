@@ -323,6 +323,32 @@ def _items_prefix_sha(store: StoreLike, nbytes: int) -> str:
     return digest.hexdigest()
 
 
+def _restore(Index: Any, path: Path) -> Any:
+    """The saved graph, or None when it cannot be read (it is then rebuilt)."""
+    try:
+        return Index.restore(str(path), view=False)
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
+def _save_graph(index: Any, graph_path: Path, meta_path: Path, meta: dict[str, Any]) -> None:
+    """Graph first (unique temp file + rename, so concurrent builders never mix bytes), then its
+    metadata; a reader that sees new metadata therefore sees the graph it describes."""
+    import tempfile
+
+    from .weights import atomic_write_json
+
+    fd, tmp = tempfile.mkstemp(dir=graph_path.parent, prefix=f".{graph_path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        index.save(tmp)
+        os.replace(tmp, graph_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_json(meta_path, meta)
+
+
 class AnnIndex:
     """Approximate search with a usearch HNSW graph over the store, saved next to it.
 
@@ -389,7 +415,8 @@ class AnnIndex:
                 meta = json.loads(meta_path.read_text())
             except ValueError:
                 meta = {}
-            old = meta.get("fingerprint", {})
+            meta = meta if isinstance(meta, dict) else {}
+            old = meta.get("fingerprint") if isinstance(meta.get("fingerprint"), dict) else {}
             same_kind = (
                 meta.get("version") == ANN_VERSION
                 and old.get("dim") == now["dim"]
@@ -397,7 +424,7 @@ class AnnIndex:
                 and meta.get("dtype") == dtype
             )
             if same_kind and old == now:
-                index = Index.restore(str(graph_path), view=False)
+                index = _restore(Index, graph_path)
                 start_row = now["rows"]
             elif (
                 same_kind
@@ -405,11 +432,11 @@ class AnnIndex:
                 and old.get("items_bytes", 0) <= now["items_bytes"]
                 and _items_prefix_sha(store, old["items_bytes"]) == old.get("items_sha256")
             ):
-                index = Index.restore(str(graph_path), view=False)
+                index = _restore(Index, graph_path)
                 start_row = int(old["rows"])
                 if progress:
                     progress(f"ANN index: adding {now['rows'] - start_row} new rows to {graph_path}")
-            if index is not None and len(index) != start_row:
+            if index is None or len(index) != start_row:
                 index, start_row = None, 0  # graph and metadata disagree: rebuild
         if index is None:
             if progress:
@@ -432,21 +459,14 @@ class AnnIndex:
                 keys = np.arange(first + lo, end, dtype=np.uint64)
                 index.add(keys, np.ascontiguousarray(block[lo:], dtype=np.float32), threads=threads)
             if save:
-                from .weights import atomic_write_json
-
-                tmp = graph_path.with_name(f".{graph_path.name}.tmp")
-                index.save(str(tmp))
-                os.replace(tmp, graph_path)
-                atomic_write_json(
-                    meta_path,
-                    {
-                        "version": ANN_VERSION,
-                        "dtype": dtype,
-                        "connectivity": connectivity,
-                        "expansion_add": expansion_add,
-                        "fingerprint": now,
-                    },
-                )
+                try:
+                    _save_graph(index, graph_path, meta_path, {
+                        "version": ANN_VERSION, "dtype": dtype, "connectivity": connectivity,
+                        "expansion_add": expansion_add, "fingerprint": now,
+                    })  # fmt: skip
+                except OSError as exc:  # a read-only store can still be searched
+                    if progress:
+                        progress(f"ANN index: not saved ({exc}); it will be built again next time")
         out = cls(store, index, expansion_search=expansion_search)
         out.built_now = built
         return out

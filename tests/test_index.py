@@ -122,9 +122,13 @@ def test_ann_reuse_append_and_rebuild(tmp_path):
     broad = ~narrow
     out = grown.search(vecs[2500], k=5, mask=broad)
     assert len(out.rows[0]) == 5 and (out.rows[0] < 2000).all()
-    # A corrupted metadata file forces a rebuild.
+    # A corrupted metadata file or graph forces a rebuild.
     (tmp_path / "s" / "ann.json").write_text("{")
     assert AnnIndex.open(store).built_now
+    (tmp_path / "s" / "ann.usearch").write_bytes(b"garbage")
+    rebuilt = AnnIndex.open(store)
+    assert rebuilt.built_now and rebuilt.search(vecs[5], k=1).rows[0, 0] == 5
+    assert not list((tmp_path / "s").glob(".ann*"))  # no temp files left
     assert isinstance(open_index(store, "auto"), FlatIndex)
 
 
