@@ -168,7 +168,10 @@ def search(
     else:
         clap = load_store_model(store, model)
         if text is not None:
-            query = clap.embed_text([text])[0]
+            try:
+                query = clap.embed_text([text])[0]
+            except RuntimeError as exc:  # a model folder without tokenizer files
+                raise click.ClickException(f"--text: {exc}") from exc
             label = {"text": text}
         else:
             from .audio import AudioDecodeError
@@ -381,7 +384,10 @@ def classify(
         except AudioDecodeError as exc:
             raise click.ClickException(str(exc)) from exc
         rows = [(str(f), e) for f, e in zip(files, emb, strict=True)] + rows
-    probs = clap.classify(np.stack([r[1] for r in rows]), names, template=template or None)
+    try:
+        probs = clap.classify(np.stack([r[1] for r in rows]), names, template=template or None)
+    except RuntimeError as exc:  # a model folder without tokenizer files
+        raise click.ClickException(str(exc)) from exc
     if top > len(names):
         top = len(names)
     order = np.argsort(-probs, axis=1, kind="stable")
