@@ -212,7 +212,13 @@ class ClapModel(nn.Module):
         return (total / max(np.linalg.norm(total), 1e-12)).astype(np.float32)
 
     def embed_text(self, texts: Sequence[str] | str, *, batch_size: int = 64) -> np.ndarray:
-        """Unit text embeddings (N, D) as numpy float32, batched by length."""
+        """Unit text embeddings (N, D) as numpy float32, batched by length.
+
+        Each batch is tokenized LAION-style (truncated to 77 tokens) and padded only to its own longest
+        text; padding is masked, so the vectors equal LAION's pad-to-77 layout.
+        """
+        if texts is None:
+            raise TypeError("embed_text: texts is None; pass a string or a list of strings")
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)

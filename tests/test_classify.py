@@ -153,6 +153,12 @@ def test_embed_text_rejects_non_strings(model, bad, where):
         model.embed_text(bad)
 
 
+def test_embed_text_none_and_empty(model):
+    with pytest.raises(TypeError, match="None"):
+        model.embed_text(None)
+    assert model.embed_text([]).shape == (0, 16)
+
+
 def test_classify_needs_labels(model):
     with pytest.raises(ValueError, match="labels"):
         model.classify(np.eye(16, dtype=np.float32)[:1], [])
@@ -203,3 +209,27 @@ def test_embed_text_100k_strings_bounded(bpe_folder):
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
     check = [0, 1, 123, 4567, 99_999]
     assert np.abs(out[check] - one_at_a_time(model, [texts[i] for i in check])).max() <= 1e-6
+
+
+def test_converted_folder_carries_its_tokenizer(model, bpe_folder, tmp_path):
+    """save_converted + tokenizer files -> from_pretrained: same embeddings; foreign tokenizer: error."""
+    import shutil
+
+    from mlx_clap.tokenizer import TokenizerError
+    from mlx_clap.weights import save_converted
+
+    save_converted(model, tmp_path)
+    with pytest.raises(RuntimeError, match="no tokenizer"):
+        ClapModel.from_pretrained(tmp_path).tokenizer  # noqa: B018
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(bpe_folder / name, tmp_path / name)
+    loaded = ClapModel.from_pretrained(tmp_path)
+    texts = ["This is a sound of dog.", "", "jazz"]
+    assert np.abs(loaded.embed_text(texts) - model.embed_text(texts)).max() == 0.0
+
+    from transformers import RobertaTokenizer
+
+    (tmp_path / "vocab.json").unlink()
+    RobertaTokenizer().save_pretrained(tmp_path)  # the 5-token placeholder, as tokenizer.json
+    with pytest.raises(TokenizerError, match="5 tokens"):
+        ClapModel.from_pretrained(tmp_path)
