@@ -25,6 +25,7 @@ from .index import SearchError, StoreLike, iter_blocks
 
 CLUSTERS_NAME = "clusters.json"
 BLOCK_ROWS = 65536
+INIT_SAMPLE = 100_000  # rows seen by k-means++ seeding (at least 50 per cluster)
 
 
 class ClusterError(SearchError):
@@ -72,14 +73,15 @@ class _Blocks(list):
     starts: np.ndarray
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        """float32 rows by global index."""
+        """float32 rows by global index, in the order given."""
+        rows = np.asarray(rows, dtype=np.int64)
         which = np.searchsorted(self.starts, rows, side="right") - 1
-        return np.stack(
-            [
-                np.array(self[w][int(r - self.starts[w])].astype(mx.float32))
-                for w, r in zip(which, rows, strict=True)
-            ]
-        )
+        out = np.empty((rows.size, self[0].shape[1]), dtype=np.float32)
+        for w in np.unique(which):
+            sel = np.nonzero(which == w)[0]
+            local = mx.array(rows[sel] - self.starts[w])
+            out[sel] = np.array(mx.take(self[w], local, axis=0).astype(mx.float32))
+        return out
 
 
 def _mx_blocks(data: StoreLike | np.ndarray, block_rows: int) -> _Blocks:
@@ -179,7 +181,14 @@ def spherical_kmeans(
     dim = data.shape[1] if isinstance(data, np.ndarray) else data.dim
     rng = np.random.default_rng(seed)
     blocks = _mx_blocks(data, block_rows)
-    centroids = _kmeans_pp(blocks, n, k, rng)
+    sample = min(n, max(INIT_SAMPLE, 50 * k))
+    if sample < n:
+        # Seeding costs k passes over the data; a sample of 50+ rows per cluster seeds as well.
+        rows = np.sort(rng.choice(n, size=sample, replace=False))
+        seed_blocks = _mx_blocks(blocks.take(rows), block_rows)
+        centroids = _kmeans_pp(seed_blocks, sample, k, rng)
+    else:
+        centroids = _kmeans_pp(blocks, n, k, rng)
     labels = np.full(n, -1, dtype=np.int64)
     converged = False
     it = 0

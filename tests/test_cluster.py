@@ -19,7 +19,7 @@ def blobs(n: int, dim: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return unit(centres[truth] + 0.05 * rng.standard_normal((n, dim))), truth
 
 
-def test_recovers_separated_clusters_and_medoids(tmp_path):
+def test_recovers_separated_clusters_and_medoids(tmp_path, monkeypatch):
     vecs, truth = blobs(3000, 32, 8, seed=0)
     store = make_store(tmp_path / "s", vecs, dtype="float16", shard_size=500)
     res = spherical_kmeans(store, 8, seed=1, block_rows=700)
@@ -39,6 +39,10 @@ def test_recovers_separated_clusters_and_medoids(tmp_path):
         assert res.medoids[c] == members[np.argmax(totals)]
     again = spherical_kmeans(store, 8, seed=1)
     np.testing.assert_array_equal(again.labels, res.labels)
+    # Seeding on a sample (as for big stores) finds the same partition here.
+    monkeypatch.setattr("mlx_clap.cluster.INIT_SAMPLE", 500)
+    sampled = spherical_kmeans(store, 8, seed=1)
+    assert all(len(set(truth[sampled.labels == c])) == 1 for c in range(8))
 
     path = write_assignments(store, res)
     doc = json.loads(path.read_text())
