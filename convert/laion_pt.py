@@ -142,6 +142,11 @@ def config_from_laion_state(state: dict[str, np.ndarray], source: str = "") -> C
 def read_laion_state(path: Path) -> dict[str, np.ndarray]:
     """torch.load the checkpoint, take `state_dict`, strip `module.`, return numpy arrays."""
     ckpt = torch_state_dict(path, "LAION .pt")
+    if isinstance(ckpt, dict) and "state_dict" not in ckpt and isinstance(ckpt.get("model"), dict):
+        raise WeightsError(
+            f"{path}: this looks like a Microsoft msclap checkpoint ({{'model': ...}}), not LAION-CLAP; "
+            "convert it with `python -m convert.msclap`"
+        )
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: no state_dict in the checkpoint (got {type(ckpt).__name__})")

@@ -199,6 +199,12 @@ def save_converted_arrays(
         manifest["format_version"] = FORMAT_VERSION
         manifest["files"] = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
+        # mkdtemp/mkstemp create owner-only entries; give the folder the usual umask-based modes.
+        umask = os.umask(0)
+        os.umask(umask)
+        for p in tmp.iterdir():
+            p.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -227,6 +233,12 @@ def load_converted(folder: Path, dtype: Any = None):
     from .model import ClapModel
 
     folder = Path(folder)
+    from .msclap import is_msclap_folder  # msclap hook: Microsoft CLAP has its own model class
+
+    if is_msclap_folder(folder):
+        from .msclap import load_msclap_folder
+
+        return load_msclap_folder(folder, dtype=dtype)
     config = read_config(folder)
     target = parse_dtype(dtype)
     if not (folder / WEIGHTS_NAME).is_file():
@@ -258,8 +270,8 @@ def load_converted(folder: Path, dtype: Any = None):
 
 
 # --------------------------------------------------------------------------------------- resolving
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_PT_SUFFIXES = (".pt", ".pth", ".ckpt")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
 def cache_root() -> Path:
@@ -357,6 +369,10 @@ def load_model(source: str | Path, dtype: Any = None, revision: str | None = Non
     path = Path(text).expanduser()
     if path.exists():
         if path.is_dir():
+            from .msclap import is_msclap_folder, load_msclap_folder
+
+            if is_msclap_folder(path):  # converted by convert/msclap.py: its own model class
+                return load_msclap_folder(path, dtype=dtype)
             if is_converted_folder(path):
                 return load_converted(path, dtype=dtype)
             if (path / CONFIG_NAME).is_file():
@@ -365,10 +381,10 @@ def load_model(source: str | Path, dtype: Any = None, revision: str | None = Non
                 f"{path}: neither a converted mlx-clap folder nor a Hugging Face model folder "
                 "(no config.json)"
             )
-        if path.suffix in _PT_SUFFIXES:
+        if path.suffix in PT_SUFFIXES:
             return load_converted(convert_to_cache(path), dtype=dtype)
         raise WeightsError(f"{path}: not a model folder or a LAION checkpoint (.pt); cannot load it")
-    if _HUB_ID.match(text):
+    if HUB_ID.match(text):
         snapshot = download_hub(text, revision=revision)
         # The snapshot folder is named by its commit: that is the cache key and the recorded revision.
         dest = convert_to_cache(snapshot, revision=snapshot.name, name=text.replace("/", "--"), label=text)

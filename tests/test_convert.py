@@ -1,0 +1,390 @@
+"""Converters: HF/LAION key mapping on tiny synthetic state dicts, config resolution, the CLI, the cache.
+
+Fast: tiny configs only (the full-size conversions run in test_htsat_parity.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from convert.common import hf_state_to_mlx, read_safetensors
+from convert.hf import config_from_hf, convert_hf_folder
+from convert.laion_pt import config_from_laion_state, laion_state_to_hf
+from mlx_clap.weights import WeightsError, load_converted, load_model
+
+TOKENIZER_NAMES = (
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+def arr(*shape: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------- synthetic mappings
+def test_hf_state_to_mlx_layouts_and_dropped_buffers():
+    conv = arr(8, 1, 4, 4)
+    state = {
+        "audio_model.audio_encoder.patch_embed.proj.weight": conv,
+        "audio_model.audio_encoder.patch_embed.fusion_model.local_att.0.weight": arr(2, 8, 1, 1),
+        "audio_model.audio_encoder.batch_norm.running_var": arr(64),
+        "audio_model.audio_encoder.batch_norm.num_batches_tracked": np.array(3, dtype=np.int64),
+        "audio_model.audio_encoder.layers.0.blocks.0.attention.self.relative_position_index": np.zeros(
+            (64, 64), dtype=np.int64
+        ),
+        "audio_model.audio_encoder.layers.0.blocks.0.attention.self.query.weight": arr(8, 8),
+        "text_model.embeddings.position_ids": np.arange(10)[None],
+        "text_model.embeddings.token_type_ids": np.zeros((1, 10), dtype=np.int64),
+        "text_model.embeddings.token_type_embeddings.weight": arr(1, 4),
+        "logit_scale_a": np.array([2.5], dtype=np.float32),
+        "logit_scale_t": np.array(3.0, dtype=np.float32),
+    }
+    out = hf_state_to_mlx(state)
+    assert set(out) == {
+        "audio_model.audio_encoder.patch_embed.proj.weight",
+        "audio_model.audio_encoder.patch_embed.fusion_model.local_att.0.weight",
+        "audio_model.audio_encoder.batch_norm.running_var",
+        "audio_model.audio_encoder.layers.0.blocks.0.attention.self.query.weight",
+        "text_model.embeddings.token_type_embeddings.weight",
+        "logit_scale_a",
+        "logit_scale_t",
+    }
+    # OIHW -> OHWI
+    np.testing.assert_array_equal(
+        out["audio_model.audio_encoder.patch_embed.proj.weight"], conv.transpose(0, 2, 3, 1)
+    )
+    assert out["audio_model.audio_encoder.patch_embed.fusion_model.local_att.0.weight"].shape == (2, 1, 1, 8)
+    # Linear and BN tensors unchanged; logit scales become scalars.
+    np.testing.assert_array_equal(
+        out["audio_model.audio_encoder.layers.0.blocks.0.attention.self.query.weight"],
+        state["audio_model.audio_encoder.layers.0.blocks.0.attention.self.query.weight"],
+    )
+    assert out["logit_scale_a"].shape == () and float(out["logit_scale_a"]) == 2.5
+    assert out["logit_scale_t"].shape == ()
+
+
+def test_laion_state_to_hf_renames_and_qkv_split():
+    qkv_w, qkv_b = arr(24, 8, seed=1), arr(24, seed=2)
+    state = {
+        "audio_branch.bn0.running_mean": arr(64),
+        "audio_branch.layers.1.blocks.0.attn.qkv.weight": qkv_w,
+        "audio_branch.layers.1.blocks.0.attn.qkv.bias": qkv_b,
+        "audio_branch.layers.1.blocks.0.attn.proj.weight": arr(8, 8),
+        "audio_branch.layers.1.blocks.0.attn.relative_position_bias_table": arr(225, 2),
+        "audio_branch.layers.1.blocks.1.attn_mask": arr(4, 64, 64),
+        "audio_branch.layers.1.blocks.0.norm1.weight": arr(8),
+        "audio_branch.layers.1.blocks.0.norm2.bias": arr(8),
+        "audio_branch.layers.1.blocks.0.mlp.fc1.weight": arr(32, 8),
+        "audio_branch.layers.1.blocks.0.mlp.fc2.weight": arr(8, 32),
+        "audio_branch.layers.0.downsample.reduction.weight": arr(16, 32),
+        "audio_branch.patch_embed.fusion_model.global_att.1.weight": arr(2, 8, 1, 1),
+        "audio_branch.spectrogram_extractor.stft.conv_real.weight": arr(513, 1, 1024),
+        "audio_branch.logmel_extractor.melW": arr(513, 64),
+        "audio_branch.tscam_conv.weight": arr(527, 768, 2, 3),
+        "audio_branch.head.weight": arr(527, 527),
+        "audio_transform.sequential.0.weight": arr(512, 512),
+        "text_transform.sequential.3.bias": arr(512),
+        "audio_projection.0.weight": arr(512, 768),
+        "audio_projection.2.bias": arr(512),
+        "text_projection.0.bias": arr(512),
+        "text_branch.encoder.layer.0.attention.self.query.weight": arr(4, 4),
+        "text_branch.pooler.dense.weight": arr(4, 4),
+        "logit_scale_a": np.array(2.0, dtype=np.float32),
+    }
+    out = laion_state_to_hf(state)
+    enc = "audio_model.audio_encoder."
+    blk = enc + "layers.1.blocks.0."
+    np.testing.assert_array_equal(out[blk + "attention.self.query.weight"], qkv_w[:8])
+    np.testing.assert_array_equal(out[blk + "attention.self.key.weight"], qkv_w[8:16])
+    np.testing.assert_array_equal(out[blk + "attention.self.value.weight"], qkv_w[16:])
+    np.testing.assert_array_equal(out[blk + "attention.self.value.bias"], qkv_b[16:])
+    expected = {
+        enc + "batch_norm.running_mean",
+        blk + "attention.output.dense.weight",
+        blk + "attention.self.relative_position_bias_table",
+        enc + "layers.1.blocks.1.attn_mask",  # renamed like HF, dropped later by hf_state_to_mlx
+        blk + "layernorm_before.weight",
+        blk + "layernorm_after.bias",
+        blk + "intermediate.dense.weight",
+        blk + "output.dense.weight",
+        enc + "layers.0.downsample.reduction.weight",
+        enc + "patch_embed.fusion_model.global_att.1.weight",
+        "audio_projection.linear1.weight",
+        "audio_projection.linear2.bias",
+        "text_projection.linear1.bias",
+        "text_model.encoder.layer.0.attention.self.query.weight",
+        "text_model.pooler.dense.weight",
+        "logit_scale_a",
+    }
+    qkv = {blk + f"attention.self.{p}.{t}" for p in ("query", "key", "value") for t in ("weight", "bias")}
+    assert set(out) == expected | qkv
+    assert enc + "layers.1.blocks.1.attn_mask" not in hf_state_to_mlx(out)
+
+
+def _laion_like_state(embed=8, depths=(2, 2, 3, 1), heads=(1, 2, 4, 8), fused=False, text_hidden=128) -> dict:
+    """HF-named state dict with the shapes a LAION checkpoint of that architecture would have."""
+    enc = "audio_model.audio_encoder."
+    s = {
+        enc + "batch_norm.weight": arr(64),
+        enc + "patch_embed.proj.weight": arr(embed, 1, 4, 4),
+        enc + "patch_embed.norm.weight": arr(embed),
+        "audio_projection.linear1.weight": arr(512, embed * 8),
+        "audio_projection.linear2.weight": arr(512, 512),
+        "text_projection.linear2.weight": arr(512, 512),
+        "text_model.embeddings.word_embeddings.weight": arr(50265, 4)[:, :1].repeat(text_hidden, 1),
+        "text_model.embeddings.position_embeddings.weight": arr(514, text_hidden),
+        "text_model.embeddings.token_type_embeddings.weight": arr(1, text_hidden),
+    }
+    for i in range(3):
+        s[f"text_model.encoder.layer.{i}.intermediate.dense.weight"] = arr(4 * text_hidden, text_hidden)
+    for i, (d, h) in enumerate(zip(depths, heads, strict=True)):
+        for j in range(d):
+            s[enc + f"layers.{i}.blocks.{j}.attention.self.relative_position_bias_table"] = arr(225, h)
+    if fused:
+        s[enc + "patch_embed.mel_conv2d.weight"] = arr(embed, 1, 4, 12)
+    return s
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_config_from_laion_state_infers_architecture(fused):
+    cfg = config_from_laion_state(_laion_like_state(fused=fused), source="x.pt")
+    a, t = cfg.audio_config, cfg.text_config
+    assert (
+        a.patch_embeds_hidden_size == 8 and a.depths == (2, 2, 3, 1) and a.num_attention_heads == (1, 2, 4, 8)
+    )
+    assert a.window_size == 8 and a.hidden_size == 64 and a.num_mel_bins == 64 and a.patch_size == 4
+    assert a.enable_fusion is fused and a.fusion_type == ("aff_2d" if fused else None)
+    assert cfg.feature_config.truncation == ("fusion" if fused else "rand_trunc")
+    assert cfg.feature_config.frequency_min == 50 and cfg.feature_config.frequency_max == 14000
+    assert t.vocab_size == 50265 and t.hidden_size == 128 and t.num_hidden_layers == 3
+    assert t.num_attention_heads == 2 and t.intermediate_size == 512 and t.max_position_embeddings == 514
+    assert t.layer_norm_eps == 1e-5  # LAION's roberta-base config, not HF's 1e-12
+    assert cfg.projection_dim == 512 and cfg.source == "x.pt"
+
+
+def test_config_from_laion_state_base():
+    cfg = config_from_laion_state(_laion_like_state(embed=128, depths=(2, 2, 12, 2), heads=(4, 8, 16, 32)))
+    assert cfg.audio_config.depths == (2, 2, 12, 2) and cfg.audio_config.hidden_size == 1024
+
+
+def test_config_from_laion_state_rejects_other_checkpoints():
+    with pytest.raises(WeightsError, match="not a LAION-CLAP"):
+        config_from_laion_state({"encoder.weight": arr(2, 2)})
+
+
+# ------------------------------------------------------------------------------------- HF config.json
+def test_config_from_hf_ignores_unknown_keys_and_resolves_features():
+    raw = {
+        "model_type": "clap",
+        "projection_dim": 512,
+        "some_future_key": 1,
+        "audio_config": {"enable_fusion": True, "depths": [2, 2, 12, 2], "unknown": "x"},
+        "text_config": {"vocab_size": 50265},
+    }
+    cfg = config_from_hf(raw)
+    assert cfg.audio_config.depths == (2, 2, 12, 2) and cfg.audio_config.enable_fusion
+    assert cfg.feature_config.truncation == "fusion" and cfg.feature_config.frequency_min == 50
+    raw["audio_config"]["enable_fusion"] = False
+    assert config_from_hf(raw).feature_config.truncation == "rand_trunc"
+    pre = {"truncation": "fusion", "frequency_min": 50, "frequency_max": 14000, "feature_extractor_type": "x"}
+    assert config_from_hf(raw, pre).feature_config.truncation == "fusion"
+
+
+@pytest.mark.parametrize("raw", [{"model_type": "bert"}, {"architectures": ["X"]}, ["not", "a", "dict"]])
+def test_config_from_hf_rejects_other_families(raw):
+    with pytest.raises(WeightsError, match="CLAP"):
+        config_from_hf(raw)
+
+
+# --------------------------------------------------------------------------------- tiny HF hub folders
+@pytest.fixture(scope="module")
+def tiny_ref():
+    import torch
+    from fixtures import TINY_AUDIO, TINY_TEXT
+    from reference_models import random_hf_clap
+
+    torch.set_num_threads(1)
+    return random_hf_clap(audio=TINY_AUDIO, text=TINY_TEXT, seed=5)
+
+
+@pytest.fixture(scope="module")
+def tiny_hub(tiny_ref, tmp_path_factory) -> Path:
+    from reference_models import save_hub_folder
+
+    folder = save_hub_folder(tiny_ref, tmp_path_factory.mktemp("tiny") / "hub")
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(
+            {"feature_size": 64, "truncation": "rand_trunc", "frequency_min": 50, "padding": "repeatpad"}
+        )
+    )
+    for name in TOKENIZER_NAMES[2:]:
+        (folder / name).write_text("{}\n" if name.endswith(".json") else "#version: 0.2\n")
+    return folder
+
+
+def test_convert_hf_folder_writes_folder_and_manifest(tiny_hub, tmp_path):
+    out = convert_hf_folder(tiny_hub, tmp_path / "out", source_name="org/tiny", revision="abc123")
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "manifest.json"} <= names
+    assert {"merges.txt", "tokenizer_config.json", "special_tokens_map.json"} <= names
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"] == "org/tiny" and manifest["revision"] == "abc123"
+    assert manifest["converter"] == "convert.hf" and manifest["converter_version"]
+    assert set(manifest["source_files"]) == {"config.json", "model.safetensors", "preprocessor_config.json"}
+    import hashlib
+
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "clap" and cfg["format_version"] == 1
+    assert list(cfg) == sorted(cfg) and cfg["audio_config"]["patch_embeds_hidden_size"] == 16
+    weights = read_safetensors(out / "model.safetensors")
+    assert all(v.dtype == np.float32 for v in weights.values())
+    assert not any(
+        k.endswith(("num_batches_tracked", "relative_position_index", "position_ids")) for k in weights
+    )
+
+
+def _bin_folder(model, folder: Path) -> Path:
+    """A hub folder in the older layout: config.json + pytorch_model.bin (a pickled state dict)."""
+    import torch
+
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+def test_pytorch_model_bin_converts_like_safetensors(tiny_ref, tiny_hub, tmp_path):
+    bin_folder = _bin_folder(tiny_ref, tmp_path / "bin")
+    assert (bin_folder / "pytorch_model.bin").is_file() and not (bin_folder / "model.safetensors").exists()
+    a = read_safetensors(convert_hf_folder(bin_folder, tmp_path / "a") / "model.safetensors")
+    b = read_safetensors(convert_hf_folder(tiny_hub, tmp_path / "b") / "model.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_pytorch_model_bin_without_torch_is_a_clear_error(tiny_ref, tmp_path, monkeypatch):
+    import sys
+
+    bin_folder = _bin_folder(tiny_ref, tmp_path / "bin")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    with pytest.raises(WeightsError, match=r"pytorch_model.bin.*needs PyTorch.*pip install"):
+        convert_hf_folder(bin_folder, tmp_path / "out")
+
+
+def test_bfloat16_safetensors_source(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    t = torch.randn(3, 5).to(torch.bfloat16)
+    save_file({"w": t, "h": torch.randn(2).half()}, str(tmp_path / "m.safetensors"))
+    got = read_safetensors(tmp_path / "m.safetensors")
+    np.testing.assert_array_equal(got["w"], t.float().numpy())
+    assert got["h"].dtype == np.float16
+
+
+def test_truncated_source_safetensors(tiny_hub, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_hub, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="truncated"):
+        convert_hf_folder(bad, tmp_path / "out")
+
+
+def test_source_with_unexpected_tensor_is_rejected(tiny_hub, tmp_path):
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_hub, bad)
+    state = read_safetensors(bad / "model.safetensors")
+    state["audio_model.audio_encoder.extra.weight"] = arr(2, 2)
+    save_file(state, str(bad / "model.safetensors"))
+    with pytest.raises(WeightsError, match="unexpected keys: audio_model.audio_encoder.extra.weight"):
+        convert_hf_folder(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_convert(tiny_hub, tmp_path):
+    from mlx_clap.cli import main
+
+    runner = CliRunner()
+    res = runner.invoke(main, ["convert", str(tiny_hub), str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert "converted" in res.output
+    model = load_converted(tmp_path / "out")
+    assert model.config.audio_config.patch_embeds_hidden_size == 16
+    # Non-empty destination needs --force; --json prints the manifest.
+    res = runner.invoke(main, ["convert", str(tiny_hub), str(tmp_path / "out")])
+    assert res.exit_code == 1 and "not empty" in res.output
+    res = runner.invoke(main, ["convert", str(tiny_hub), str(tmp_path / "out"), "--force", "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["converter"] == "convert.hf"
+
+
+def test_cli_convert_errors_name_the_file(tmp_path):
+    from mlx_clap.cli import main
+
+    runner = CliRunner()
+    res = runner.invoke(main, ["convert", str(tmp_path / "missing"), str(tmp_path / "out")])
+    assert res.exit_code == 1 and "missing: no such file or folder" in res.output
+    (tmp_path / "notclap").mkdir()
+    (tmp_path / "notclap" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    res = runner.invoke(main, ["convert", str(tmp_path / "notclap"), str(tmp_path / "out")])
+    assert res.exit_code == 1 and "notclap/config.json" in res.output and "'bert'" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_cli_convert_help_has_example():
+    from mlx_clap.cli import main
+
+    res = CliRunner().invoke(main, ["convert", "--help"])
+    assert res.exit_code == 0 and "mlx-clap convert laion/clap-htsat-fused" in res.output
+
+
+# -------------------------------------------------------------------------------------- load_model
+def test_load_model_converts_hf_folder_into_cache_once(tiny_hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_CLAP_CACHE", str(tmp_path / "cache"))
+    model = load_model(tiny_hub)
+    entries = list((tmp_path / "cache").iterdir())
+    assert len(entries) == 1 and entries[0].name.startswith("hub-")
+    stamp = (entries[0] / "model.safetensors").stat().st_mtime_ns
+    again = load_model(tiny_hub)
+    assert (entries[0] / "model.safetensors").stat().st_mtime_ns == stamp  # not converted again
+    assert again.source_dir == model.source_dir == entries[0]
+
+
+def test_load_model_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("MLX_CLAP_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(WeightsError) as info:
+        load_model("laion/clap-htsat-unfused")
+    msg = str(info.value)
+    assert "laion/clap-htsat-unfused: could not download" in msg
+    assert "offline" in msg.lower() and "mlx-clap convert" in msg
+
+
+def test_load_model_unknown_source(tmp_path):
+    with pytest.raises(WeightsError, match="no such file or folder"):
+        load_model(str(tmp_path / "nothing-here"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsError, match="no config.json"):
+        load_model(tmp_path / "empty")
+    (tmp_path / "w.npz").write_bytes(b"x")
+    with pytest.raises(WeightsError, match="not a model folder"):
+        load_model(tmp_path / "w.npz")
