@@ -13,9 +13,7 @@ from .weights import HUB_ID, MANIFEST_NAME, PT_SUFFIXES, WeightsError, download_
 @click.command("convert")
 @click.argument("source")
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--revision", default=None, help="Hub revision (branch, tag, commit) for a hub id."
-)
+@click.option("--revision", default=None, help="Hub revision (branch, tag, commit) for a hub id.")
 @click.option("--force", is_flag=True, help="Replace DEST if it already holds files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest of the converted folder as JSON.")
 def convert(source: str, dest: Path, revision: str | None, force: bool, as_json: bool) -> None:
