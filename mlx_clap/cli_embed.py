@@ -36,6 +36,8 @@ JSON_MANIFEST = ".mlx-clap-manifest.json"
 ERRORS_NAME = "errors.jsonl"
 # In windows-mean mode a file longer than this is embedded while it decodes (bounded memory).
 STREAM_AFTER_S = 30.0
+# Decoded audio held ahead of the model, at most (the file the model needs next may always exceed it).
+DECODE_BUDGET_BYTES = 1 << 30
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -100,6 +102,43 @@ class Decoded:
     blocks: Iterator | None = None
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
+    nbytes: int = 0  # taken from the MemoryBudget; given back once embedded
+
+
+class MemoryBudget:
+    """Bytes of decoded audio that decoder threads may hold ahead of the model.
+
+    A decoder waits while the budget is spent, except for the file the model consumes next (`advance`),
+    which always proceeds: so there is no deadlock, and memory is about the budget plus that one file.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.next_index = 0
+        self.closed = False
+        self._cond = threading.Condition()
+
+    def acquire(self, nbytes: int, index: int) -> None:
+        with self._cond:
+            while self.used + nbytes > self.limit and index > self.next_index and not self.closed:
+                self._cond.wait(0.5)
+            self.used += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.used -= nbytes
+            self._cond.notify_all()
+
+    def advance(self, index: int) -> None:
+        with self._cond:
+            self.next_index = index
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
 
 
 _END = object()
@@ -147,7 +186,9 @@ class _BlockFeed:
             yield obj
 
 
-def decode_file(file: InputFile, sr: int, stream_long: bool) -> Decoded:
+def decode_file(
+    file: InputFile, sr: int, stream_long: bool, index: int = 0, budget: MemoryBudget | None = None
+) -> Decoded:
     """Decode one file (in a worker thread); errors are returned, not raised."""
     import numpy as np
 
@@ -157,22 +198,29 @@ def decode_file(file: InputFile, sr: int, stream_long: bool) -> Decoded:
         key = _stat_key(file.path)
     except OSError:
         key = (str(file.path), -1, -1.0)
+    held = 0
     try:
         stream = AudioStream(file.path, sr)
         it = iter(stream)
         blocks: list = []
         n = 0
         for block in it:
+            if budget is not None:
+                budget.acquire(block.nbytes, index)
+                held += block.nbytes
             blocks.append(block)
             n += block.size
             if stream_long and n > STREAM_AFTER_S * sr:
-                return Decoded(file, key, stream, blocks=_BlockFeed(blocks, it))
+                return Decoded(file, key, stream, blocks=_BlockFeed(blocks, it), nbytes=held)
         samples = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
-        return Decoded(file, key, stream, samples=samples, warnings=list(stream.warnings))
+        return Decoded(file, key, stream, samples=samples, warnings=list(stream.warnings), nbytes=held)
     except AudioDecodeError as exc:
-        return Decoded(file, key, None, error=exc.cause)
+        error = exc.cause
     except Exception as exc:  # a decoder bug must not end the batch: record it for this file
-        return Decoded(file, key, None, error=f"unexpected decoder error: {type(exc).__name__}: {exc}")
+        error = f"unexpected decoder error: {type(exc).__name__}: {exc}"
+    if budget is not None:
+        budget.release(held)
+    return Decoded(file, key, None, error=error)
 
 
 # ------------------------------------------------------------------------------------------ writers
@@ -379,6 +427,7 @@ class EmbedRun:
         self.audio_seconds = 0.0
         self.bar = None
         self.t0 = time.perf_counter()
+        self.budget = MemoryBudget(DECODE_BUDGET_BYTES)
 
     def fail(self, path: str, cause: str) -> None:
         self.failures.append({"path": path, "error": cause})
@@ -452,6 +501,8 @@ class EmbedRun:
                     self._embed_batch_single(d, kwargs)
                 continue
             self._emit(group, vectors)
+        for d in batch:
+            self.budget.release(d.nbytes)
         batch.clear()
 
     def _embed_batch_single(self, d: Decoded, kwargs: dict) -> None:
@@ -483,6 +534,12 @@ class EmbedRun:
             return
         self._emit([d], vec[None, :].astype(np.float32))
 
+    def _embed_streaming_and_release(self, d: Decoded) -> None:
+        try:
+            self._embed_streaming(d)
+        finally:
+            self.budget.release(d.nbytes)
+
     def run(self, files: list[InputFile]) -> None:
         from tqdm import tqdm
 
@@ -503,32 +560,42 @@ class EmbedRun:
         todo = iter(files)
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="decode") as pool:
             try:
+                submitted = 0
 
                 def refill() -> None:
+                    nonlocal submitted
                     while len(pending) < ahead:
                         f = next(todo, None)
                         if f is None:
                             return
-                        pending.append(pool.submit(decode_file, f, sr, stream_long))
+                        pending.append(pool.submit(decode_file, f, sr, stream_long, submitted, self.budget))
+                        submitted += 1
 
                 refill()
+                consumed = 0
                 while pending:
+                    self.budget.advance(consumed)  # the file needed next may decode past the budget
                     d: Decoded = pending.popleft().result()
+                    consumed += 1
                     refill()
                     if d.error is not None:
                         self.fail(str(d.file.path), d.error)
                         self._tick(1)
                     elif d.blocks is not None:
                         self._embed_batch(batch)  # keep rows in input order
-                        self._embed_streaming(d)
+                        self._embed_streaming_and_release(d)
                     else:
                         batch.append(d)
-                        if len(batch) >= self.batch_size:
+                        if (
+                            len(batch) >= self.batch_size
+                            or sum(b.nbytes for b in batch) > self.budget.limit // 2
+                        ):
                             self._embed_batch(batch)
                 self._embed_batch(batch)
             except BaseException:
                 for f in pending:
                     f.cancel()
+                self.budget.close()
                 raise
             finally:
                 self.bar.close()
@@ -643,6 +710,8 @@ def embed(
       mlx-clap embed a.wav b.mp3 --format jsonl > vectors.jsonl
       mlx-clap embed clips/ --out json/ --format json --long-audio head
     """
+    from .store import StoreError
+
     fmt = fmt or ("store" if out is not None else "jsonl")
     if fmt in ("store", "json") and out is None:
         raise click.UsageError(f"--format {fmt} needs --out DIR")
@@ -703,6 +772,11 @@ def embed(
     except KeyboardInterrupt:
         interrupted = True
         click.echo("interrupted: what was written is kept; rerun the same command to resume", err=True)
+    except (OSError, StoreError) as exc:  # the output cannot be written (disk full, permissions, ...)
+        raise click.ClickException(
+            f"cannot write the output ({exc}); what was written before is kept: "
+            "fix the cause and rerun the same command to resume"
+        ) from exc
     summary = run.summary(len(files) + len(missing), skipped, str(out) if out else None, fmt)
     if summary_json:
         click.echo(json.dumps(summary), err=(fmt == "jsonl"))

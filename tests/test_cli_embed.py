@@ -296,3 +296,18 @@ def test_non_utf8_file_name(tiny_model_dir, tmp_path):
     assert os.fsencode(EmbeddingStore.open(tmp_path / "st").items[0]["path"]) == raw
     r = _run(["embed", str(src), "--model", str(tiny_model_dir), "-q"])
     assert r.exit_code == 0 and os.fsencode(json.loads(r.stdout)["path"]) == raw
+
+
+def test_tiny_decode_budget_no_deadlock(tiny_model_dir, tiny_model, audio_dir, monkeypatch):
+    """With a decode budget smaller than any file, decoders wait their turn; the run still completes."""
+    import mlx_clap.cli_embed as cli_embed
+
+    monkeypatch.setattr(cli_embed, "DECODE_BUDGET_BYTES", 1000)
+    r = _run(["embed", str(audio_dir), "-r", "--model", str(tiny_model_dir), "--long-audio", "center",
+              "--workers", "3", "--batch-size", "2", "-q"])  # fmt: skip
+    assert r.exit_code == 1  # broken.mp3
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    paths = [x["path"] for x in lines]
+    assert paths == [str(audio_dir / g) for g in sorted(GOOD)]
+    want = tiny_model.embed_audio(paths, long_audio="center")
+    np.testing.assert_allclose([x["embedding"] for x in lines], want, atol=1e-6)
