@@ -216,6 +216,9 @@ class ClapTextModel(nn.Module):
             raise ValueError(f"input_ids must be (batch, length); got shape {tuple(input_ids.shape)}")
         if not mx.issubdtype(input_ids.dtype, mx.integer):
             raise TypeError(f"input_ids must be integers; got {input_ids.dtype}")
+        # MLX gathers do not bounds-check: an id outside the table would read garbage, not raise.
+        if input_ids.size and mx.any((input_ids < 0) | (input_ids >= self.config.vocab_size)).item():
+            raise ValueError(f"input_ids hold ids outside the vocabulary [0, {self.config.vocab_size})")
         if input_ids.shape[1] > self.max_tokens:
             raise ValueError(
                 f"{input_ids.shape[1]} tokens is more than the text model's {self.max_tokens} positions"

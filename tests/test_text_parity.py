@@ -199,6 +199,10 @@ def test_bad_shapes_are_errors(tiny):
         text_model(mx.zeros((5,), dtype=mx.int32))
     with pytest.raises(ValueError, match="attention_mask"):
         text_model(mx.zeros((2, 5), dtype=mx.int32), mx.ones((2, 4), dtype=mx.int32))
+    with pytest.raises(ValueError, match="vocabulary"):
+        text_model(mx.array([[0, cfg.vocab_size, 2]]))
+    with pytest.raises(ValueError, match="vocabulary"):
+        text_model(mx.array([[0, -1, 2]]))
     with pytest.raises(TypeError, match="integers"):
         text_model(mx.zeros((2, 5), dtype=mx.float32))
 
