@@ -276,7 +276,6 @@ class MelFrontend:
         self.n_fft = int(config.fft_window_size)
         self.hop = int(config.hop_length)
         self.dtype = mx.float32 if precision == "float32" else mx.float64
-        self.stream = mx.cpu if precision == "float64" else mx.default_stream(mx.default_device())
         # mx.array turns float64 numpy into float32 unless told otherwise.
         self.window = mx.array(periodic_hann(self.n_fft), dtype=self.dtype)
         self._fbs: dict[str, tuple[mx.array, Any]] = {}
@@ -366,8 +365,10 @@ class MelFrontend:
 
     def log_mel(self, batch: mx.array | np.ndarray, filterbank: str = "slaney") -> mx.array:
         """(B, N) or (N,) float waveforms -> (B, 1 + N // hop, n_mels) log-mel in dB, float32."""
-        with mx.stream(self.stream):
-            return self._log_mel(batch, filterbank)
+        if self.precision == "float64":
+            with mx.stream(mx.cpu):  # MLX has no float64 on the GPU
+                return self._log_mel(batch, filterbank)
+        return self._log_mel(batch, filterbank)
 
     def _log_mel(self, batch: mx.array | np.ndarray, filterbank: str) -> mx.array:
         x = mx.array(batch) if isinstance(batch, np.ndarray) else batch
@@ -657,7 +658,15 @@ class ClapFeatureExtractor:
                     pad_waveform(w, max_len, self.config.padding) if s is None else w[s : s + max_len]
                 )
                 owner.append(i)
-        mel = self.frontend.log_mel(np.stack(segments), "htk" if fused else "slaney")[:, None]
+        # Stack a few windows at a time: an hour of audio is 360 windows (690 MB as one float32 batch).
+        fb = "htk" if fused else "slaney"
+        group = max(1, MAX_FRAMES_PER_BLOCK // self.chunk_frames)
+        parts = []
+        for i in range(0, len(segments), group):
+            parts.append(self.frontend.log_mel(np.stack(segments[i : i + group]), fb))
+            if len(segments) > group:
+                mx.eval(parts[-1])  # frees this group's waveforms before the next is stacked
+        mel = (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0))[:, None]
         if fused:
             mel = mx.repeat(mel, FUSION_CHANNELS, axis=1)
         is_longer = mx.zeros((mel.shape[0], 1), dtype=mx.bool_)
