@@ -45,7 +45,11 @@ def config_from_hf(
         kind = config_json.get("model_type") if isinstance(config_json, dict) else type(config_json).__name__
         raise WeightsError(f"config.json has model_type {kind!r}; a CLAP model (model_type 'clap') is needed")
     audio = ClapAudioConfig.from_dict(config_json.get("audio_config"))
-    text = ClapTextConfig.from_dict(config_json.get("text_config"))
+    text_raw = dict(config_json.get("text_config") or {})
+    # Configs saved by transformers 4.x carry the generation default max_length=20 in every sub-config;
+    # it is not the tokenizer length (ours: LAION's 77), so it must not override it.
+    text_raw.pop("max_length", None)
+    text = ClapTextConfig.from_dict(text_raw)
     top = {k: v for k, v in config_json.items() if k in ("projection_dim", "logit_scale_init_value")}
     config = ClapConfig.from_dict(top)
     config.audio_config, config.text_config = audio, text

@@ -195,6 +195,9 @@ def test_config_from_hf_ignores_unknown_keys_and_resolves_features():
     assert cfg.feature_config.truncation == "fusion" and cfg.feature_config.frequency_min == 50
     raw["audio_config"]["enable_fusion"] = False
     assert config_from_hf(raw).feature_config.truncation == "rand_trunc"
+    # transformers 4.x wrote the generation default max_length=20 into sub-configs: not a token length.
+    raw["text_config"]["max_length"] = 20
+    assert config_from_hf(raw).text_config.max_length == 77
     pre = {"truncation": "fusion", "frequency_min": 50, "frequency_max": 14000, "feature_extractor_type": "x"}
     assert config_from_hf(raw, pre).feature_config.truncation == "fusion"
 

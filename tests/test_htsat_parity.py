@@ -291,3 +291,23 @@ def test_laion_pt_tiny_fused_mixed_batch(laion_tiny_fused):
 
 def test_laion_pt_tiny_fused_no_clip_longer(laion_tiny_fused):
     laion_tiny_fused.check(log_mels(1, 4, seed=9), np.array([[False]]))
+
+
+def test_load_model_converts_laion_pt_into_cache_once(laion_tiny, tmp_path, monkeypatch):
+    import json
+
+    from mlx.utils import tree_flatten
+
+    from mlx_clap.weights import load_model
+
+    monkeypatch.setenv("MLX_CLAP_CACHE", str(tmp_path))
+    model = load_model(laion_tiny.pt)
+    assert model.source_dir.parent == tmp_path and model.source_dir.name.startswith("laion-")
+    manifest = json.loads((model.source_dir / "manifest.json").read_text())
+    assert manifest["source_format"] == "laion-pt" and manifest["tokenizer_files"] == []
+    assert any("no tokenizer" in note for note in manifest["notes"])
+    ours, ref = dict(tree_flatten(model.parameters())), dict(tree_flatten(laion_tiny.model.parameters()))
+    assert ours.keys() == ref.keys()
+    for key, value in ref.items():
+        np.testing.assert_array_equal(np.array(ours[key]), np.array(value), err_msg=key)
+    assert load_model(laion_tiny.pt).source_dir == model.source_dir
