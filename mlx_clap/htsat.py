@@ -143,6 +143,9 @@ class ClapAudioPatchEmbed(nn.Module):
         if image.shape[1:3] != self.img_size:
             raise ValueError(f"input image {image.shape[1:3]} does not match the model {self.img_size}")
         if not self.enable_fusion:
+            wanted = self.proj.weight.shape[-1]
+            if image.shape[-1] != wanted:
+                raise ValueError(f"this unfused model takes {wanted} mel channel(s), got {image.shape[-1]}")
             return self._norm(self.proj(image))
         glob = self.proj(image[..., 0:1])
         if is_longer is not None:

@@ -6,7 +6,12 @@ A converted folder holds:
 - tokenizer files when the source had them (tokenizer.json, or vocab.json + merges.txt);
 - `manifest.json`: source, revision, sha256 of source and output files, converter version.
 
-The runtime reads safetensors and JSON only: no pickle is ever loaded here.
+Sources `load_model` resolves: a converted folder (loaded), a Hugging Face CLAP folder or a LAION `.pt`
+(converted once into `$MLX_CLAP_CACHE` or ~/.cache/mlx-clap/<name>-<hash>, then loaded), a hub id
+`org/name` (downloaded with huggingface_hub, then the same), and msclap folders (their own loader).
+
+The runtime reads safetensors and JSON only: no pickle is loaded unless a `.pt`/`.bin` source has to be
+converted, and that goes through the `convert` package and torch.
 """
 
 from __future__ import annotations
@@ -205,9 +210,14 @@ def save_converted_arrays(
         for p in tmp.iterdir():
             p.chmod(0o666 & ~umask)
         tmp.chmod(0o777 & ~umask)
+        # Swap in with renames only, so a reader never sees a half-deleted or half-written folder.
+        old = None
         if folder.exists():
-            shutil.rmtree(folder)
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
         os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -339,8 +339,11 @@ def test_cli_convert(tiny_hub, tmp_path):
     assert res.exit_code == 0 and json.loads(res.output)["converter"] == "convert.hf"
 
 
-def test_cli_convert_errors_name_the_file(tmp_path):
+def test_cli_convert_errors_name_the_file(tmp_path, monkeypatch):
     from mlx_clap.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
 
     runner = CliRunner()
     res = runner.invoke(main, ["convert", str(tmp_path / "missing"), str(tmp_path / "out")])
@@ -350,6 +353,8 @@ def test_cli_convert_errors_name_the_file(tmp_path):
     res = runner.invoke(main, ["convert", str(tmp_path / "notclap"), str(tmp_path / "out")])
     assert res.exit_code == 1 and "notclap/config.json" in res.output and "'bert'" in res.output
     assert "Traceback" not in res.output
+    res = runner.invoke(main, ["convert", "laion/clap-htsat-unfused", str(tmp_path / "out")])
+    assert res.exit_code == 1 and "laion/clap-htsat-unfused: could not download" in res.output
 
 
 def test_cli_convert_help_has_example():
