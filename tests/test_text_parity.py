@@ -220,3 +220,30 @@ def test_half_precision_close_to_fp32_reference(tiny, dtype):
     half_proj.set_dtype(dtype)
     ours = run_ours(half_text, half_proj, ids, mask)
     assert cosine(ref["unit"], ours["unit"]).min() >= 0.9995
+
+
+def test_hub_folder_through_converter_end_to_end(tiny, tmp_path):
+    """HF hub folder (weights + tokenizer) -> convert/hf.py -> ClapModel.from_pretrained -> embed_text
+    equals HF's tokenizer + `ClapModel.get_text_features` (unit vectors), LAION policy (77)."""
+    from fixtures import TOKENIZER_TEXTS, train_bpe_files
+    from reference_models import save_hub_folder
+    from transformers import RobertaTokenizer
+
+    from convert.hf import convert_hf_folder
+    from mlx_clap.model import ClapModel
+
+    hf, cfg, _, _ = tiny
+    hub = save_hub_folder(hf, tmp_path / "hub")
+    train_bpe_files(tmp_path / "bpe", vocab_size=cfg.vocab_size)
+    hf_tok = RobertaTokenizer.from_pretrained(str(tmp_path / "bpe"))
+    assert len(hf_tok) == cfg.vocab_size, "reference tokenizer did not load the files"
+    hf_tok.save_pretrained(hub)  # tokenizer.json, as on the hub
+    model = ClapModel.from_pretrained(convert_hf_folder(hub, tmp_path / "converted"))
+    assert model.config.text_config.layer_norm_eps == cfg.layer_norm_eps
+
+    batch = hf_tok(TOKENIZER_TEXTS, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        ref = hf.get_text_features(**batch).pooler_output.numpy()
+    ours = model.embed_text(TOKENIZER_TEXTS, batch_size=4)
+    assert np.abs(ours - ref).max() <= 1e-5
+    assert cosine(ours, ref).min() >= 0.999999
