@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -72,8 +73,12 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def torch_state_dict(path: Path, what: str) -> dict:
-    """torch.load a pickled checkpoint (needs the optional torch extra); returns the loaded object."""
+def torch_state_dict(path: Path, what: str, weights_only: bool = True) -> Any:
+    """torch.load a pickled checkpoint (needs the optional torch extra); returns the loaded object.
+
+    `weights_only=False` is for the LAION `.pt` files, which also pickle numpy scalars and the training
+    arguments; only load those from a source you trust.
+    """
     try:
         import torch
     except ImportError as exc:
@@ -82,8 +87,7 @@ def torch_state_dict(path: Path, what: str) -> dict:
             "install it with `pip install 'mlx-clap[convert]'` (or convert a folder with model.safetensors)"
         ) from exc
     try:
-        # LAION checkpoints hold numpy scalars and argparse objects, so weights_only=False is needed there.
-        return torch.load(str(path), map_location="cpu", weights_only=what != "pytorch_model.bin")
+        return torch.load(str(path), map_location="cpu", weights_only=weights_only)
     except Exception as exc:  # torch raises many types for corrupt pickles
         raise WeightsError(
             f"{path}: cannot load the {what} checkpoint ({type(exc).__name__}: {exc})"

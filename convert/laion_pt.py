@@ -141,7 +141,7 @@ def config_from_laion_state(state: dict[str, np.ndarray], source: str = "") -> C
 
 def read_laion_state(path: Path) -> dict[str, np.ndarray]:
     """torch.load the checkpoint, take `state_dict`, strip `module.`, return numpy arrays."""
-    ckpt = torch_state_dict(path, "LAION .pt")
+    ckpt = torch_state_dict(path, "LAION .pt", weights_only=False)
     if isinstance(ckpt, dict) and "state_dict" not in ckpt and isinstance(ckpt.get("model"), dict):
         raise WeightsError(
             f"{path}: this looks like a Microsoft msclap checkpoint ({{'model': ...}}), not LAION-CLAP; "

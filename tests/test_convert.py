@@ -285,6 +285,29 @@ def test_pytorch_model_bin_without_torch_is_a_clear_error(tiny_ref, tmp_path, mo
         convert_hf_folder(bin_folder, tmp_path / "out")
 
 
+def test_laion_pickle_with_training_objects_loads(tmp_path):
+    # Released LAION files also pickle numpy scalars and the training arguments next to the weights.
+    import argparse
+
+    import torch
+
+    from convert.common import torch_state_dict
+
+    obj = {"epoch": np.int64(3), "args": argparse.Namespace(amodel="HTSAT-tiny"), "state_dict": {}}
+    torch.save(obj, tmp_path / "x.pt")
+    assert torch_state_dict(tmp_path / "x.pt", "LAION .pt", weights_only=False)["args"].amodel == "HTSAT-tiny"
+
+
+def test_msclap_checkpoint_is_pointed_to_its_converter(tmp_path):
+    import torch
+
+    from convert.laion_pt import convert_laion_pt
+
+    torch.save({"model": {"logit_scale": torch.tensor(1.0)}}, tmp_path / "CLAP_weights_2023.pth")
+    with pytest.raises(WeightsError, match="msclap checkpoint.*convert.msclap"):
+        convert_laion_pt(tmp_path / "CLAP_weights_2023.pth", tmp_path / "out")
+
+
 def test_bfloat16_safetensors_source(tmp_path):
     import torch
     from safetensors.torch import save_file
