@@ -211,12 +211,17 @@ class ClapModel(nn.Module):
             flush()
         return (total / max(np.linalg.norm(total), 1e-12)).astype(np.float32)
 
-    def embed_text(self, texts: Sequence[str] | str, *, batch_size: int = 64) -> np.ndarray:
+    def embed_text(
+        self, texts: Sequence[str] | str, *, batch_size: int = 64, policy: str = "laion"
+    ) -> np.ndarray:
         """Unit text embeddings (N, D) as numpy float32, batched by length.
 
-        Each batch is tokenized LAION-style (truncated to 77 tokens) and padded only to its own longest
-        text; padding is masked, so the vectors equal LAION's pad-to-77 layout.
+        policy="laion" (default) truncates to 77 tokens as LAION trained; "hf" keeps up to 512 as the
+        HF processor does (longer is an error). Each batch is padded only to its own longest text;
+        padding is masked, so the vectors equal LAION's pad-to-77 layout.
         """
+        if batch_size < 1:
+            raise ValueError(f"embed_text: batch_size must be >= 1, got {batch_size}")
         if texts is None:
             raise TypeError("embed_text: texts is None; pass a string or a list of strings")
         if isinstance(texts, str):
@@ -234,7 +239,7 @@ class ClapModel(nn.Module):
         order = np.argsort(-lengths, kind="stable")
         for start in range(0, len(texts), batch_size):
             idx = order[start : start + batch_size]
-            ids, mask = tok([texts[i] for i in idx])
+            ids, mask = tok([texts[i] for i in idx], policy=policy)
             emb = self.get_text_features(mx.array(ids), mx.array(mask))
             mx.eval(emb)
             out[idx] = np.array(emb.astype(mx.float32))

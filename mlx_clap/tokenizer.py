@@ -14,6 +14,7 @@ gives the same embeddings as padding to 77, at a fraction of the cost for short 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -66,6 +67,8 @@ class ClapTokenizer:
         tokenizer.no_truncation()
         self._tok = tokenizer
         self._truncation: int | None = None
+        # Truncation is state on the shared `tokenizers` object: set-and-encode must not interleave.
+        self._lock = threading.Lock()
         self._validate()
 
     # ------------------------------------------------------------------------------------- building
@@ -173,8 +176,10 @@ class ClapTokenizer:
                 raise ValueError(f"max_length {max_length} leaves no room for <s> and </s>")
             if max_length > self.max_tokens:
                 raise ValueError(f"max_length {max_length} exceeds the model's {self.max_tokens} positions")
-        self._set_truncation(max_length)
-        ids = [enc.ids for enc in self._tok.encode_batch(items, add_special_tokens=True)]
+        with self._lock:
+            self._set_truncation(max_length)
+            encodings = self._tok.encode_batch(items, add_special_tokens=True)
+        ids = [enc.ids for enc in encodings]
         for i, seq in enumerate(ids):
             if len(seq) > self.max_tokens:
                 raise ValueError(

@@ -247,3 +247,12 @@ def test_hub_folder_through_converter_end_to_end(tiny, tmp_path):
     ours = model.embed_text(TOKENIZER_TEXTS, batch_size=4)
     assert np.abs(ours - ref).max() <= 1e-5
     assert cosine(ours, ref).min() >= 0.999999
+
+    # HF policy: no truncation at 77 (the long fixture text keeps all its tokens), pad to the longest.
+    batch = hf_tok(TOKENIZER_TEXTS, padding=True, return_tensors="pt")
+    assert batch["input_ids"].shape[1] > 77
+    with torch.no_grad():
+        ref_hf = hf.get_text_features(**batch).pooler_output.numpy()
+    ours_hf = model.embed_text(TOKENIZER_TEXTS, batch_size=4, policy="hf")
+    assert np.abs(ours_hf - ref_hf).max() <= 1e-5
+    assert np.abs(ours_hf[-1] - ours[-1]).max() > 1e-3  # truncation changed the long text's vector
