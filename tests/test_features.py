@@ -655,3 +655,26 @@ def test_bad_options_rejected(fx_rand):
         fx_rand.extract_for_embedding([noise(0.5)], long_audio="tail")
     with pytest.raises(ValueError, match="top_db"):
         ClapFeatureExtractor({"top_db": 80})
+
+
+def test_accepted_input_forms(fx_rand):
+    """1-D numpy (any float width), mx.array, a list of samples and a list of waveforms give one result."""
+    w = noise(0.5, seed=50)
+    ref = np.array(fx_rand(w)[0])
+    for form in (w.astype(np.float64), mx.array(w), [w], w.tolist()):
+        np.testing.assert_allclose(np.array(fx_rand(form)[0]), ref, atol=1e-4)
+    assert fx_rand([w, w])[0].shape == (2, 1, 1001, 64)
+
+
+def test_log_mel_checks():
+    with pytest.raises(AudioInputError, match="reflect"):
+        log_mel(np.zeros(100, np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        log_mel(np.zeros((1, 2, 2000), np.float32))
+    with pytest.raises(ValueError, match="filterbank"):
+        log_mel(noise(0.1), "mystery")
+    with pytest.raises(ValueError, match="precision"):
+        ClapFeatureExtractor(precision="float16")
+    # Frames: 1 + N // hop, for lengths that are not multiples of the hop too.
+    for n in (513, 4800, 4801, 5279):
+        assert log_mel(noise(n / SR, seed=n)).shape == (1, 1 + n // 480, 64)
