@@ -27,10 +27,10 @@ EMBED_COS_MIN = 0.99999
 HALF_COS_MIN = 0.999
 
 
-def log_mels(n: int, channels: int, seed: int) -> np.ndarray:
-    """Log-mel-like features (n, channels, 1001, 64) in dB: around -40 with a 20 dB spread."""
+def log_mels(n: int, channels: int, seed: int, frames: int = 1001) -> np.ndarray:
+    """Log-mel-like features (n, channels, frames, 64) in dB: around -40 with a 20 dB spread."""
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((n, channels, 1001, 64)) * 20.0 - 40.0).astype(np.float32)
+    return (rng.standard_normal((n, channels, frames, 64)) * 20.0 - 40.0).astype(np.float32)
 
 
 def rel_l2(ours: np.ndarray, ref: np.ndarray) -> float:
@@ -106,6 +106,28 @@ class HFCase:
             assert rel_l2(a, b) <= STAGE_REL_TOL, f"stage {i}: relative error {rel_l2(a, b):.2e}"
         assert_embeddings_close(emb, ref_emb)
         return emb
+
+
+@pytest.fixture(scope="module")
+def hf_small(tmp_path_factory):
+    """Narrow layers with two blocks per stage (shifted windows everywhere): milliseconds per clip."""
+    from fixtures import TINY_AUDIO
+
+    return HFCase(tmp_path_factory.mktemp("hf_small"), dict(TINY_AUDIO, depths=[2, 2, 2, 2]), False, seed=10)
+
+
+@pytest.mark.parametrize("frames", [965, 1001, 1024])
+def test_hf_small_other_frame_counts(hf_small, frames):
+    # msclap 2023 feeds 965 frames; 1024 frames skip the interpolation entirely.
+    hf_small.check(log_mels(2, 1, seed=frames, frames=frames), None)
+
+
+def test_hf_small_batch_equals_single_clips(hf_small):
+    feats = log_mels(3, 1, seed=30)
+    _, batch = hf_small.ours(feats, None)
+    for i in range(3):
+        _, single = hf_small.ours(feats[i : i + 1], None)
+        np.testing.assert_allclose(single[0], batch[i], rtol=0, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
