@@ -351,6 +351,12 @@ def convert_msclap(
             "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
         }
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
+        # mkdtemp makes an owner-only folder; give the result the usual umask-based modes.
+        umask = os.umask(0)
+        os.umask(umask)
+        for p in tmp.iterdir():
+            p.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)

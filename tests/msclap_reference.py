@@ -22,6 +22,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 from fixtures import TOKENIZER_TEXTS, _bpe_corpus  # noqa: E402
 from reference_models import randomize_  # noqa: E402
 
@@ -166,21 +167,33 @@ def random_msclap(
         if "gpt" in args.text_model
         else ["input_ids", "token_type_ids", "attention_mask"]
     )
+    from transformers.initialization import no_init_weights
+
     torch.manual_seed(seed)
-    clap = clap_mod.CLAP(
-        audioenc_name=args.audioenc_name,
-        sample_rate=args.sampling_rate,
-        window_size=args.window_size,
-        hop_size=args.hop_size,
-        mel_bins=args.mel_bins,
-        fmin=args.fmin,
-        fmax=args.fmax,
-        classes_num=args.num_classes,
-        out_emb=args.out_emb,
-        text_model=args.text_model,
-        transformer_embed_dim=args.transformer_embed_dim,
-        d_proj=args.d_proj,
-    ).eval()
+    # Skip torch/transformers weight init (seconds per 100M parameters): randomize_ overwrites every
+    # float parameter and buffer below, except the frontend constants and shift masks, which the
+    # constructors compute directly rather than through init functions.
+    htsat_mod = sys.modules["msclap.models.htsat"]
+    trunc_normal = htsat_mod.trunc_normal_
+    htsat_mod.trunc_normal_ = lambda tensor, *a, **k: tensor  # HTSAT's own init, also overwritten below
+    try:
+        with no_init_weights():
+            clap = clap_mod.CLAP(
+                audioenc_name=args.audioenc_name,
+                sample_rate=args.sampling_rate,
+                window_size=args.window_size,
+                hop_size=args.hop_size,
+                mel_bins=args.mel_bins,
+                fmin=args.fmin,
+                fmax=args.fmax,
+                classes_num=args.num_classes,
+                out_emb=args.out_emb,
+                text_model=args.text_model,
+                transformer_embed_dim=args.transformer_embed_dim,
+                d_proj=args.d_proj,
+            ).eval()
+    finally:
+        htsat_mod.trunc_normal_ = trunc_normal
     # The Swin shift masks are float buffers: keep them (randomize_ would fill them like weights).
     masks = {k: v.clone() for k, v in clap.named_buffers() if k.endswith("attn_mask")}
     randomize_(clap, seed)
@@ -188,6 +201,9 @@ def random_msclap(
         for name, buf in clap.named_buffers():
             if name in masks:
                 buf.copy_(masks[name])
+        for name, t in list(clap.named_parameters()) + list(clap.named_buffers()):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise RuntimeError(f"reference tensor {name} is not finite after randomization")
     if checkpoint is not None:
         torch.save({"model": clap.state_dict()}, checkpoint)
     wrapper.clap = clap
@@ -203,3 +219,104 @@ def random_msclap(
     else:
         wrapper.tokenizer = None
     return wrapper
+
+
+# ------------------------------------------------------------------------------------ parity helpers
+
+
+def rel_err(ref, got) -> float:
+    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def cosine(a, b) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def make_signal(n: int, sr: int = 44100, seed: int = 0) -> np.ndarray:
+    """Tones + noise, a -60 dBFS section and digital silence (REFERENCE.md §9 fixtures), float32."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / sr
+    x = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 3150.5 * t)
+    x += 0.05 * rng.standard_normal(n)
+    q = n // 4
+    x[q : 2 * q] *= 1e-3  # -60 dB
+    x[2 * q : 2 * q + n // 8] = 0.0  # digital silence
+    return x.astype(np.float32)
+
+
+def torch_audio_stages(clap, waveforms: np.ndarray) -> dict[str, np.ndarray]:
+    """Run msclap's audio encoder on (B, N) waveforms; named stages in the MLX layouts (channels last)."""
+    import torch
+
+    caps: dict[str, np.ndarray] = {}
+    base = clap.audio_encoder.base
+    hooks = []
+
+    def keep(name, fn=lambda out: out):
+        def hook(_mod, _inp, out):
+            caps[name] = fn(out).detach().numpy().copy()
+
+        return hook
+
+    if hasattr(base, "htsat"):
+        h = base.htsat
+        hooks.append(h.logmel_extractor.register_forward_hook(keep("logmel", lambda o: o[:, 0])))
+        hooks.append(h.patch_embed.register_forward_hook(keep("patch_embed")))  # (B, L, C)
+        for i, layer in enumerate(h.layers):
+            hooks.append(layer.register_forward_hook(keep(f"layers.{i}", lambda o: o[0])))
+        hooks.append(h.norm.register_forward_hook(keep("norm")))
+    else:
+        hooks.append(base.logmel_extractor.register_forward_hook(keep("logmel", lambda o: o[:, 0])))
+        # bn0 runs on (B, mel, T, 1); conv blocks output (B, C, T, F): both to channels last.
+        hooks.append(base.bn0.register_forward_hook(keep("bn0", lambda o: o.permute(0, 2, 1, 3))))
+        for i in range(1, 7):
+            block = getattr(base, f"conv_block{i}")
+            hooks.append(block.register_forward_hook(keep(f"conv_block{i}", lambda o: o.permute(0, 2, 3, 1))))
+
+    def proj_hook(_mod, inp, out):
+        caps["embedding"] = inp[0].detach().numpy().copy()
+        caps["projected"] = out.detach().numpy().copy()
+
+    hooks.append(clap.audio_encoder.projection.register_forward_hook(proj_hook))
+    try:
+        with torch.no_grad():
+            clap.audio_encoder(torch.from_numpy(np.ascontiguousarray(waveforms)))
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return caps
+
+
+def torch_text_stages(wrapper, texts: list[str]) -> dict[str, object]:
+    """msclap's own text path (`preprocess_text` + caption encoder) plus per-layer hidden states."""
+    import torch
+
+    tokens = wrapper.preprocess_text(texts)
+    caps: dict[str, object] = {"tokens": {k: tokens[k].numpy() for k in wrapper.token_keys}}
+    enc = wrapper.clap.caption_encoder
+
+    def proj_hook(_mod, inp, out):
+        caps["pooled"] = inp[0].detach().numpy().copy()
+        caps["projected"] = out.detach().numpy().copy()
+
+    def base_hook(_mod, _inp, out):
+        caps["base_output"] = out
+
+    hooks = [enc.projection.register_forward_hook(proj_hook), enc.base.register_forward_hook(base_hook)]
+    # One run through msclap's own TextEncoder.forward, with the text model also returning its layers.
+    enc.base.config.output_hidden_states = True
+    try:
+        with torch.no_grad():
+            wrapper._get_text_embeddings(tokens)
+    finally:
+        enc.base.config.output_hidden_states = False
+        for hk in hooks:
+            hk.remove()
+    out = caps.pop("base_output")
+    caps["hidden_states"] = [h.numpy() for h in out.hidden_states]
+    caps["last_hidden_state"] = out.last_hidden_state.numpy()
+    if "gpt" in wrapper.args.text_model:
+        caps["index"] = (torch.ne(tokens["input_ids"], 0).sum(-1) - 1).numpy()
+    return caps

@@ -16,7 +16,19 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .model import MsClapModel
 
-__all__ = ["MsClapConfig", "MsClapModel", "load_msclap_folder"]
+__all__ = ["MsClapConfig", "MsClapModel", "load_msclap_folder", "is_msclap_folder"]
+
+
+def is_msclap_folder(folder) -> bool:
+    """True when `folder/config.json` is a converted msclap config (`"family": "msclap"`); never raises."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("family") == "msclap"
 
 
 def load_msclap_folder(folder, dtype: Any = None) -> MsClapModel:

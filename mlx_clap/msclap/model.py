@@ -358,6 +358,7 @@ def load_msclap_folder(folder: Path, dtype: Any = None) -> MsClapModel:
 
     from mlx.utils import tree_flatten
 
+    from ..config import FORMAT_VERSION
     from ..weights import (
         CONFIG_NAME,
         WEIGHTS_NAME,
@@ -372,8 +373,13 @@ def load_msclap_folder(folder: Path, dtype: Any = None) -> MsClapModel:
         data = json.loads((folder / CONFIG_NAME).read_text())
     except (OSError, ValueError) as exc:
         raise WeightsError(f"{folder / CONFIG_NAME}: cannot read ({exc})") from exc
-    if data.get("family") != "msclap":
-        raise WeightsError(f"{folder}: family {data.get('family')!r} is not msclap")
+    if not isinstance(data, dict) or data.get("family") != "msclap":
+        raise WeightsError(f"{folder / CONFIG_NAME}: not a msclap config (family must be 'msclap')")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise WeightsError(f"{folder / CONFIG_NAME}: format_version {version!r} is not one mlx-clap reads")
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise WeightsError(f"{folder}: no {WEIGHTS_NAME}")
     try:
         config = MsClapConfig.from_dict(data)
     except ValueError as exc:
