@@ -235,11 +235,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-length", type=int, default=40)
     p.add_argument("--torch-device", default="cpu", help="where the float32 reference runs (cpu is exact)")
     p.add_argument("--mlx-device", choices=["default", "cpu", "gpu"], default="default")
+    p.add_argument(
+        "--cpu-kernels",
+        action="store_true",
+        help="preview mlx_clap.cpu_kernels (polynomial GELU/softmax/attention) in the MLX towers on the CPU",
+    )
     p.add_argument("--tag", default="", help="results file suffix, e.g. cuda-tf32")
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
     if args.mlx_device != "default":
         mx.set_default_device(getattr(mx, args.mlx_device))
+    args.cpu_kernels = args.cpu_kernels and common.patch_cpu_kernels()
     if args.torch_device.startswith("cuda"):
         import torch
 

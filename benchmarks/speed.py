@@ -340,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-device", default="cpu")
     p.add_argument("--torch-threads", type=int, default=None)
     p.add_argument("--mlx-device", choices=["default", "cpu", "gpu"], default="default")
+    p.add_argument(
+        "--cpu-kernels",
+        action="store_true",
+        help="preview mlx_clap.cpu_kernels (polynomial GELU/softmax/attention) in the MLX towers on the CPU",
+    )
     p.add_argument("--tag", default="")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -349,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     args.max_seconds = args.max_seconds or (8.0 if args.quick else 40.0)
     if args.mlx_device != "default":
         mx.set_default_device(getattr(mx, args.mlx_device))
+    args.cpu_kernels = args.cpu_kernels and common.patch_cpu_kernels()
     import torch
 
     if args.torch_threads:
