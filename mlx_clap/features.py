@@ -304,7 +304,7 @@ class MelFrontend:
                 core = mx.compile(functools.partial(self._core32, lo=lo, hi=hi))
                 fb_mx = mx.array(fb[lo:hi].astype(np.float32))
             else:
-                core = functools.partial(self._core64, dft=self._four_step_matrices(lo, hi))
+                core = mx.compile(functools.partial(self._core64, dft=self._four_step_matrices(lo, hi)))
                 fb_mx = mx.array(fb[lo:hi], dtype=mx.float64)
             self._fbs[name] = (fb_mx, core)
         return self._fbs[name]
@@ -330,36 +330,36 @@ class MelFrontend:
         ang1 = -2.0 * np.pi * np.outer(np.arange(p), np.arange(p)) / p  # [n1, k1]
         ang_t = -2.0 * np.pi * np.outer(np.arange(q), np.arange(p)) / n  # [n2, k1]
         ang2 = -2.0 * np.pi * np.outer(np.arange(q), np.arange(k2_lo, k2_hi)) / q  # [n2, k2]
+        c2, s2 = np.cos(ang2), np.sin(ang2)
         f64 = functools.partial(mx.array, dtype=mx.float64)
         return dict(
-            p=p, q=q, start=lo - k2_lo * p, stop=hi - k2_lo * p,
-            c1=f64(np.cos(ang1)), s1=f64(np.sin(ang1)),
+            p=p, q=q, nk2=k2_hi - k2_lo, start=lo - k2_lo * p, stop=hi - k2_lo * p,
+            # Step 1 as one GEMM: columns [cos | sin] of the length-p DFT.
+            a1=f64(np.concatenate([np.cos(ang1), np.sin(ang1)], axis=1)),
             tr=f64(np.cos(ang_t)), ti=f64(np.sin(ang_t)),
-            c2=f64(np.cos(ang2)), s2=f64(np.sin(ang2)),
+            # Step 3 as one GEMM on [re | im] rows: [[cos, sin], [-sin, cos]] of the length-q DFT.
+            b3=f64(np.block([[c2, s2], [-s2, c2]])),
         )  # fmt: skip
 
     def _core64(self, segment: mx.array, window: mx.array, fb: mx.array, dft: dict[str, Any]) -> mx.array:
         frames = self._frames(segment) * window
         b, f, _ = frames.shape
-        p, q = dft["p"], dft["q"]
-        # Matmuls are kept 2-D (one big GEMM each): MLX's CPU batched matmul of tiny matrices is slow.
+        p, q, nk2 = dft["p"], dft["q"], dft["nk2"]
+        # Matmuls are kept 2-D (one GEMM per step): batched products of tiny matrices are slow on the CPU.
         m = b * f
-        # Step 1: length-p DFTs over n1 for every n2 -> Y[m, n2, k1] (real input: two real matmuls).
+        # Step 1: length-p DFTs over n1 for every n2 -> Y[m, n2, re/im, k1].
         x = frames.reshape(m, p, q).transpose(0, 2, 1).reshape(m * q, p)
-        yr, yi = x @ dft["c1"], x @ dft["s1"]
+        y = (x @ dft["a1"]).reshape(m, q, 2, p)
+        yr, yi = y[:, :, 0], y[:, :, 1]
         # Step 2: twiddles exp(-2 pi i n2 k1 / n), broadcast over frames.
-        yr, yi = yr.reshape(m, q, p), yi.reshape(m, q, p)
         zr = yr * dft["tr"] - yi * dft["ti"]
         zi = yr * dft["ti"] + yi * dft["tr"]
-        # Step 3: length-q DFTs over n2, only for the k2 that hold the needed bins -> X[m, k1, k2].
-        zr = zr.transpose(0, 2, 1).reshape(m * p, q)
-        zi = zi.transpose(0, 2, 1).reshape(m * p, q)
-        xr = zr @ dft["c2"] - zi @ dft["s2"]
-        xi = zr @ dft["s2"] + zi @ dft["c2"]
+        # Step 3: length-q DFTs over n2, only for the k2 that hold the needed bins -> X[m, k1, re/im, k2].
+        z = mx.stack([zr, zi], axis=2).transpose(0, 3, 2, 1).reshape(m * p, 2 * q)
+        xk = (z @ dft["b3"]).reshape(m, p, 2, nk2)
+        power = mx.square(xk[:, :, 0]) + mx.square(xk[:, :, 1])
         # Bin k = k1 + p*k2: order as [k2, k1] and flatten.
-        xr = xr.reshape(m, p, -1).transpose(0, 2, 1).reshape(b, f, -1)[..., dft["start"] : dft["stop"]]
-        xi = xi.reshape(m, p, -1).transpose(0, 2, 1).reshape(b, f, -1)[..., dft["start"] : dft["stop"]]
-        power = xr * xr + xi * xi
+        power = power.transpose(0, 2, 1).reshape(b, f, nk2 * p)[..., dft["start"] : dft["stop"]]
         mel = mx.maximum(power @ fb, AMIN)
         return (10.0 * mx.log10(mel)).astype(mx.float32)
 
