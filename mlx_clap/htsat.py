@@ -182,7 +182,8 @@ class ClapAudioSelfAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         cfg_window = config.window_size
-        # The table is sized by the configured window even where the stage window is smaller.
+        # Sized by the configured window, as HF allocates it; a stage window differs from it only when a
+        # grid is smaller than one window, which no released config has (stage 4 is exactly 8 x 8).
         self.relative_position_bias_table = mx.zeros(((2 * cfg_window - 1) ** 2, num_heads))
         self.query = nn.Linear(dim, dim, bias=config.qkv_bias)
         self.key = nn.Linear(dim, dim, bias=config.qkv_bias)
