@@ -339,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--torch-device", default="cpu")
     p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument(
+        "--tf32",
+        choices=["default", "on", "off"],
+        default="default",
+        help="PyTorch CUDA TF32 for matmuls and convolutions (MLX's is the MLX_ENABLE_TF32 variable)",
+    )
     p.add_argument("--mlx-device", choices=["default", "cpu", "gpu"], default="default")
     p.add_argument(
         "--cpu-kernels",
@@ -359,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
+    if args.tf32 != "default":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
+        torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
     t0 = time.perf_counter()
     rates = {}
     for dtype in args.dtypes:
@@ -381,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
                 getattr(bench, part)(dtype, batch)
     env = common.environment(args.torch_device)
     env["mlx_device"] = str(mx.default_device())
+    env["torch_tf32"] = {
+        "matmul": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn": torch.backends.cudnn.allow_tf32,
+    }
     table = summarize(bench.rows, rates)
     audio_fl = common.htsat_flops(bench.mlx_model(args.dtypes[0]).config.audio_config)
     data = {
@@ -416,6 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         f"`python benchmarks/speed.py {cmd}` — {env['date_utc']}, {env.get('gpu') or env.get('cpu', '')}, "
         f"{env['cpu_count']} CPUs, mlx {env['mlx']}, torch {env['torch']} ({env['torch_threads']} threads), "
         f"BLAS: {env['mlx_clap_blas'].get('config') or env['mlx_clap_blas'].get('status')}"
+        + (
+            f", MLX_ENABLE_TF32={env['mlx_enable_tf32']}, torch TF32 {env['torch_tf32']['matmul']}"
+            if args.torch_device.startswith("cuda")
+            else ""
+        )
         + (f", note: {env['note']}" if env.get("note") else "")
         + ".\n\n"
         + "Median wall time per call (whole batch). `torch / best mlx` > 1 means MLX is faster. "
