@@ -227,7 +227,9 @@ def config_from_state(version: str, weights: dict[str, np.ndarray], source: str)
 # ------------------------------------------------------------------------------------------ tokenizer
 
 
-def resolve_tokenizer_dir(text_model: str, tokenizer: str | Path | None) -> Path:
+def resolve_tokenizer_dir(
+    text_model: str, tokenizer: str | Path | None, cache_dir: str | Path | None = None
+) -> Path:
     """A folder with the text model's tokenizer files: the given one, or the hub cache (never downloads
     when HF_HUB_OFFLINE is set)."""
     if tokenizer is not None:
@@ -238,7 +240,9 @@ def resolve_tokenizer_dir(text_model: str, tokenizer: str | Path | None) -> Path
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(text_model, allow_patterns=list(TOKENIZER_SOURCES)))
+        return Path(
+            snapshot_download(text_model, allow_patterns=list(TOKENIZER_SOURCES), cache_dir=cache_dir)
+        )
     except Exception as exc:  # offline, not cached, or no network: say what to do instead
         raise WeightsError(
             f"cannot get the {text_model!r} tokenizer ({type(exc).__name__}: {exc}); pass --tokenizer DIR "
