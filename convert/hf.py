@@ -126,3 +126,24 @@ def convert_hf_folder(
         "source_files": {p.name: sha256_file(p) for p in sources},
     }
     return save_converted_arrays(Path(dest), config, weights, manifest, tokenizer_dir=src)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m convert.hf SRC DEST`: the same as `mlx-clap convert` for a local folder."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Convert a Hugging Face CLAP folder to an mlx-clap folder")
+    parser.add_argument("src", type=Path)
+    parser.add_argument("dest", type=Path)
+    parser.add_argument("--revision", default=None, help="revision to record in the manifest")
+    args = parser.parse_args(argv)
+    try:
+        out = convert_hf_folder(args.src, args.dest, revision=args.revision)
+    except WeightsError as exc:
+        sys.exit(f"error: {exc}")
+    print(f"converted {args.src} -> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -187,3 +187,24 @@ def convert_laion_pt(src: str | Path, dest: str | Path, *, source_name: str | No
         ],
     }
     return save_converted_arrays(Path(dest), config, weights, manifest, tokenizer_dir=None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m convert.laion_pt CHECKPOINT DEST`: the same as `mlx-clap convert CHECKPOINT DEST`."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Convert a LAION-CLAP .pt checkpoint to an mlx-clap folder")
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("dest", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        out = convert_laion_pt(args.checkpoint, args.dest)
+    except WeightsError as exc:
+        sys.exit(f"error: {exc}")
+    print(f"converted {args.checkpoint} -> {out}")
+
+
+if __name__ == "__main__":
+    main()
