@@ -100,8 +100,12 @@ def convert_hf_folder(
     *,
     source_name: str | None = None,
     revision: str | None = None,
+    tokenizer_dir: str | Path | None = None,
 ) -> Path:
-    """Convert an HF CLAP folder into `dest` (replaced if it exists); returns `dest`."""
+    """Convert an HF CLAP folder into `dest` (replaced if it exists); returns `dest`.
+
+    Tokenizer files are copied from `tokenizer_dir` when given, else from the source folder.
+    """
     src = Path(src)
     if not src.is_dir():
         raise WeightsError(f"{src}: not a folder")
@@ -125,7 +129,8 @@ def convert_hf_folder(
         "revision": revision,
         "source_files": {p.name: sha256_file(p) for p in sources},
     }
-    return save_converted_arrays(Path(dest), config, weights, manifest, tokenizer_dir=src)
+    tok = Path(tokenizer_dir) if tokenizer_dir is not None else src
+    return save_converted_arrays(Path(dest), config, weights, manifest, tokenizer_dir=tok)
 
 
 def main(argv: list[str] | None = None) -> None:

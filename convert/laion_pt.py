@@ -154,11 +154,18 @@ def read_laion_state(path: Path) -> dict[str, np.ndarray]:
     return to_numpy(state)
 
 
-def convert_laion_pt(src: str | Path, dest: str | Path, *, source_name: str | None = None) -> Path:
+def convert_laion_pt(
+    src: str | Path,
+    dest: str | Path,
+    *,
+    source_name: str | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
     """Convert a LAION `.pt` into `dest` (replaced if it exists); returns `dest`.
 
-    LAION checkpoints carry no tokenizer: the folder gets none (recorded in the manifest), and text
-    embedding needs tokenizer files copied in (roberta-base's tokenizer.json).
+    LAION checkpoints carry no tokenizer. Pass `tokenizer_dir` (a folder with roberta-base's
+    tokenizer.json or vocab.json + merges.txt) to copy one in; otherwise the folder gets none (recorded
+    in the manifest) and only audio embedding works.
     """
     src = Path(src)
     if not src.is_file():
@@ -169,12 +176,16 @@ def convert_laion_pt(src: str | Path, dest: str | Path, *, source_name: str | No
     except WeightsError as exc:
         raise WeightsError(f"{src}: {exc}") from exc
     weights = hf_state_to_mlx(hf_state)
-    log.warning(
-        "%s: LAION checkpoints hold no tokenizer; the converted folder has none. Copy roberta-base's "
-        "tokenizer.json into %s to embed text.",
-        src.name,
-        dest,
-    )
+    notes = []
+    if tokenizer_dir is None:
+        log.warning(
+            "%s: LAION checkpoints hold no tokenizer; the converted folder has none. Convert again with a "
+            "tokenizer folder (roberta-base's tokenizer.json) to embed text.",
+            src.name,
+        )
+        notes.append(
+            "no tokenizer: LAION .pt checkpoints do not include one (roberta-base's is needed for text)"
+        )
     manifest = {
         "converter": CONVERTER,
         "converter_version": CONVERTER_VERSION,
@@ -182,11 +193,12 @@ def convert_laion_pt(src: str | Path, dest: str | Path, *, source_name: str | No
         "source_format": "laion-pt",
         "revision": None,
         "source_files": {src.name: sha256_file(src)},
-        "notes": [
-            "no tokenizer: LAION .pt checkpoints do not include one (roberta-base's is needed for text)"
-        ],
+        "notes": notes,
     }
-    return save_converted_arrays(Path(dest), config, weights, manifest, tokenizer_dir=None)
+    tok = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    if tok is not None and not any((tok / n).is_file() for n in ("tokenizer.json", "vocab.json")):
+        raise WeightsError(f"{tok}: no tokenizer.json or vocab.json + merges.txt to copy")
+    return save_converted_arrays(Path(dest), config, weights, manifest, tokenizer_dir=tok)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -197,10 +209,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Convert a LAION-CLAP .pt checkpoint to an mlx-clap folder")
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("dest", type=Path)
+    parser.add_argument("--tokenizer", type=Path, default=None, help="folder with roberta-base's tokenizer")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        out = convert_laion_pt(args.checkpoint, args.dest)
+        out = convert_laion_pt(args.checkpoint, args.dest, tokenizer_dir=args.tokenizer)
     except WeightsError as exc:
         sys.exit(f"error: {exc}")
     print(f"converted {args.checkpoint} -> {out}")

@@ -14,9 +14,17 @@ from .weights import HUB_ID, MANIFEST_NAME, PT_SUFFIXES, WeightsError, download_
 @click.argument("source")
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--revision", default=None, help="Hub revision (branch, tag, commit) for a hub id.")
+@click.option(
+    "--tokenizer",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Folder with tokenizer files to copy in (LAION .pt files have none: use roberta-base's).",
+)
 @click.option("--force", is_flag=True, help="Replace DEST if it already holds files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest of the converted folder as JSON.")
-def convert(source: str, dest: Path, revision: str | None, force: bool, as_json: bool) -> None:
+def convert(
+    source: str, dest: Path, revision: str | None, tokenizer: Path | None, force: bool, as_json: bool
+) -> None:
     """Convert SOURCE into an mlx-clap folder DEST (config.json, model.safetensors, tokenizer, manifest).
 
     SOURCE is a Hugging Face CLAP model folder (config.json + model.safetensors, or pytorch_model.bin
@@ -27,7 +35,7 @@ def convert(source: str, dest: Path, revision: str | None, force: bool, as_json:
     Examples:
       mlx-clap convert laion/clap-htsat-fused weights/clap-htsat-fused
       mlx-clap convert ~/models/clap-htsat-unfused weights/clap-htsat-unfused
-      mlx-clap convert 630k-audioset-best.pt weights/630k-audioset-best
+      mlx-clap convert 630k-audioset-best.pt weights/630k-audioset-best --tokenizer ~/roberta-base
     """
     if dest.exists() and any(dest.iterdir()) and not force:
         raise click.ClickException(f"{dest}: folder exists and is not empty (use --force to replace it)")
@@ -36,18 +44,22 @@ def convert(source: str, dest: Path, revision: str | None, force: bool, as_json:
         if path.is_dir():
             from convert.hf import convert_hf_folder
 
-            out = convert_hf_folder(path, dest, source_name=str(path), revision=revision)
+            out = convert_hf_folder(
+                path, dest, source_name=str(path), revision=revision, tokenizer_dir=tokenizer
+            )
         elif path.is_file():
             if path.suffix not in PT_SUFFIXES:
                 raise WeightsError(f"{path}: not a LAION checkpoint (.pt) or a model folder")
             from convert.laion_pt import convert_laion_pt
 
-            out = convert_laion_pt(path, dest, source_name=str(path))
+            out = convert_laion_pt(path, dest, source_name=str(path), tokenizer_dir=tokenizer)
         elif HUB_ID.match(source):
             from convert.hf import convert_hf_folder
 
             snapshot = download_hub(source, revision=revision)
-            out = convert_hf_folder(snapshot, dest, source_name=source, revision=snapshot.name)
+            out = convert_hf_folder(
+                snapshot, dest, source_name=source, revision=snapshot.name, tokenizer_dir=tokenizer
+            )
         else:
             raise WeightsError(f"{source}: no such file or folder, and not a hub id of the form org/name")
     except WeightsError as exc:

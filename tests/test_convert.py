@@ -362,6 +362,22 @@ def test_cli_convert(tiny_hub, tmp_path):
     assert res.exit_code == 0 and json.loads(res.output)["converter"] == "convert.hf"
 
 
+def test_cli_convert_with_tokenizer_folder_embeds_text(tiny_hub, tmp_path):
+    from fixtures import train_bpe_files
+
+    from mlx_clap.cli import main
+
+    train_bpe_files(tmp_path / "bpe", vocab_size=1000)
+    res = CliRunner().invoke(
+        main, ["convert", str(tiny_hub), str(tmp_path / "out"), "--tokenizer", str(tmp_path / "bpe")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "tokenizer: vocab.json, merges.txt" in res.output
+    model = load_model(tmp_path / "out")
+    emb = model.embed_text(["a dog barking", "rain"])
+    assert emb.shape == (2, 512) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
 def test_cli_convert_errors_name_the_file(tmp_path, monkeypatch):
     from mlx_clap.cli import main
 
