@@ -69,7 +69,8 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
             arr = np.frombuffer(raw, dtype=_ST_DTYPES[info["dtype"]])
         else:
             raise WeightsError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        out[name] = arr.reshape(info["shape"]).copy()
+        # Views into `data` (kept alive by them): no second copy of a 600 MB checkpoint.
+        out[name] = arr.reshape(info["shape"])
     return out
 
 

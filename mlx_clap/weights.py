@@ -184,15 +184,16 @@ def save_converted_arrays(
     """
     import shutil
 
-    from safetensors.numpy import save
+    from safetensors.numpy import save_file
 
     folder = Path(folder)
     check_weights(expected_shapes(config), weights, Path(manifest.get("source", "source")))
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
-        flat = {k: np.array(v, dtype=np.float32, order="C") for k, v in sorted(weights.items())}
-        (tmp / WEIGHTS_NAME).write_bytes(save(flat, metadata={"format": "mlx"}))
+        # No copies of arrays that are already float32 and C-ordered (hub models are ~600 MB).
+        flat = {k: _c_float32(v) for k, v in sorted(weights.items())}
+        save_file(flat, str(tmp / WEIGHTS_NAME), metadata={"format": "mlx"})
         atomic_write_json(tmp / CONFIG_NAME, config.to_dict())
         copied = []
         for name in TOKENIZER_FILES:
@@ -222,6 +223,12 @@ def save_converted_arrays(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _c_float32(value: np.ndarray) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float32)
+    # np.ascontiguousarray turns 0-d arrays (the logit scales) into 1-d ones, so only use it when needed.
+    return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
 
 
 def _sha256(path: Path) -> str:
