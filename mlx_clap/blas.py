@@ -14,7 +14,9 @@ library, done by name so that it also works for libraries whose symbols carry a 
 3. a system OpenBLAS (`libopenblas.so.0`, e.g. Debian/Ubuntu `libopenblas0-pthread`).
 
 After rebinding, a small matmul is checked against numpy in float64; on a mismatch the original pointers are
-restored and a warning is logged. `MLX_CLAP_BLAS=off` keeps MLX's own BLAS. On macOS (Accelerate) and
+restored and a warning is logged. `MLX_CLAP_BLAS=off` keeps MLX's own BLAS. OpenBLAS uses one thread per
+core; `MLX_CLAP_BLAS_THREADS=N` (or `OPENBLAS_NUM_THREADS`) caps it, which helps on oversubscribed machines
+where its spinning threads compete with other processes. On macOS (Accelerate) and
 where `libmlx.so` imports no CBLAS symbols (e.g. builds that link BLAS statically) nothing is done.
 The choice is logged at INFO on the `mlx_clap.blas` logger, and printed to stderr when
 `MLX_CLAP_VERBOSE=1`. `blas_info()` returns it as a dict (the benchmarks record it).
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 ENV_VAR = "MLX_CLAP_BLAS"
 VERBOSE_VAR = "MLX_CLAP_VERBOSE"
+THREADS_VAR = "MLX_CLAP_BLAS_THREADS"
 REBOUND_SYMBOLS = ("cblas_sgemm", "cblas_dgemm", "cblas_cgemm")
 
 # ELF constants (elf.h).
@@ -186,6 +189,7 @@ def _rebind(libmlx: Path, slots: dict[str, int], path: Path, source: str) -> Bla
         _write_pointer(address, ctypes.cast(target, ctypes.c_void_p).value or 0, relro, bias)
         rebound.append(name)
     _keepalive.append(lib)
+    _set_threads(lib, prefix)
     if not _matmul_ok():
         for address, value in _original.items():
             _write_pointer(address, value, relro, bias)
@@ -199,6 +203,15 @@ def _rebind(libmlx: Path, slots: dict[str, int], path: Path, source: str) -> Bla
     )
 
 
+def _set_threads(lib: ctypes.CDLL, prefix: str) -> None:
+    """Apply MLX_CLAP_BLAS_THREADS (OpenBLAS itself reads OPENBLAS_NUM_THREADS at load)."""
+    value = os.environ.get(THREADS_VAR, "").strip()
+    fn = getattr(lib, f"{prefix}openblas_set_num_threads", None)
+    if value and fn is not None:
+        fn.argtypes = [ctypes.c_int]
+        fn(max(1, int(value)))
+
+
 def _openblas_config(lib: ctypes.CDLL, prefix: str) -> str | None:
     fn = getattr(lib, f"{prefix}openblas_get_config", None)
     if fn is None:
@@ -208,7 +221,8 @@ def _openblas_config(lib: ctypes.CDLL, prefix: str) -> str | None:
     threads = getattr(lib, f"{prefix}openblas_get_num_threads", None)
     if threads is not None:
         threads.restype = ctypes.c_int
-        text += f", {threads()} threads"
+        n = threads()
+        text += f", {n} thread{'s' if n != 1 else ''}"
     return text
 
 

@@ -25,11 +25,12 @@ PROBE = (
 )
 
 
-def _probe(env_value: str | None) -> dict:
+def _probe(env_value: str | None, **extra: str) -> dict:
     env = dict(os.environ)
     env.pop("MLX_CLAP_BLAS", None)
     if env_value is not None:
         env["MLX_CLAP_BLAS"] = env_value
+    env.update(extra)
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -72,6 +73,14 @@ def test_opt_out_keeps_mlx_blas():
         on = _probe(None)
         assert on["status"] == "active"
         assert on["err"] < 1e-3
+
+
+@pytest.mark.skipif(not (LINUX and HAS_WHEEL), reason="needs Linux and the scipy-openblas32 wheel")
+def test_thread_cap():
+    capped = _probe(None, MLX_CLAP_BLAS_THREADS="1")
+    assert capped["status"] == "active"
+    assert capped["config"].endswith(", 1 thread")
+    assert capped["err"] < 1e-3
 
 
 @pytest.mark.skipif(not LINUX, reason="the rebinding only runs on Linux")
