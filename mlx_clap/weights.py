@@ -92,14 +92,17 @@ def save_converted(model, folder: Path) -> None:
     atomic_write_json(folder / CONFIG_NAME, model.config.to_dict())
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
+def _read_safetensors(path: Path) -> dict[str, mx.array]:
+    """The tensors of a converted model.safetensors as MLX arrays (read by MLX: no numpy copy)."""
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise WeightsError(f"{path}: cannot read safetensors ({exc}); the file may be truncated") from exc
+        weights = mx.load(str(path))
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise WeightsError(
+            f"{path}: cannot read safetensors ({exc}); the file may be truncated or corrupt"
+        ) from exc
+    if not isinstance(weights, dict):
+        raise WeightsError(f"{path}: not a safetensors file")
+    return weights
 
 
 def check_weights(expected: dict[str, tuple], weights: dict[str, np.ndarray], where: Path) -> None:
@@ -265,8 +268,7 @@ def load_converted(folder: Path, dtype: Any = None):
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     check_weights(expected, weights, folder / WEIGHTS_NAME)
     arrays = []
-    for key, value in weights.items():
-        arr = mx.array(value)
+    for key, arr in weights.items():
         if (
             target != mx.float32
             and mx.issubdtype(arr.dtype, mx.floating)

@@ -55,9 +55,8 @@ def test_missing_key(folder):
 
 
 def test_extra_key(folder):
-    _edit_weights(
-        folder, lambda w: w.update({"audio_model.audio_encoder.tscam_conv.weight": np.zeros((2, 2))})
-    )
+    extra = {"audio_model.audio_encoder.tscam_conv.weight": np.zeros((2, 2), np.float32)}
+    _edit_weights(folder, lambda w: w.update(extra))
     with pytest.raises(WeightsError, match="unexpected keys: audio_model.audio_encoder.tscam_conv.weight"):
         load_converted(folder)
 
