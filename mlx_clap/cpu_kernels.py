@@ -60,24 +60,27 @@ def on_cpu() -> bool:
 def _erf_poly(x: mx.array) -> mx.array:
     x = mx.clip(x, -4.0, 4.0)
     x2 = x * x
-    p = mx.array(_ERF_P[0], dtype=mx.float32)
-    for c in _ERF_P[1:]:
+    p = x2 * _ERF_P[0] + _ERF_P[1]
+    for c in _ERF_P[2:]:
         p = p * x2 + c
-    q = mx.array(_ERF_Q[0], dtype=mx.float32)
-    for c in _ERF_Q[1:]:
+    q = x2 * _ERF_Q[0] + _ERF_Q[1]
+    for c in _ERF_Q[2:]:
         q = q * x2 + c
     return x * p / q
 
 
 def _exp_poly(x: mx.array) -> mx.array:
     x = mx.clip(x, -87.0, 88.0)
-    n = mx.floor(x * _LOG2E + 0.5)
+    # n = round(x / ln 2) through an int conversion of a positive number (truncation = floor there):
+    # `mx.floor` is a scalar libm call inside compiled CPU code, the conversion is one vector instruction.
+    n_int = (x * _LOG2E + 128.5).astype(mx.int32) - 128
+    n = n_int.astype(mx.float32)
     r = (x - n * _LN2_HI) - n * _LN2_LO
-    p = mx.array(_EXP_P[0], dtype=mx.float32)
-    for c in _EXP_P[1:]:
+    p = r * _EXP_P[0] + _EXP_P[1]
+    for c in _EXP_P[2:]:
         p = p * r + c
     p = p * r * r + r + 1.0
-    two_n = mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32)
+    two_n = mx.view(mx.left_shift(n_int + 127, 23), mx.float32)
     return p * two_n
 
 
