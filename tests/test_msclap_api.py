@@ -110,6 +110,19 @@ def test_long_audio_modes(model):
     np.testing.assert_allclose(model.embed_audio(wave, long_audio="reference", seed=7), crop, atol=1e-6)
 
 
+def test_streaming_windows_equal_embed_audio(model):
+    n = model.config.clip_samples
+    wave = signal(2.5 * n / SR, seed=9)
+    blocks = np.array_split(wave, 7)
+    np.testing.assert_allclose(
+        model.embed_windows(iter(blocks), batch_size=2), model.embed_audio(wave)[0], atol=1e-6
+    )
+    short = signal(0.7, seed=10)
+    np.testing.assert_allclose(model.embed_windows([short]), model.embed_audio(short)[0], atol=1e-6)
+    with pytest.raises(ValueError, match="empty"):
+        model.embed_windows(iter([]))
+
+
 def test_stereo_and_batching(model):
     stereo = signal(2.0, seed=2, channels=2)
     mono = stereo.mean(axis=0)

@@ -17,7 +17,7 @@ Outputs. The towers (`get_audio_embeddings`, `get_text_embeddings`) return mscla
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import numpy as np
 from ..model import l2_normalize, pool_windows
 from .cnn14 import Cnn14
 from .config import MsClapConfig
-from .frontend import log_mel, prepare_batch
+from .frontend import fit_clip, log_mel, prepare_batch, to_mono
 from .tokenizer import MsClapTokenizer
 
 # msclap's README and examples prompt with "this is the sound of <class>".
@@ -241,8 +241,6 @@ class MsClapModel(nn.Module):
         default averages channels). Files are decoded and resampled to 44.1 kHz by `mlx_clap.audio`.
         `quantize_int16` exists for API symmetry with the LAION models; msclap never applies it.
         """
-        if quantize_int16:
-            raise ValueError("quantize_int16 is a LAION reference mode; msclap feeds float audio unchanged")
         if isinstance(inputs, (str, Path, np.ndarray)):
             inputs = [inputs]
         waves = []
@@ -252,7 +250,12 @@ class MsClapModel(nn.Module):
             else:
                 waves.append(np.asarray(item))
         return self.embed_waveforms(
-            waves, batch_size=batch_size, long_audio=long_audio, seed=seed, stereo=stereo
+            waves,
+            batch_size=batch_size,
+            long_audio=long_audio,
+            seed=seed,
+            stereo=stereo,
+            quantize_int16=quantize_int16,
         )
 
     def _load_file(self, path: str | Path, stereo: str) -> np.ndarray:
@@ -270,8 +273,11 @@ class MsClapModel(nn.Module):
         long_audio: str = "windows-mean",
         seed: int | None = None,
         stereo: str = "mean",
+        quantize_int16: bool = False,
     ) -> np.ndarray:
         """Unit embeddings (N, 1024) for decoded 44.1 kHz waveforms; see `embed_audio`."""
+        if quantize_int16:
+            raise ValueError("quantize_int16 is a LAION reference mode; msclap feeds float audio unchanged")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         clips, owner = prepare_batch(
@@ -286,6 +292,43 @@ class MsClapModel(nn.Module):
             mx.eval(emb)
             rows.append(np.array(emb.astype(mx.float32)))
         return pool_windows(np.concatenate(rows, axis=0), owner, len(waveforms))
+
+    def embed_windows(
+        self, blocks: Iterable[np.ndarray], *, batch_size: int = 8, quantize_int16: bool = False
+    ) -> np.ndarray:
+        """Unit "windows-mean" embedding (1024,) of one mono clip given as consecutive 1-D blocks at 44.1 kHz.
+
+        The same windows as `embed_audio(long_audio="windows-mean")` (`mlx_clap.model.sliding_windows`),
+        embedded `batch_size` at a time, so memory stays bounded for any length (used by the CLI).
+        """
+        from ..model import sliding_windows
+
+        if quantize_int16:
+            raise ValueError("quantize_int16 is a LAION reference mode; msclap feeds float audio unchanged")
+        length = self.config.clip_samples
+        total = np.zeros(self.embedding_dim, dtype=np.float64)
+        group: list[np.ndarray] = []
+        seen = False
+
+        def flush() -> None:
+            nonlocal total
+            clips = np.stack([fit_clip(to_mono(w), length)[0] for w in group])
+            emb = self.get_audio_features(mx.array(clips))
+            mx.eval(emb)
+            for row in np.array(emb.astype(mx.float32)).astype(np.float64):
+                total += row  # row by row, as pool_windows sums
+            group.clear()
+
+        for window in sliding_windows(blocks, length):
+            seen = True
+            group.append(window)
+            if len(group) == batch_size:
+                flush()
+        if group:
+            flush()
+        if not seen:
+            raise ValueError("audio is empty (0 samples)")
+        return (total / max(np.linalg.norm(total), 1e-12)).astype(np.float32)
 
     def embed_text(self, texts: Sequence[str] | str, *, batch_size: int = 64) -> np.ndarray:
         """Unit text embeddings (N, 1024), tokenized as msclap does (see `msclap.tokenizer`)."""
