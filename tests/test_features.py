@@ -678,3 +678,15 @@ def test_log_mel_checks():
     # Frames: 1 + N // hop, for lengths that are not multiples of the hop too.
     for n in (513, 4800, 4801, 5279):
         assert log_mel(noise(n / SR, seed=n)).shape == (1, 1 + n // 480, 64)
+
+
+def test_windows_in_groups_match_one_batch(fx_rand, monkeypatch):
+    """Many windows are featurized a few at a time (bounded memory) with the same result."""
+    import mlx_clap.features as features
+
+    w = [noise(25.0, seed=51)]
+    whole, _, owner = fx_rand.extract_for_embedding(w)
+    monkeypatch.setattr(features, "MAX_FRAMES_PER_BLOCK", 2002)  # two windows per group
+    grouped, _, owner2 = fx_rand.extract_for_embedding(w)
+    assert owner.tolist() == owner2.tolist() == [0, 0, 0]
+    np.testing.assert_allclose(np.array(grouped), np.array(whole), atol=1e-4)
