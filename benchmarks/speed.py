@@ -276,7 +276,11 @@ class Bench:
     def _median_lists(self, fn) -> list[float]:
         for _ in range(self.args.warmup):
             fn()
-        runs = [fn() for _ in range(max(1, min(self.args.repeats, 3)))]
+        runs, start = [], time.perf_counter()
+        for _ in range(max(1, min(self.args.repeats, 5))):
+            runs.append(fn())
+            if time.perf_counter() - start > self.args.max_seconds:
+                break
         return list(np.median(np.array(runs), axis=0))
 
     @staticmethod
