@@ -26,6 +26,12 @@ SITE=$(python3 -c 'import site; print(site.getsitepackages()[0])')
 ln -sfn "$SITE/nvidia" /tmp/site/nvidia
 LD_LIBRARY_PATH="$(ls -d /tmp/site/nvidia/*/lib | paste -sd:)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export LD_LIBRARY_PATH PYTHONPATH="/tmp/site:$PWD"
+# MLX's CUDA JIT (NVRTC) includes $CUDA_HOME/include, else /usr/local/cuda/include.
+if [ -z "${CUDA_HOME:-}" ] && [ ! -d /usr/local/cuda ]; then
+  if command -v nvcc >/dev/null; then CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")"); export CUDA_HOME
+  elif [ -d /tmp/site/nvidia/cu13/include ]; then export CUDA_HOME=/tmp/site/nvidia/cu13; fi
+fi
+echo "CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}"
 python3 - <<'PY' || exit 1
 import mlx.core as mx
 a = mx.random.normal((512, 512))
