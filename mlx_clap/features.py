@@ -462,10 +462,12 @@ class ClapFeatureExtractor:
 
     @property
     def max_samples(self) -> int:
+        """Samples per model input (480000: 10 s at 48 kHz)."""
         return self.config.nb_max_samples
 
     @property
     def chunk_frames(self) -> int:
+        """Mel frames per model input (1001 = 480000 // 480 + 1)."""
         return self.config.nb_max_frames
 
     def _check_rate(self, sampling_rate: int | None) -> None:
