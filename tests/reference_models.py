@@ -52,6 +52,8 @@ def randomize_(module, seed: int = 0) -> None:
                 t.copy_(0.05 * torch.randn(t.shape, generator=gen))
             elif "melW" in name or "conv_real" in name or "conv_imag" in name:
                 continue  # frontend constants: keep the real filterbank and DFT kernels
+            elif leaf == "attn_mask":
+                continue  # derived Swin shift masks (0 / -100), not learned: keep them as built
             elif t.dim() >= 2:
                 fan_in = int(np.prod(t.shape[1:]))
                 t.copy_(torch.randn(t.shape, generator=gen) / np.sqrt(max(fan_in, 1)))
