@@ -14,6 +14,7 @@ the class import, and its text preprocessing, similarity and embedding helpers r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import types
@@ -37,17 +38,24 @@ MSCLAP_TEXTS = [
 ]
 
 
-def _stub_torchaudio() -> None:
-    """CLAPWrapper imports torchaudio (+ .transforms) at module level; only its file loader uses them."""
-    if "torchaudio" in sys.modules:
-        return
+def _import_clap_wrapper_module():
+    """Import msclap.CLAPWrapper, which imports torchaudio (+ .transforms) at module level.
+
+    Only its file loader uses torchaudio, which is not installable beside torch 2.13 here. A stand-in is
+    put in sys.modules just for the import and removed afterwards, so nothing else in the test session
+    sees a fake torchaudio; the wrapper module keeps its own reference (see `clip_loader`).
+    """
+    if "msclap.CLAPWrapper" in sys.modules:
+        return sys.modules["msclap.CLAPWrapper"]
+    import importlib
     import importlib.machinery
+    import importlib.util
 
-    import transformers  # noqa: F401  (its lazy availability checks must run before the stand-in exists)
-
+    if importlib.util.find_spec("torchaudio") is not None:
+        return importlib.import_module("msclap.CLAPWrapper")
+    import transformers  # noqa: F401  (its optional-package probes must not see the stand-in)
     ta = types.ModuleType("torchaudio")
     transforms = types.ModuleType("torchaudio.transforms")
-    # find_spec() on a module without __spec__ raises; transformers probes optional packages that way.
     ta.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None)
     transforms.__spec__ = importlib.machinery.ModuleSpec("torchaudio.transforms", None)
 
@@ -57,7 +65,28 @@ def _stub_torchaudio() -> None:
     ta.load = _no_load
     transforms.Resample = _no_load
     ta.transforms = transforms
-    sys.modules.update({"torchaudio": ta, "torchaudio.transforms": transforms})
+    stubs = {"torchaudio": ta, "torchaudio.transforms": transforms}
+    sys.modules.update(stubs)
+    try:
+        return importlib.import_module("msclap.CLAPWrapper")
+    finally:
+        for name, mod in stubs.items():
+            if sys.modules.get(name) is mod:
+                del sys.modules[name]
+
+
+@contextlib.contextmanager
+def clip_loader(wave: np.ndarray, sr: int):
+    """Make msclap's `torchaudio.load(path)` return `(wave as (channels, N) tensor, sr)`, as a file would."""
+    import torch
+
+    ta = _import_clap_wrapper_module().torchaudio
+    saved = ta.load
+    ta.load = lambda *_a, **_k: (torch.from_numpy(np.atleast_2d(wave)), sr)
+    try:
+        yield
+    finally:
+        ta.load = saved
 
 
 def train_gpt2_files(folder: Path, vocab_size: int = 1200) -> Path:
@@ -116,8 +145,7 @@ def import_msclap(tokenizer_dirs: dict[str, Path] | None = None):
     `tokenizer_dirs` maps a text model name to a folder made by `train_*_files`, for the wrapper's
     `AutoTokenizer.from_pretrained`.
     """
-    _stub_torchaudio()
-    import msclap.CLAPWrapper as wrapper_mod
+    wrapper_mod = _import_clap_wrapper_module()
     import msclap.models.clap as clap_mod
     from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 

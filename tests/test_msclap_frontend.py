@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import random
-import sys
 
 import mlx.core as mx
 import numpy as np
@@ -103,14 +102,11 @@ def wrapper():
 
 def reference_fit(wrapper, wave: np.ndarray, seed: int) -> np.ndarray:
     """`load_audio_into_tensor` on an in-memory (channels, N) clip, after `random.seed(seed)`."""
-    ta = sys.modules["torchaudio"]
-    saved = ta.load
-    ta.load = lambda _path: (torch.from_numpy(np.atleast_2d(wave)), SR)
+    from msclap_reference import clip_loader
+
     random.seed(seed)
-    try:
+    with clip_loader(wave, SR):
         return wrapper.load_audio_into_tensor("x.wav", wrapper.args.duration, resample=False).numpy()
-    finally:
-        ta.load = saved
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,6 @@ embeddings max abs 1e-5 and cosine >= 0.99999, log-mel 1e-3 dB).
 from __future__ import annotations
 
 import importlib.util
-import sys
 
 import mlx.core as mx
 import numpy as np
@@ -23,6 +22,7 @@ if importlib.util.find_spec("msclap") is None:  # importing it needs the torchau
     pytest.skip("msclap 1.3.4 is not installed: pip install --no-deps msclap==1.3.4", allow_module_level=True)
 
 from msclap_reference import (  # noqa: E402
+    clip_loader,
     cosine,
     make_signal,
     random_msclap,
@@ -43,14 +43,9 @@ TEXTS = ["a dog barks! then it runs", "this is the sound of rain"]
 
 
 def reference_clip(wrapper, wave: np.ndarray) -> np.ndarray:
-    """msclap's `load_audio_into_tensor` on an in-memory clip (torchaudio.load returns it as a file would)."""
-    ta = sys.modules["torchaudio"]
-    saved = ta.load
-    ta.load = lambda _path: (torch.from_numpy(np.atleast_2d(wave)), SR)
-    try:
+    """msclap's `load_audio_into_tensor` on an in-memory clip."""
+    with clip_loader(wave, SR):
         return wrapper.load_audio_into_tensor("clip.wav", wrapper.args.duration, resample=False).numpy()
-    finally:
-        ta.load = saved
 
 
 def _np(tree: dict) -> dict:
@@ -192,9 +187,13 @@ def test_pooling_position(case):
 
 def test_similarity_matches_compute_similarity(case):
     wrapper, model = case["wrapper"], case["model"]
-    ref = wrapper.compute_similarity(
-        torch.from_numpy(case["ref_audio"]["projected"]), torch.from_numpy(case["ref_text"]["projected"])
-    ).detach().numpy()
+    ref = (
+        wrapper.compute_similarity(
+            torch.from_numpy(case["ref_audio"]["projected"]), torch.from_numpy(case["ref_text"]["projected"])
+        )
+        .detach()
+        .numpy()
+    )
     per_audio, per_text = model.logits(
         mx.array(case["our_audio"]["projected"]), mx.array(case["our_text"]["projected"])
     )
