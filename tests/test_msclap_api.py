@@ -240,3 +240,17 @@ def test_corrupt_folders(folder, tmp_path):
     (bad / "model.safetensors").unlink()
     with pytest.raises(WeightsError, match="model.safetensors"):
         load_msclap_folder(bad)
+
+
+def test_runtime_does_not_import_torch(folder):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, mlx_clap\n"
+        f"m = mlx_clap.load({str(folder)!r})\n"
+        "m.embed_audio(np.zeros(1000, np.float32)); m.embed_text(['a dog'])\n"
+        "bad = [k for k in sys.modules if k.split('.')[0] in ('torch', 'transformers', 'msclap')]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

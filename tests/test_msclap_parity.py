@@ -11,6 +11,7 @@ embeddings max abs 1e-5 and cosine >= 0.99999, log-mel 1e-3 dB).
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import mlx.core as mx
 import numpy as np
@@ -85,7 +86,10 @@ def case(request, tmp_path_factory):
     )
     tcap["projected"] = tproj
     our_text = _np(tcap)
+    manifest = json.loads((tmp / "model" / "manifest.json").read_text())
     yield dict(
+        manifest=manifest,
+        state_keys=list(wrapper.clap.state_dict()),
         version=version,
         wrapper=wrapper,
         model=model,
@@ -105,6 +109,16 @@ def test_model_is_the_released_architecture(case):
     assert model.config.version == case["version"]
     assert model.embedding_dim == 1024
     assert n_ref > 150_000_000  # full size, not a toy configuration
+
+
+def test_manifest_accounts_for_every_tensor(case):
+    manifest, keys = case["manifest"], case["state_keys"]
+    assert manifest["version"] == case["version"] and manifest["unexpected_ignored"] == []
+    assert set(manifest["dropped"]) <= set(keys)
+    reasons = " ".join(manifest["dropped"].values())
+    assert "STFT kernels" in reasons and "step counter" in reasons
+    assert ("AudioSet heads" if case["version"] == "2023" else "BERT pooler") in reasons
+    # Every other tensor was mapped: the converter refuses missing/unexpected keys and the load is strict.
 
 
 def test_waveform_preparation_is_bit_exact(case):
