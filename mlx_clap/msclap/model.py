@@ -88,6 +88,8 @@ class Cnn14Wrapper(Cnn14):
 
 
 class AudioEncoder(nn.Module):
+    """msclap `AudioEncoder`: waveform -> log-mel -> Cnn14/HTSAT -> Projection (un-normalized, 1024-d)."""
+
     def __init__(self, config: MsClapConfig):
         super().__init__()
         self.config = config
@@ -95,6 +97,7 @@ class AudioEncoder(nn.Module):
         self.projection = Projection(config.out_emb, config.d_proj)
 
     def log_mel(self, waveforms: mx.array) -> mx.array:
+        """(B, N) waveforms -> (B, T, 64) log-mel with the model's filterbank (float32)."""
         return log_mel(
             waveforms,
             self.base.logmel_extractor.melW,
@@ -113,6 +116,8 @@ class AudioEncoder(nn.Module):
 
 
 class TextEncoder(nn.Module):
+    """msclap `TextEncoder`: GPT-2 (last non-`!` token) or BERT (raw [CLS]) -> Projection (un-normalized)."""
+
     def __init__(self, config: MsClapConfig):
         super().__init__()
         self.config = config
