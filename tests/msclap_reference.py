@@ -54,6 +54,7 @@ def _import_clap_wrapper_module():
     if importlib.util.find_spec("torchaudio") is not None:
         return importlib.import_module("msclap.CLAPWrapper")
     import transformers  # noqa: F401  (its optional-package probes must not see the stand-in)
+
     ta = types.ModuleType("torchaudio")
     transforms = types.ModuleType("torchaudio.transforms")
     ta.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None)
