@@ -234,6 +234,10 @@ def test_corrupt_folders(folder, tmp_path):
     with pytest.raises(WeightsError, match="shape"):
         load_msclap_folder(bad)
     (bad / "config.json").write_text(json.dumps(cfg))
+    (bad / "tokenizer.json").write_text("{not json")
+    with pytest.raises(WeightsError, match="tokenizer.json"):
+        load_msclap_folder(bad)
+    (bad / "tokenizer.json").unlink()
     (bad / "model.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(WeightsError, match="safetensors"):
         load_msclap_folder(bad)

@@ -450,6 +450,10 @@ def load_msclap_folder(folder: Path, dtype: Any = None) -> MsClapModel:
         model._tokenizer = MsClapTokenizer.from_folder(folder, config.text_model, config.text_len, max_pos)
     except FileNotFoundError:
         model._tokenizer = None
+    except Exception as exc:  # tokenizers raises its own types for a corrupt or foreign file
+        raise WeightsError(
+            f"{folder / 'tokenizer.json'}: cannot use it as the {config.text_model} tokenizer ({exc})"
+        ) from exc
     return model
 
 
