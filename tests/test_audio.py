@@ -58,9 +58,9 @@ _CORPUS_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not CORPUS.is_dir(), reason="shared corpus not present")
 def test_corpus_decodes_or_fails_clearly():
     """Every corpus file decodes or raises AudioDecodeError naming the file; nothing crashes or hangs."""
+    assert CORPUS.is_dir() and any(CORPUS.iterdir()), f"decoder corpus missing: {CORPUS}"
     try:
         proc = subprocess.run(
             [sys.executable, "-c", _CORPUS_SCRIPT, str(CORPUS)],
@@ -180,7 +180,7 @@ def test_96k_8_channels_mean_downmix(tmp_path):
 
 def test_matches_librosa_load(tmp_path):
     """LAION loads files with librosa.load(sr=48000): same decode, mean downmix, soxr_hq and length."""
-    librosa = pytest.importorskip("librosa")
+    import librosa
     for sr, n in ((44100, 44100 * 2 + 17), (16000, 16001), (22050, 22050)):
         f = _write_wav(tmp_path / f"s{sr}.flac", _noise(n, channels=2, seed=sr), sr)
         a = load_audio(f)

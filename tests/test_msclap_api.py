@@ -12,6 +12,7 @@ import random
 import mlx.core as mx
 import numpy as np
 import pytest
+import transformers  # noqa: E402,F401  (the converter's tokenizer.json writer)
 from fixtures import TINY_AUDIO
 from msclap_reference import train_bert_files, train_gpt2_files
 
@@ -20,8 +21,6 @@ from mlx_clap.config import ClapAudioConfig
 from mlx_clap.msclap.config import BertTextConfig, Cnn14Config, GPT2TextConfig, MsClapConfig
 from mlx_clap.msclap.model import MsClapModel, save_msclap_folder
 from mlx_clap.weights import WeightsError
-
-pytest.importorskip("transformers")  # the converter's tokenizer.json writer
 
 SR = 44100
 
@@ -135,7 +134,7 @@ def test_stereo_and_batching(model):
 
 
 def test_audio_file_input(model, tmp_path):
-    sf = pytest.importorskip("soundfile")
+    import soundfile as sf
     wave = signal(1.0, seed=4)
     path = tmp_path / "clip.wav"
     sf.write(path, wave, SR, subtype="FLOAT")

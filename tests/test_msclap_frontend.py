@@ -6,17 +6,15 @@ from __future__ import annotations
 import importlib.util
 import random
 
+import librosa  # noqa: E402
 import mlx.core as mx
 import numpy as np
 import pytest
+import torch  # noqa: E402
 from msclap_reference import make_signal
 
 from mlx_clap.msclap.config import MsClapConfig
 from mlx_clap.msclap.frontend import fit_clip, log_mel, prepare_batch, slaney_mel_filterbank, to_mono
-
-torch = pytest.importorskip("torch")
-torchlibrosa = pytest.importorskip("torchlibrosa")
-librosa = pytest.importorskip("librosa")
 
 SR = 44100
 
@@ -89,7 +87,7 @@ def test_filterbank_rejects_fmax_above_nyquist():
 @pytest.fixture(scope="module")
 def wrapper():
     if importlib.util.find_spec("msclap") is None:
-        pytest.skip("msclap 1.3.4 is not installed: pip install --no-deps msclap==1.3.4")
+        pytest.fail("msclap 1.3.4 is not installed: pip install --no-deps msclap==1.3.4")
     from msclap_reference import import_msclap
 
     _, CLAPWrapper = import_msclap()

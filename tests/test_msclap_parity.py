@@ -16,11 +16,11 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+import torch  # noqa: E402  (reference libraries are test requirements: missing means failing)
+import transformers  # noqa: E402,F401
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
 if importlib.util.find_spec("msclap") is None:  # importing it needs the torchaudio stand-in first
-    pytest.skip("msclap 1.3.4 is not installed: pip install --no-deps msclap==1.3.4", allow_module_level=True)
+    raise ImportError("msclap 1.3.4 is not installed: pip install --no-deps msclap==1.3.4")
 
 from msclap_reference import (  # noqa: E402
     clip_loader,

@@ -11,14 +11,14 @@ import importlib.util
 import mlx.core as mx
 import numpy as np
 import pytest
+import transformers  # noqa: E402,F401
 from msclap_reference import MSCLAP_TEXTS, hf_tokenizer, train_bert_files, train_gpt2_files
 
 from mlx_clap.msclap.gpt2 import last_token_index
 from mlx_clap.msclap.tokenizer import MsClapTokenizer
 
-pytest.importorskip("transformers")
 if importlib.util.find_spec("msclap") is None:
-    pytest.skip("msclap 1.3.4 is not installed: pip install --no-deps msclap==1.3.4", allow_module_level=True)
+    raise ImportError("msclap 1.3.4 is not installed: pip install --no-deps msclap==1.3.4")
 
 MODELS = {"gpt2": 77, "bert-base-uncased": 100}
 

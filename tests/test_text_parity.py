@@ -11,15 +11,14 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+import torch  # noqa: E402
+import transformers  # noqa: E402,F401
 from fixtures import TINY_AUDIO, TINY_TEXT
 from mlx.utils import tree_flatten
 
 from mlx_clap.config import ClapTextConfig
 from mlx_clap.model import ClapProjectionLayer, l2_normalize
 from mlx_clap.text import ClapTextModel, roberta_position_ids
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
 
 # Dropped on load: HF buffers that we recompute (REFERENCE.md §6.2).
 HF_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
