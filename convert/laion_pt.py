@@ -145,7 +145,7 @@ def read_laion_state(path: Path) -> dict[str, np.ndarray]:
     if isinstance(ckpt, dict) and "state_dict" not in ckpt and isinstance(ckpt.get("model"), dict):
         raise WeightsError(
             f"{path}: this looks like a Microsoft msclap checkpoint ({{'model': ...}}), not LAION-CLAP; "
-            "convert it with `python -m convert.msclap`"
+            "convert it with `mlx-clap convert --family msclap` (or `python -m convert.msclap`)"
         )
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):

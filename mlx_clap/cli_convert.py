@@ -20,10 +20,23 @@ from .weights import HUB_ID, MANIFEST_NAME, PT_SUFFIXES, WeightsError, download_
     default=None,
     help="Folder with tokenizer files to copy in (LAION .pt files have none: use roberta-base's).",
 )
+@click.option(
+    "--family",
+    type=click.Choice(["auto", "laion", "msclap"]),
+    default="auto",
+    show_default=True,
+    help="Checkpoint family of a .pt/.pth file; auto takes msclap for CLAP_weights_*.pth files.",
+)
 @click.option("--force", is_flag=True, help="Replace DEST if it already holds files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest of the converted folder as JSON.")
 def convert(
-    source: str, dest: Path, revision: str | None, tokenizer: Path | None, force: bool, as_json: bool
+    source: str,
+    dest: Path,
+    revision: str | None,
+    tokenizer: Path | None,
+    family: str,
+    force: bool,
+    as_json: bool,
 ) -> None:
     """Convert SOURCE into an mlx-clap folder DEST (config.json, model.safetensors, tokenizer, manifest).
 
@@ -36,6 +49,7 @@ def convert(
       mlx-clap convert laion/clap-htsat-fused weights/clap-htsat-fused
       mlx-clap convert ~/models/clap-htsat-unfused weights/clap-htsat-unfused
       mlx-clap convert 630k-audioset-best.pt weights/630k-audioset-best --tokenizer ~/roberta-base
+      mlx-clap convert CLAP_weights_2023.pth weights/msclap-2023 --tokenizer ~/gpt2
     """
     if dest.exists() and any(dest.iterdir()) and not force:
         raise click.ClickException(f"{dest}: folder exists and is not empty (use --force to replace it)")
@@ -50,9 +64,16 @@ def convert(
         elif path.is_file():
             if path.suffix not in PT_SUFFIXES:
                 raise WeightsError(f"{path}: not a LAION checkpoint (.pt) or a model folder")
-            from convert.laion_pt import convert_laion_pt
+            if family == "auto":
+                family = "msclap" if _looks_like_msclap(path) else "laion"
+            if family == "msclap":
+                from convert.msclap import convert_msclap
 
-            out = convert_laion_pt(path, dest, source_name=str(path), tokenizer_dir=tokenizer)
+                out = convert_msclap(path, dest, tokenizer=tokenizer, source_name=str(path))
+            else:
+                from convert.laion_pt import convert_laion_pt
+
+                out = convert_laion_pt(path, dest, source_name=str(path), tokenizer_dir=tokenizer)
         elif HUB_ID.match(source):
             from convert.hf import convert_hf_folder
 
@@ -71,3 +92,8 @@ def convert(
     tok = ", ".join(manifest.get("tokenizer_files", [])) or "none (text embedding needs tokenizer files)"
     click.echo(f"converted {source} -> {out}")
     click.echo(f"  tokenizer: {tok}")
+
+
+def _looks_like_msclap(path: Path) -> bool:
+    """Microsoft's released files are CLAP_weights_<year>.pth; LAION's are *.pt."""
+    return path.name.lower().startswith("clap_weights") or path.suffix == ".pth"

@@ -213,3 +213,21 @@ def test_tokenizer_checks(tmp_path):
         write_tokenizer_json(gpt, "gpt2", tmp_path / "b.json", vocab_size=100)
     with pytest.raises(WeightsError, match="no bert-base-uncased tokenizer files"):
         write_tokenizer_json(gpt, "bert-base-uncased", tmp_path / "c.json")
+
+
+def test_cli_convert_routes_pth_files_to_the_msclap_converter(tmp_path):
+    """`mlx-clap convert` sends CLAP_weights_*.pth to convert.msclap; --family laion overrides."""
+    import torch
+    from click.testing import CliRunner
+
+    from mlx_clap.cli import main
+
+    path = tmp_path / "CLAP_weights_2023.pth"
+    torch.save({"model": {"logit_scale": torch.tensor(1.0)}}, path)
+    runner = CliRunner()
+    r = runner.invoke(main, ["convert", str(path), str(tmp_path / "out")])
+    assert r.exit_code != 0
+    assert "msclap" in r.output.lower() and str(path) in r.output  # the msclap converter's own error
+    r = runner.invoke(main, ["convert", str(path), str(tmp_path / "out2"), "--family", "laion"])
+    assert r.exit_code != 0
+    assert "--family msclap" in r.output  # the LAION reader recognises the layout and says what to do
