@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import cpu_kernels
 from .config import ClapAudioConfig
 
 # Value added to attention scores between tokens of different shift regions (Swin uses -100, not -inf).
@@ -293,9 +294,8 @@ class ClapAudioLayer(nn.Module):
             return t.reshape(batch, n_windows * heads, n, head_dim)
 
         q, k, v = heads_first(attn.query(x)), heads_first(attn.key(x)), heads_first(attn.value(x))
-        out = mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=head_dim**-0.5, mask=self._additive_mask(q.dtype)
-        )
+        # SDPA; on the CPU a compiled polynomial softmax (cpu_kernels), MLX's own kernel elsewhere.
+        out = cpu_kernels.attention(q, k, v, head_dim**-0.5, self._additive_mask(q.dtype))
         out = out.reshape(batch, n_windows, heads, n, head_dim).transpose(0, 1, 3, 2, 4)
         out = self.attention.output.dense(out.reshape(batch, n_windows, n, dim))
         # Window reverse and undo the cyclic shift.
@@ -307,7 +307,7 @@ class ClapAudioLayer(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         x = x + self._attention(_layer_norm(self.layernorm_before, x))
-        h = nn.gelu(self.intermediate.dense(_layer_norm(self.layernorm_after, x)))
+        h = cpu_kernels.gelu(self.intermediate.dense(_layer_norm(self.layernorm_after, x)))
         return x + self.output.dense(h)
 
 

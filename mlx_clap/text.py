@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cpu_kernels
 from .config import ClapTextConfig
 
 # Added to the scores of padded keys. Finite, so a row never turns into NaN; exp() of it is exactly 0
@@ -26,7 +27,7 @@ from .config import ClapTextConfig
 MASK_VALUE = -1e9
 
 _ACTIVATIONS = {
-    "gelu": nn.gelu,  # exact (erf) GELU, as torch's ACT2FN["gelu"]
+    "gelu": cpu_kernels.gelu,  # exact (erf) GELU, as torch's ACT2FN["gelu"]; nn.gelu off the CPU
     "relu": nn.relu,
     "gelu_new": nn.gelu_approx,
     "gelu_pytorch_tanh": nn.gelu_approx,
@@ -111,7 +112,7 @@ class ClapTextSelfAttention(nn.Module):
         scores = (q @ k.transpose(0, 1, 3, 2)).astype(mx.float32) * self.scale
         if additive_mask is not None:
             scores = scores + additive_mask
-        probs = mx.softmax(scores, axis=-1).astype(v.dtype)
+        probs = cpu_kernels.softmax(scores, axis=-1).astype(v.dtype)
         return (probs @ v).transpose(0, 2, 1, 3).reshape(B, L, -1)
 
 
