@@ -245,6 +245,7 @@ def environment(torch_device: str = "cpu") -> dict[str, Any]:
     import torch
     import transformers
 
+    from mlx_clap import cpu_kernels
     from mlx_clap.blas import blas_info
 
     info: dict[str, Any] = {
@@ -261,6 +262,7 @@ def environment(torch_device: str = "cpu") -> dict[str, Any]:
         "transformers": transformers.__version__,
         "mlx_clap_blas": blas_info(),
         "mlx_enable_tf32": os.environ.get("MLX_ENABLE_TF32"),
+        "mlx_clap_cpu_kernels": cpu_kernels.ENABLED,
         "note": os.environ.get("MLX_CLAP_BENCH_NOTE"),
     }
     try:
@@ -304,31 +306,3 @@ def md_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def patch_cpu_kernels() -> bool:
-    """Route the MLX towers' GELU, softmax and SDPA to `mlx_clap.cpu_kernels` for this process.
-
-    A preview of adopting those kernels in htsat.py/text.py: call before loading a model (text.py binds
-    its activation at construction). Only on the CPU device; returns whether it patched.
-    """
-    if mx.default_device() != mx.cpu:
-        return False
-    import mlx.nn as nn
-
-    from mlx_clap import cpu_kernels as ck
-
-    nn.gelu = ck.gelu
-    mx.fast.scaled_dot_product_attention = lambda q, k, v, *, scale, mask=None, **_: ck.attention(
-        q, k, v, scale, mask
-    )
-    mx.softmax = lambda x, axis=-1, precise=False, **_: ck.softmax(x, axis=axis)
-    try:
-        from mlx_clap import text as text_module
-
-        acts = getattr(text_module, "_ACTIVATIONS", None)
-        if isinstance(acts, dict) and "gelu" in acts:
-            acts["gelu"] = ck.gelu
-    except ImportError:
-        pass
-    return True

@@ -235,17 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-length", type=int, default=40)
     p.add_argument("--torch-device", default="cpu", help="where the float32 reference runs (cpu is exact)")
     p.add_argument("--mlx-device", choices=["default", "cpu", "gpu"], default="default")
-    p.add_argument(
-        "--cpu-kernels",
-        action="store_true",
-        help="preview mlx_clap.cpu_kernels (polynomial GELU/softmax/attention) in the MLX towers on the CPU",
-    )
     p.add_argument("--tag", default="", help="results file suffix, e.g. cuda-tf32")
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
     if args.mlx_device != "default":
         mx.set_default_device(getattr(mx, args.mlx_device))
-    args.cpu_kernels = args.cpu_kernels and common.patch_cpu_kernels()
     if args.torch_device.startswith("cuda"):
         import torch
 
@@ -295,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         f"`python benchmarks/parity.py {cmd}` — {env['date_utc']}, "
         f"mlx {env['mlx']}, torch {env['torch']}, transformers {env['transformers']}, "
         f"BLAS: {env['mlx_clap_blas'].get('config') or env['mlx_clap_blas'].get('status')}, "
+        f"MLX_CLAP_CPU_KERNELS {'on' if env['mlx_clap_cpu_kernels'] else 'off'}, "
         f"MLX_ENABLE_TF32={env['mlx_enable_tf32']}.\n\n"
         "Model stages get the reference mel; `mel (frontend)` and `end to end unit` compare the "
         "extractors.\n\n" + common.md_table(headers, table) + f"\n{len(over)} row(s) over their limit.\n"

@@ -350,11 +350,6 @@ def main(argv: list[str] | None = None) -> int:
         help="PyTorch CUDA TF32 for matmuls and convolutions (MLX's is the MLX_ENABLE_TF32 variable)",
     )
     p.add_argument("--mlx-device", choices=["default", "cpu", "gpu"], default="default")
-    p.add_argument(
-        "--cpu-kernels",
-        action="store_true",
-        help="preview mlx_clap.cpu_kernels (polynomial GELU/softmax/attention) in the MLX towers on the CPU",
-    )
     p.add_argument("--tag", default="")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -364,7 +359,6 @@ def main(argv: list[str] | None = None) -> int:
     args.max_seconds = args.max_seconds or (8.0 if args.quick else 40.0)
     if args.mlx_device != "default":
         mx.set_default_device(getattr(mx, args.mlx_device))
-    args.cpu_kernels = args.cpu_kernels and common.patch_cpu_kernels()
     import torch
 
     if args.torch_threads:
@@ -432,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.family}\n\n"
         f"`python benchmarks/speed.py {cmd}` — {env['date_utc']}, {env.get('gpu') or env.get('cpu', '')}, "
         f"{env['cpu_count']} CPUs, mlx {env['mlx']}, torch {env['torch']} ({env['torch_threads']} threads), "
-        f"BLAS: {env['mlx_clap_blas'].get('config') or env['mlx_clap_blas'].get('status')}"
+        f"BLAS: {env['mlx_clap_blas'].get('config') or env['mlx_clap_blas'].get('status')}, "
+        f"MLX_CLAP_CPU_KERNELS {'on' if env['mlx_clap_cpu_kernels'] else 'off'}"
         + (
             f", MLX_ENABLE_TF32={env['mlx_enable_tf32']}, torch TF32 {env['torch_tf32']['matmul']}"
             if args.torch_device.startswith("cuda")

@@ -13,10 +13,14 @@ C++ loop, so the same functions written as polynomials run 5-12x faster:
   additive mask built on it.
 
 Every function falls back to the MLX primitive when the default device is not the CPU (Metal and CUDA
-have fast transcendental kernels and a fused SDPA) and computes in float32 for half-precision inputs.
+have fast transcendental kernels and a fused SDPA) or when `MLX_CLAP_CPU_KERNELS=off`, and computes in
+float32 for half-precision inputs. htsat.py and text.py call these instead of `nn.gelu`, `mx.softmax`
+and `mx.fast.scaled_dot_product_attention`.
 """
 
 from __future__ import annotations
+
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -53,8 +57,12 @@ _mx_gelu = nn.gelu
 _mx_sdpa = mx.fast.scaled_dot_product_attention
 
 
+ENABLED = os.environ.get("MLX_CLAP_CPU_KERNELS", "on").strip().lower() not in ("off", "0", "no", "false")
+
+
 def on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
+    """Whether the polynomial kernels are used: default device is the CPU and not opted out."""
+    return ENABLED and mx.default_device() == mx.cpu
 
 
 def _erf_poly(x: mx.array) -> mx.array:

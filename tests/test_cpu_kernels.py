@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -64,3 +67,11 @@ def test_softmax_rows_sum_to_one_and_handle_large_negatives():
     x64 = np.array(x).astype(np.float64)
     e = np.exp(x64 - x64.max(-1, keepdims=True))
     np.testing.assert_allclose(got, e / e.sum(-1, keepdims=True), rtol=1e-6, atol=1e-12)
+
+
+def test_opt_out_uses_the_mlx_primitives():
+    code = "from mlx_clap import cpu_kernels as ck; print(ck.on_cpu())"
+    env = dict(os.environ, MLX_CLAP_CPU_KERNELS="off")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+    assert ck.on_cpu() == ck.ENABLED
