@@ -112,7 +112,7 @@ class ClapTextSelfAttention(nn.Module):
         scores = (q @ k.transpose(0, 1, 3, 2)).astype(mx.float32) * self.scale
         if additive_mask is not None:
             scores = scores + additive_mask
-        probs = cpu_kernels.softmax(scores, axis=-1).astype(v.dtype)
+        probs = mx.softmax(scores, axis=-1).astype(v.dtype)
         return (probs @ v).transpose(0, 2, 1, 3).reshape(B, L, -1)
 
 
