@@ -363,7 +363,7 @@ class AnnIndex:
         store: StoreLike,
         index: Any,
         *,
-        expansion_search: int = 128,
+        expansion_search: int = 256,
         oversample: int = 2,
     ):
         self.store = store
@@ -396,7 +396,7 @@ class AnnIndex:
         save: bool = True,
         connectivity: int = 16,
         expansion_add: int = 128,
-        expansion_search: int = 128,
+        expansion_search: int = 256,
         dtype: str = "f16",
         threads: int = 0,
         progress: Callable[[str], None] | None = None,
