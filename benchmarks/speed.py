@@ -85,6 +85,17 @@ class Bench:
         self.rows.append(row)
         print(f"  {part:6s} {dtype:8s} B={batch:<4d} {impl:13s} {1e3 * res['median_s']:9.1f} ms", flush=True)
 
+    def compiled(self, part: str, dtype: str, batch: int, fn, flops: float | None) -> None:
+        """Time an `mx.compile`d call; a function that cannot be traced is noted, not fatal."""
+        try:
+            res = self.m_time(fn)
+        except (ValueError, RuntimeError) as exc:
+            note = f"{part}: mx.compile not applicable ({str(exc).splitlines()[0][:100]})"
+            if note not in self.skipped:
+                self.skipped.append(note)
+            return
+        self.record(part, dtype, batch, "mlx-compiled", res, flops)
+
     def too_slow(self, part: str, dtype: str, batch: int) -> bool:
         """Predict from the largest smaller batch already timed for this part and dtype."""
         done = [r for r in self.rows if r["part"] == part and r["dtype"] == dtype and r["batch"] < batch]
@@ -93,7 +104,7 @@ class Bench:
         worst = max(r["per_item_ms"] for r in done if r["batch"] == max(d["batch"] for d in done))
         predicted = worst * batch / 1e3 * (self.args.warmup + 1)
         if predicted > self.args.max_seconds:
-            self.skipped.append(f"{part} {dtype} B={batch} (predicted {predicted:.0f} s per side)")
+            self.skipped.append(f"{part} {dtype} B={batch} (predicted {predicted:.0f} s a side: over budget)")
             return True
         return False
 
@@ -123,7 +134,7 @@ class Bench:
         self.record("audio", dtype, batch, "mlx", self.m_time(lambda: model.get_audio_features(xm)), flops)
         if self.args.compile:
             fn = mx.compile(lambda x: model.get_audio_features(x))
-            self.record("audio", dtype, batch, "mlx-compiled", self.m_time(lambda: fn(xm)), flops)
+            self.compiled("audio", dtype, batch, lambda: fn(xm), flops)
 
     def text(self, dtype: str, batch: int) -> None:
         torch = self.torch
@@ -140,7 +151,7 @@ class Bench:
         self.record("text", dtype, batch, "mlx", self.m_time(lambda: model.get_text_features(im, mm)), flops)
         if self.args.compile:
             fn = mx.compile(lambda i, m: model.get_text_features(i, m))
-            self.record("text", dtype, batch, "mlx-compiled", self.m_time(lambda: fn(im, mm)), flops)
+            self.compiled("text", dtype, batch, lambda: fn(im, mm), flops)
 
     def mel(self, dtype: str, batch: int) -> None:
         if dtype != "float32":
@@ -449,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             if stage_rows
             else ""
         )
-        + ("\nSkipped (over the time budget): " + "; ".join(bench.skipped) + "\n" if bench.skipped else "")
+        + ("\nSkipped: " + "; ".join(bench.skipped) + "\n" if bench.skipped else "")
     )
     name = "speed" + (f"-{args.tag}" if args.tag else "")
     jpath, mpath = common.save(name, data, md, args.out)
