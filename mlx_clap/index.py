@@ -440,7 +440,10 @@ class AnnIndex:
                 index, start_row = None, 0  # graph and metadata disagree: rebuild
         if index is None:
             if progress:
-                progress(f"ANN index: building over {now['rows']} vectors -> {graph_path}")
+                progress(
+                    f"ANN index: building over {now['rows']} vectors -> {graph_path} "
+                    "(once; about 15 min per million 512-d vectors on 2 CPU cores)"
+                )
             index = Index(
                 ndim=store.dim,
                 metric="ip",
