@@ -355,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-device", default="cpu")
     p.add_argument("--torch-threads", type=int, default=None)
     p.add_argument(
+        "--threads", type=int, default=None, help="threads for both sides: torch and MLX's OpenBLAS (CPU)"
+    )
+    p.add_argument(
         "--tf32",
         choices=["default", "on", "off"],
         default="default",
@@ -372,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
         mx.set_default_device(getattr(mx, args.mlx_device))
     import torch
 
+    if args.threads:
+        from mlx_clap.blas import set_num_threads
+
+        args.torch_threads = args.torch_threads or args.threads
+        set_num_threads(args.threads)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     if args.tf32 != "default":
@@ -436,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# Speed: mlx-clap ({env['mlx_device']}) vs transformers (torch {env['torch_device']}), "
         f"{args.family}\n\n"
         f"`python benchmarks/speed.py {cmd}` — {env['date_utc']}, {env.get('gpu') or env.get('cpu', '')}, "
-        f"{env['cpu_count']} CPUs, mlx {env['mlx']}, torch {env['torch']} ({env['torch_threads']} threads), "
+        f"{env['cpu_count']} CPUs, mlx {env['mlx']} (BLAS threads {env['mlx_blas_threads']}), "
+        f"torch {env['torch']} ({env['torch_threads']} threads), "
         f"BLAS: {env['mlx_clap_blas'].get('config') or env['mlx_clap_blas'].get('status')}, "
         f"MLX_CLAP_CPU_KERNELS {'on' if env['mlx_clap_cpu_kernels'] else 'off'}"
         + (

@@ -203,6 +203,33 @@ def _rebind(libmlx: Path, slots: dict[str, int], path: Path, source: str) -> Bla
     )
 
 
+def set_num_threads(n: int) -> bool:
+    """Set the selected OpenBLAS's thread count at run time; False when no OpenBLAS is active."""
+    info = setup_blas()
+    if info.status != "active" or not _keepalive:
+        return False
+    prefix = "scipy_" if any(s.startswith("scipy_") for s in info.symbols) else ""
+    fn = getattr(_keepalive[-1], f"{prefix}openblas_set_num_threads", None)
+    if fn is None:
+        return False
+    fn.argtypes = [ctypes.c_int]
+    fn(max(1, int(n)))
+    return True
+
+
+def get_num_threads() -> int | None:
+    """The selected OpenBLAS's current thread count, or None when no OpenBLAS is active."""
+    info = setup_blas()
+    if info.status != "active" or not _keepalive:
+        return None
+    prefix = "scipy_" if any(s.startswith("scipy_") for s in info.symbols) else ""
+    fn = getattr(_keepalive[-1], f"{prefix}openblas_get_num_threads", None)
+    if fn is None:
+        return None
+    fn.restype = ctypes.c_int
+    return int(fn())
+
+
 def _set_threads(lib: ctypes.CDLL, prefix: str) -> None:
     """Apply MLX_CLAP_BLAS_THREADS (OpenBLAS itself reads OPENBLAS_NUM_THREADS at load)."""
     value = os.environ.get(THREADS_VAR, "").strip()

@@ -89,3 +89,18 @@ def test_bad_path_fails_softly():
     assert bad["status"] == "failed"
     assert "no such file" in bad["reason"]
     assert bad["err"] < 1e-3
+
+
+@pytest.mark.skipif(not (LINUX and HAS_WHEEL), reason="needs Linux and the scipy-openblas32 wheel")
+def test_set_num_threads_round_trip():
+    from mlx_clap.blas import get_num_threads, set_num_threads
+
+    before = get_num_threads()
+    if before is None:
+        pytest.skip("no OpenBLAS active (MLX_CLAP_BLAS set)")
+    try:
+        assert set_num_threads(1)
+        assert get_num_threads() == 1
+    finally:
+        set_num_threads(before)
+    assert get_num_threads() == before
