@@ -331,8 +331,12 @@ def summarize(rows: list[dict[str, Any]], rates: dict[str, float]) -> list[list[
         rate = rates.get(f"mlx_{dtype}")
         # floor = FLOPs / rate and best = FLOPs / gfl, so best / floor = rate / gfl.
         x_floor = rate / gfl if (gfl and rate) else None
-        table.append([part, dtype, batch, ms(t), ms(m), ms(c), speedup, gfl, x_floor])
+        table.append([part, dtype, batch, ms(t), ms(m), ms(c), blank(speedup), blank(gfl), blank(x_floor)])
     return table
+
+
+def blank(x: float | None) -> Any:
+    return "" if x is None else x
 
 
 def ms(x: float | None) -> Any:
