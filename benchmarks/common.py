@@ -142,6 +142,16 @@ def compare(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     }
 
 
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM (what `timeout` sends) into KeyboardInterrupt, so a run can save what it measured."""
+    import signal
+
+    def _raise(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
 # -------------------------------------------------------------------------------------------- timing
 def mlx_sync(out: Any = None) -> None:
     if out is not None:

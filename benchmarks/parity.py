@@ -249,12 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch or (1 if args.quick else 2)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    for fam in args.families:
-        print(f"{fam} ...", flush=True)
-        if fam == "text":
-            rows += text_family(dtypes, max(batch, 2), args.text_length, args.torch_device)
-        else:
-            rows += audio_family(fam, dtypes, batch, args.torch_device)
+    common.stop_on_sigterm()
+    try:
+        for fam in args.families:
+            print(f"{fam} ...", flush=True)
+            if fam == "text":
+                rows += text_family(dtypes, max(batch, 2), args.text_length, args.torch_device)
+            else:
+                rows += audio_family(fam, dtypes, batch, args.torch_device)
+    except KeyboardInterrupt:  # a timeout or Ctrl-C: keep the families done
+        print("interrupted: writing the families done so far", flush=True)
     env = common.environment(args.torch_device)
     env["mlx_device"] = str(mx.default_device())
     data = {

@@ -327,7 +327,7 @@ def summarize(rows: list[dict[str, Any]], rates: dict[str, float]) -> list[list[
         c = cell.get("mlx-compiled", {}).get("median_s")
         best = min(x for x in (m, c) if x is not None) if (m or c) else None
         speedup = t / best if (t and best) else None
-        gfl = max((cell[k].get("gflops") or 0) for k in cell if k.startswith("mlx")) or None
+        gfl = max(((cell[k].get("gflops") or 0) for k in cell if k.startswith("mlx")), default=0) or None
         rate = rates.get(f"mlx_{dtype}")
         # floor = FLOPs / rate and best = FLOPs / gfl, so best / floor = rate / gfl.
         x_floor = rate / gfl if (gfl and rate) else None
@@ -400,15 +400,19 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     bench = Bench(args)
-    for dtype in args.dtypes:
-        for part in args.parts:
-            if part == "stages":
-                bench.stages(dtype, args.stage_batch)
-                continue
-            for batch in args.batches:
-                if bench.too_slow(part, dtype, batch):
+    common.stop_on_sigterm()
+    try:
+        for dtype in args.dtypes:
+            for part in args.parts:
+                if part == "stages":
+                    bench.stages(dtype, args.stage_batch)
                     continue
-                getattr(bench, part)(dtype, batch)
+                for batch in args.batches:
+                    if bench.too_slow(part, dtype, batch):
+                        continue
+                    getattr(bench, part)(dtype, batch)
+    except KeyboardInterrupt:  # a timeout or Ctrl-C: keep what was measured
+        bench.skipped.append("interrupted: the rest was not measured")
     env = common.environment(args.torch_device)
     env["mlx_device"] = str(mx.default_device())
     env["torch_tf32"] = {
