@@ -104,10 +104,32 @@ def unit_queries(queries: np.ndarray, dim: int) -> np.ndarray:
 
 
 def iter_blocks(store: StoreLike, block_rows: int = DEFAULT_BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
-    """(first_row, rows) blocks of at most `block_rows` over the store's memory-mapped shards."""
+    """(first_row, rows) blocks of `block_rows` rows (the last may be shorter) over the store's shards.
+
+    Blocks inside one shard are views of its memory map; blocks that span shards are copies. Shards
+    are often smaller than a good block (4096 rows by default), and each product has a fixed cost.
+    """
+    pieces: list[np.ndarray] = []
+    have = 0
+    start = 0
     for first, shard in store.iter_shards():
-        for start in range(0, shard.shape[0], block_rows):
-            yield first + start, shard[start : start + block_rows]
+        pos = 0
+        while pos < shard.shape[0]:
+            if not pieces and shard.shape[0] - pos >= block_rows:
+                yield first + pos, shard[pos : pos + block_rows]
+                pos += block_rows
+                continue
+            if not pieces:
+                start = first + pos
+            take = min(block_rows - have, shard.shape[0] - pos)
+            pieces.append(shard[pos : pos + take])
+            have += take
+            pos += take
+            if have == block_rows:
+                yield start, np.concatenate(pieces)
+                pieces, have = [], 0
+    if pieces:
+        yield start, np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
 
 def path_mask(
