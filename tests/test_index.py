@@ -156,3 +156,29 @@ def test_near_duplicates_groups_and_ranking(tmp_path):
     assert groups == near_duplicates(store, threshold=0.97, tile=4096)
     with pytest.raises(SearchError, match="threshold"):
         near_duplicates(store, threshold=1.5)
+
+
+class _Shards:
+    """A stand-in store whose shards hold their own row numbers."""
+
+    def __init__(self, sizes: list[int]):
+        self.sizes = sizes
+
+    def iter_shards(self):
+        first = 0
+        for n in self.sizes:
+            yield first, np.arange(first, first + n)[:, None]
+            first += n
+
+
+@pytest.mark.parametrize(
+    "sizes,block", [([5, 5, 5], 4), ([3, 3, 3, 2], 5), ([10], 3), ([2, 2], 10), ([4, 4], 4)]
+)
+def test_iter_blocks_spans_shards(sizes, block):
+    from mlx_clap.index import iter_blocks
+
+    out = list(iter_blocks(_Shards(sizes), block))
+    rows = np.concatenate([b for _, b in out])[:, 0]
+    np.testing.assert_array_equal(rows, np.arange(sum(sizes)))
+    assert all(b[0, 0] == first for first, b in out)
+    assert all(len(b) == block for _, b in out[:-1])
