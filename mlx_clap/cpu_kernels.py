@@ -14,8 +14,8 @@ C++ loop, so the same functions written as polynomials run 5-12x faster:
 
 Every function falls back to the MLX primitive when the default device is not the CPU (Metal and CUDA
 have fast transcendental kernels and a fused SDPA) or when `MLX_CLAP_CPU_KERNELS=off`, and computes in
-float32 for half-precision inputs. htsat.py and text.py call these instead of `nn.gelu`, `mx.softmax`
-and `mx.fast.scaled_dot_product_attention`.
+float32 for half-precision inputs. htsat.py calls `gelu` and `attention` (for `nn.gelu` and
+`mx.fast.scaled_dot_product_attention`), text.py calls `gelu`.
 """
 
 from __future__ import annotations
