@@ -456,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {env['torch']} ({env['torch_threads']} threads), "
         f"BLAS: {env['mlx_clap_blas'].get('config') or env['mlx_clap_blas'].get('status')}, "
         f"MLX_CLAP_CPU_KERNELS {'on' if env['mlx_clap_cpu_kernels'] else 'off'}"
+        + (", glibc malloc tuned" if env.get("malloc_tuned") else "")
         + (
             f", MLX_ENABLE_TF32={env['mlx_enable_tf32']}, torch TF32 {env['torch_tf32']['matmul']}"
             if args.torch_device.startswith("cuda")

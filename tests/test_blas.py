@@ -104,3 +104,16 @@ def test_set_num_threads_round_trip():
     finally:
         set_num_threads(before)
     assert get_num_threads() == before
+
+
+@pytest.mark.skipif(not LINUX, reason="glibc mallopt")
+def test_malloc_tuning_is_opt_in():
+    code = "import json, mlx_clap; from mlx_clap.blas import malloc_tuned; print(json.dumps(malloc_tuned()))"
+    plain = dict(os.environ)
+    plain.pop("MLX_CLAP_MALLOC", None)
+    tuned = dict(plain, MLX_CLAP_MALLOC="tune")
+    for env, want in ((plain, "false"), (tuned, "true")):
+        cmd = [sys.executable, "-c", code]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip().splitlines()[-1] == want
