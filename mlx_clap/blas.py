@@ -75,19 +75,20 @@ _original: dict[int, int] = {}
 
 MALLOC_VAR = "MLX_CLAP_MALLOC"
 _M_TRIM_THRESHOLD = -1  # malloc.h
-_M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 _malloc_tuned = False
 
 
-def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
+def tune_malloc(trim_threshold: int = 1 << 30) -> bool:
     """Keep freed memory in glibc's heap so MLX's CPU intermediates stop page-faulting (opt-in).
 
-    MLX allocates every intermediate of a lazy graph afresh; glibc serves multi-megabyte blocks with mmap
-    and unmaps them on free, so each call faults (and zero-fills) them again. Raising the mmap and trim
-    thresholds (the same as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_) removes most of that: up to
-    2x on a stage-1 Swin block and ~25% on the HTSAT tower at batch 8 on one core. It is process-wide and
-    keeps up to `trim_threshold` bytes of freed memory, so it is the application's choice: call this, or
-    set MLX_CLAP_MALLOC=tune before importing mlx_clap. Returns whether glibc accepted both settings.
+    MLX allocates every intermediate of a lazy graph afresh; glibc serves blocks over its mmap threshold
+    (128 KB to 32 MB) with mmap and unmaps them on free, so every call faults and zero-fills them again
+    (on a batch-8 HTSAT GELU, 37,000 faults and 2/3 of the time). Turning mmap off (M_MMAP_MAX = 0) and
+    raising the trim threshold keeps that memory for reuse: the same as MALLOC_MMAP_MAX_=0
+    MALLOC_TRIM_THRESHOLD_=<bytes>. It is process-wide and keeps up to `trim_threshold` bytes of freed
+    memory, so it is the application's choice: call this, or set MLX_CLAP_MALLOC=tune before importing
+    mlx_clap. Returns whether glibc accepted both settings.
     """
     global _malloc_tuned
     if not sys.platform.startswith("linux"):
@@ -97,9 +98,8 @@ def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(
-        mallopt(_M_TRIM_THRESHOLD, int(trim_threshold))
-    )
+    trim = int(min(trim_threshold, 2**31 - 1))
+    ok = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, trim))
     _malloc_tuned = _malloc_tuned or ok
     return ok
 
