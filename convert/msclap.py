@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 
 import mlx_clap
+from mlx_clap.fileio import atomic_write_json
 from mlx_clap.msclap.config import MsClapConfig
 from mlx_clap.msclap.frontend import N_FFT, periodic_hann, slaney_mel_filterbank
 from mlx_clap.msclap.tokenizer import GPT2_PAD, TOKENIZER_NAME
-from mlx_clap.weights import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME, WeightsError, atomic_write_json
+from mlx_clap.weights import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME, WeightsError
 
 from .common import sha256_file, to_numpy, torch_state_dict
 from .laion_pt import RENAMES as LAION_TO_HF_RENAMES

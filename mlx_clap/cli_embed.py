@@ -225,7 +225,8 @@ def decode_file(
 
 # ------------------------------------------------------------------------------------------ writers
 def _atomic_json(path: Path, obj: Any) -> None:
-    from .store import atomic_write_bytes, json_line
+    from .fileio import atomic_write_bytes
+    from .store import json_line
 
     atomic_write_bytes(path, json_line(obj).encode("utf-8"))
 
@@ -810,7 +811,8 @@ def embed_text(texts: tuple[str, ...], model_id: str, fmt: str, out: Path | None
     """
     import numpy as np
 
-    from .store import atomic_write_bytes, json_line
+    from .fileio import atomic_write_bytes
+    from .store import json_line
 
     if fmt == "npy" and out is None:
         raise click.UsageError("--format npy needs --out FILE")

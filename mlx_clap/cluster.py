@@ -240,8 +240,8 @@ def _finish(labels, best, centroids, k, iterations, converged, seed) -> Clusteri
 def write_assignments(store: StoreLike, result: Clustering, name: str = CLUSTERS_NAME) -> Path:
     """Write `clusters.json` next to the store (temp file + rename): parameters, per-cluster summary
     with medoid paths, and `labels` (cluster id per row, in the row order of items.jsonl)."""
+    from .fileio import atomic_write_json
     from .index import store_fingerprint
-    from .weights import atomic_write_json
 
     fp = store_fingerprint(store)
     doc = {

@@ -358,7 +358,7 @@ def _save_graph(index: Any, graph_path: Path, meta_path: Path, meta: dict[str, A
     metadata; a reader that sees new metadata therefore sees the graph it describes."""
     import tempfile
 
-    from .weights import atomic_write_json
+    from .fileio import atomic_write_json
 
     fd, tmp = tempfile.mkstemp(dir=graph_path.parent, prefix=f".{graph_path.name}.", suffix=".tmp")
     os.close(fd)

@@ -19,13 +19,14 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .fileio import atomic_write_bytes, atomic_write_json
 
 STORE_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -44,33 +45,6 @@ class UnknownPathError(StoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
-
-
-def _file_mode() -> int:
-    # mkstemp makes 0600 files; published files get the usual mode (0666 minus the umask), as open() does.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-_FILE_MODE = _file_mode()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `path` via a temp file + fsync + rename: readers see the old or the whole new content."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _shard_name(index: int) -> str:
@@ -95,10 +69,6 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def json_line(obj: Any) -> str:
@@ -174,7 +144,7 @@ class EmbeddingStore:
             "shard_size": int(shard_size),
         }
         (path / ITEMS_NAME).touch()
-        _atomic_write_json(path / MANIFEST_NAME, full)  # the manifest last: it marks a complete store
+        atomic_write_json(path / MANIFEST_NAME, full)  # the manifest last: it marks a complete store
         _fsync_dir(path)
         return cls(path, full, [])
 

@@ -462,7 +462,8 @@ def save_msclap_folder(model: MsClapModel, folder: Path) -> None:
     from mlx.utils import tree_flatten
     from safetensors.numpy import save
 
-    from ..weights import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, atomic_write_json
+    from ..fileio import atomic_write_bytes, atomic_write_json
+    from ..weights import CONFIG_NAME, WEIGHTS_NAME
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
