@@ -144,10 +144,9 @@ def import_laion_clap():
     folder = list(spec.submodule_search_locations)[0]
     if folder not in sys.path:
         sys.path.append(folder)
-    from transformers import RobertaConfig, RobertaModel
-
     import clap_module
     import clap_module.model as laion_model
+    from transformers import RobertaConfig, RobertaModel
 
     class _RandomRoberta:
         @staticmethod

@@ -435,3 +435,28 @@ def test_load_model_unknown_source(tmp_path):
     (tmp_path / "w.npz").write_bytes(b"x")
     with pytest.raises(WeightsError, match="not a model folder"):
         load_model(tmp_path / "w.npz")
+
+
+def test_load_model_hub_id_from_a_hub_cache_layout(tiny_hub, tmp_path, monkeypatch):
+    """The real hub path, offline: huggingface_hub resolves the id from a cache laid out as a download
+    leaves it (models--org--name/refs/main + snapshots/<commit>/), we convert once and load."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub-cache" / "models--laion--tiny-clap"
+    shutil.copytree(tiny_hub, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    from huggingface_hub import constants
+
+    # huggingface_hub reads its environment at import time: point its constants at the test cache.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("MLX_CLAP_CACHE", str(tmp_path / "cache"))
+    model = load_model("laion/tiny-clap")
+    manifest = json.loads((model.source_dir / "manifest.json").read_text())
+    assert manifest["source"] == "laion/tiny-clap" and manifest["revision"] == commit
+    stamp = (model.source_dir / "model.safetensors").stat().st_mtime_ns
+    again = load_model("laion/tiny-clap")
+    assert again.source_dir == model.source_dir
+    assert (again.source_dir / "model.safetensors").stat().st_mtime_ns == stamp  # converted once
