@@ -11,346 +11,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
-import shutil
 import sys
-import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 
+from .decode_ahead import (
+    DECODE_BUDGET_BYTES,
+    Decoded,
+    InputFile,
+    MemoryBudget,
+    decode_file,
+    discover,
+    stat_key,
+)
+from .embed_writers import JsonlWriter, JsonWriter, StoreWriter
+
 DEFAULT_MODEL = "laion/clap-htsat-unfused"
 LONG_AUDIO_CHOICES = ("windows-mean", "head", "center", "fusion", "reference")
-# Suffixes picked up inside folders; files named on the command line are always tried.
-AUDIO_SUFFIXES = {
-    ".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".m4b", ".aac", ".alac",
-    ".aif", ".aiff", ".aifc", ".caf", ".mp4", ".wma", ".webm", ".mka", ".w64", ".au", ".snd",
-}  # fmt: skip
-JSON_MANIFEST = ".mlx-clap-manifest.json"
-ERRORS_NAME = "errors.jsonl"
-# In windows-mean mode a file longer than this is embedded while it decodes (bounded memory).
-STREAM_AFTER_S = 30.0
-# Decoded audio held ahead of the model, at most (the file the model needs next may always exceed it).
-DECODE_BUDGET_BYTES = 1 << 30
-
-
-# ------------------------------------------------------------------------------------------ inputs
-@dataclass
-class InputFile:
-    path: Path  # absolute, symlinks not resolved (the name the user knows)
-    rel: Path  # relative to the common root of the inputs: mirrored under --out for --format json
-
-
-def discover(paths: tuple[str, ...], recursive: bool) -> tuple[list[InputFile], list[tuple[str, str]]]:
-    """Files to embed (sorted, de-duplicated) and (path, cause) for arguments that do not exist."""
-    missing: list[tuple[str, str]] = []
-    found: list[Path] = []
-    roots: list[Path] = []
-    for raw in paths:
-        p = Path(os.path.abspath(os.path.expanduser(raw)))
-        if p.is_dir():
-            roots.append(p)
-            if recursive:
-                walked = []
-                for dirpath, dirnames, filenames in os.walk(p):
-                    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                    walked += [Path(dirpath) / f for f in filenames if _is_audio_name(f)]
-                found += sorted(walked)
-            else:
-                found += sorted(c for c in p.iterdir() if _is_audio_name(c.name) and not c.is_dir())
-        elif p.exists() or p.is_symlink():
-            roots.append(p.parent)
-            found.append(p)
-        else:
-            missing.append((str(p), "no such file or folder"))
-    if not found:
-        return [], missing
-    common = Path(os.path.commonpath([str(r) for r in roots]))
-    seen: set[Path] = set()
-    files = []
-    for f in found:
-        if f not in seen:
-            seen.add(f)
-            files.append(InputFile(f, f.relative_to(common)))
-    return files, missing
-
-
-def _is_audio_name(name: str) -> bool:
-    return not name.startswith(".") and Path(name).suffix.lower() in AUDIO_SUFFIXES
-
-
-def _stat_key(path: Path) -> tuple[str, int, float]:
-    st = os.stat(path)
-    return (str(path), int(st.st_size), float(st.st_mtime))
-
-
-# ---------------------------------------------------------------------------------------- decoding
-@dataclass
-class Decoded:
-    """A decoded file: whole `samples`, or `blocks` still streaming from a decoder thread."""
-
-    file: InputFile
-    key: tuple[str, int, float]
-    stream: Any  # mlx_clap.audio.AudioStream (metadata final once decoding has finished)
-    samples: Any = None
-    blocks: Iterator | None = None
-    error: str | None = None
-    warnings: list[str] = field(default_factory=list)
-    nbytes: int = 0  # taken from the MemoryBudget; given back once embedded
-
-
-class MemoryBudget:
-    """Bytes of decoded audio that decoder threads may hold ahead of the model.
-
-    A decoder waits while the budget is spent, except for the file the model consumes next (`advance`),
-    which always proceeds: so there is no deadlock, and memory is about the budget plus that one file.
-    """
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.used = 0
-        self.next_index = 0
-        self.closed = False
-        self._cond = threading.Condition()
-
-    def acquire(self, nbytes: int, index: int) -> None:
-        with self._cond:
-            while self.used + nbytes > self.limit and index > self.next_index and not self.closed:
-                self._cond.wait(0.5)
-            self.used += nbytes
-
-    def release(self, nbytes: int) -> None:
-        with self._cond:
-            self.used -= nbytes
-            self._cond.notify_all()
-
-    def advance(self, index: int) -> None:
-        with self._cond:
-            self.next_index = index
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        with self._cond:
-            self.closed = True
-            self._cond.notify_all()
-
-
-_END = object()
-
-
-class _BlockFeed:
-    """Run the rest of a block iterator in a daemon thread, `maxsize` blocks ahead of the reader."""
-
-    def __init__(self, head: list, it: Iterator, maxsize: int = 4):
-        self._head = head
-        self._q: queue.Queue = queue.Queue(maxsize=maxsize)
-        self._cancel = threading.Event()
-        threading.Thread(target=self._run, args=(it,), daemon=True).start()
-
-    def _run(self, it: Iterator) -> None:
-        try:
-            for block in it:
-                if not self._put(block):
-                    return
-            self._put(_END)
-        except BaseException as exc:  # handed to the reader, which reports it for this file
-            self._put(exc)
-
-    def _put(self, obj: Any) -> bool:
-        while not self._cancel.is_set():
-            try:
-                self._q.put(obj, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    def __iter__(self) -> Iterator:
-        yield from self._head
-        self._head = []
-        while True:
-            obj = self._q.get()
-            if obj is _END:
-                return
-            if isinstance(obj, BaseException):
-                raise obj
-            yield obj
-
-
-def decode_file(
-    file: InputFile, sr: int, stream_long: bool, index: int = 0, budget: MemoryBudget | None = None
-) -> Decoded:
-    """Decode one file (in a worker thread); errors are returned, not raised."""
-    import numpy as np
-
-    from .audio import AudioDecodeError, AudioStream
-
-    try:
-        key = _stat_key(file.path)
-    except OSError:
-        key = (str(file.path), -1, -1.0)
-    held = 0
-    try:
-        stream = AudioStream(file.path, sr)
-        it = iter(stream)
-        blocks: list = []
-        n = 0
-        for block in it:
-            if budget is not None:
-                budget.acquire(block.nbytes, index)
-                held += block.nbytes
-            blocks.append(block)
-            n += block.size
-            if stream_long and n > STREAM_AFTER_S * sr:
-                return Decoded(file, key, stream, blocks=_BlockFeed(blocks, it), nbytes=held)
-        samples = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
-        return Decoded(file, key, stream, samples=samples, warnings=list(stream.warnings), nbytes=held)
-    except AudioDecodeError as exc:
-        error = exc.cause
-    except Exception as exc:  # a decoder bug must not end the batch: record it for this file
-        error = f"unexpected decoder error: {type(exc).__name__}: {exc}"
-    if budget is not None:
-        budget.release(held)
-    return Decoded(file, key, None, error=error)
-
-
-# ------------------------------------------------------------------------------------------ writers
-def _atomic_json(path: Path, obj: Any) -> None:
-    from .fileio import atomic_write_bytes
-    from .store import json_line
-
-    atomic_write_bytes(path, json_line(obj).encode("utf-8"))
-
-
-def _settings_diff(old: dict, new: dict) -> list[str]:
-    keys = ("weights_sha256", "embedding_dim", "settings", "store_dtype")
-    diffs = []
-    for k in keys:
-        if old.get(k) != new.get(k):
-            if k == "settings" and isinstance(old.get(k), dict) and isinstance(new.get(k), dict):
-                for sk in sorted(set(old[k]) | set(new[k])):
-                    if old[k].get(sk) != new[k].get(sk):
-                        diffs.append(f"{sk}: {old[k].get(sk)!r} there, {new[k].get(sk)!r} now")
-            else:
-                diffs.append(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now")
-    return diffs
-
-
-def _mismatch_error(out: Path, diffs: list[str]) -> click.ClickException:
-    return click.ClickException(
-        f"{out}: holds embeddings made with other settings ({'; '.join(diffs[:4])}). "
-        "Use --overwrite to start fresh there, or choose another --out."
-    )
-
-
-class StoreWriter:
-    def __init__(self, out: Path, manifest: dict, dim: int, dtype: str, overwrite: bool):
-        from .store import ITEMS_NAME, MANIFEST_NAME, SHARDS_DIR, EmbeddingStore, StoreError
-
-        self.out = out
-        if overwrite and (out / MANIFEST_NAME).exists():
-            # The manifest goes first, so a half-removed folder is never taken for a store.
-            (out / MANIFEST_NAME).unlink()
-            for name in (ITEMS_NAME, ERRORS_NAME):
-                (out / name).unlink(missing_ok=True)
-            shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
-        if (out / MANIFEST_NAME).exists():
-            try:
-                self.store = EmbeddingStore.open(out)
-            except StoreError as exc:
-                raise click.ClickException(
-                    f"{exc}. Use --overwrite to start fresh, or another --out."
-                ) from exc
-            diffs = _settings_diff(self.store.manifest, manifest)
-            if diffs:
-                raise _mismatch_error(out, diffs)
-        else:
-            if out.exists() and (not out.is_dir() or any(out.iterdir())):
-                raise click.ClickException(
-                    f"{out}: exists and is not an embedding store; choose a new or empty folder for --out"
-                )
-            self.store = EmbeddingStore.create(out, manifest, dim=dim, dtype=dtype)
-        self.done = self.store.done_keys()
-
-    def write(self, records: list[dict], vectors) -> None:
-        self.store.append([r["item"] for r in records], vectors)
-
-    def error(self, path: str, cause: str) -> None:
-        self.store.record_error(path, cause)
-
-
-class JsonWriter:
-    """One `<name>.json` per audio file, mirroring the input tree under `out`."""
-
-    def __init__(self, out: Path, manifest: dict, overwrite: bool):
-        self.out = out
-        self.manifest = manifest
-        self.overwrite = overwrite
-        mpath = out / JSON_MANIFEST
-        if mpath.exists() and not overwrite:
-            try:
-                old = json.loads(mpath.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise click.ClickException(f"{mpath}: unreadable ({exc}); use --overwrite") from exc
-            diffs = _settings_diff(old, manifest)
-            if diffs:
-                raise _mismatch_error(out, diffs)
-        elif out.exists() and not out.is_dir():
-            raise click.ClickException(f"{out}: exists and is not a folder")
-        _atomic_json(mpath, manifest)
-
-    def target(self, file: InputFile) -> Path:
-        return self.out / file.rel.parent / (file.rel.name + ".json")
-
-    def is_done(self, file: InputFile, key: tuple) -> bool:
-        if self.overwrite:
-            return False
-        t = self.target(file)
-        if not t.is_file():
-            return False
-        try:
-            old = json.loads(t.read_text(encoding="utf-8"))
-            return (old["path"], old["size"], old["mtime"]) == key
-        except (OSError, ValueError, KeyError, TypeError):
-            return False  # a damaged output is made again
-
-    def write(self, records: list[dict], vectors) -> None:
-        for rec, vec in zip(records, vectors, strict=True):
-            obj = {**rec["item"], **rec["meta"], "embedding": [float(x) for x in vec]}
-            _atomic_json(self.target(rec["file"]), obj)
-
-    def error(self, path: str, cause: str) -> None:
-        from .store import append_lines
-
-        append_lines(self.out / ERRORS_NAME, [{"path": path, "error": cause, "time": time.time()}])
-
-
-class JsonlWriter:
-    def __init__(self, manifest: dict):
-        from .store import json_line
-
-        self.manifest = manifest
-        # Non-ASCII stays readable where stdout takes UTF-8; elsewhere it is escaped.
-        self.utf8 = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "") == "utf8"
-        self._json_line = json_line
-
-    def write(self, records: list[dict], vectors) -> None:
-        for rec, vec in zip(records, vectors, strict=True):
-            obj = {**rec["item"], **rec["meta"], "embedding": [float(x) for x in vec]}
-            sys.stdout.write(self._json_line(obj) if self.utf8 else json.dumps(obj, sort_keys=True) + "\n")
-        sys.stdout.flush()
-
-    def error(self, path: str, cause: str) -> None:
-        pass  # reported on stderr only
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -753,7 +435,7 @@ def embed(
     skipped = 0
     for f in files:
         try:
-            key = _stat_key(f.path)
+            key = stat_key(f.path)
         except OSError:
             todo.append(f)  # the decoder reports the cause
             continue
