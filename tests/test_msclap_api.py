@@ -257,3 +257,22 @@ def test_runtime_does_not_import_torch(folder):
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_embed_and_classify_with_a_msclap_folder(model, folder, tmp_path):
+    """`mlx-clap embed --model <msclap folder>` decodes at 44.1 kHz and writes what embed_audio gives."""
+    import soundfile as sf
+    from click.testing import CliRunner
+
+    from mlx_clap.cli import main
+
+    stereo_48k = np.stack([signal(2.5, seed=7, channels=None), signal(2.5, seed=8)])
+    path = tmp_path / "clip.flac"
+    sf.write(path, stereo_48k.T, 48000)
+    r = CliRunner().invoke(main, ["embed", str(path), "--model", str(folder), "-q"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.stdout.splitlines()[0])
+    np.testing.assert_allclose(row["embedding"], model.embed_audio(path)[0], atol=1e-5)
+    args = ["classify", str(path), "--labels", "dog,rain", "--model", str(folder), "--json"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
