@@ -27,6 +27,9 @@ from .config import ClapAudioConfig
 SHIFT_MASK_VALUE = -100.0
 # Keys' cubic convolution constant used by torch's bicubic interpolation (not PIL's -0.5).
 CUBIC_A = -0.75
+# On the CPU, Swin stages with at least this many tokens per clip (HTSAT stages 1-2: 64x64 and 32x32) run
+# clip by clip; see ClapAudioStage.
+PER_SAMPLE_MIN_TOKENS = 1024
 
 
 def _pair(value) -> tuple[int, int]:
@@ -340,6 +343,15 @@ class ClapAudioStage(nn.Module):
         self.downsample = ClapAudioPatchMerging(dim) if merge else None
 
     def __call__(self, x: mx.array) -> mx.array:
+        if x.shape[0] > 1 and x.shape[1] * x.shape[2] >= PER_SAMPLE_MIN_TOKENS and cpu_kernels.on_cpu():
+            # On the CPU the wide stages run one clip at a time. Batched, their big intermediates (window
+            # scores, MLP hidden) exceed glibc's 32 MB mmap ceiling, so every call gets fresh zero-filled
+            # pages; per clip they are ~4-6 MB and reuse freed heap memory, while the GEMMs keep >= 1024
+            # rows. Batch 8, one thread: tower 1571 -> 1322 ms (page faults 148k -> 35k per call).
+            return mx.concatenate([self._forward(x[i : i + 1]) for i in range(x.shape[0])])
+        return self._forward(x)
+
+    def _forward(self, x: mx.array) -> mx.array:
         for block in self.blocks:
             x = block(x)
         return self.downsample(x) if self.downsample is not None else x
