@@ -347,7 +347,9 @@ class ClapAudioStage(nn.Module):
             # On the CPU the wide stages run one clip at a time. Batched, their big intermediates (window
             # scores, MLP hidden) exceed glibc's 32 MB mmap ceiling, so every call gets fresh zero-filled
             # pages; per clip they are ~4-6 MB and reuse freed heap memory, while the GEMMs keep >= 1024
-            # rows. Batch 8, one thread: tower 1571 -> 1322 ms (page faults 148k -> 35k per call).
+            # rows. Batch 8, one thread: tower 1571 -> 1322 ms (page faults 148k -> 35k per call). Stage 3
+            # per clip (256-row GEMMs) measured a wash: faster with the default malloc, slower with
+            # MLX_CLAP_MALLOC=tune.
             return mx.concatenate([self._forward(x[i : i + 1]) for i in range(x.shape[0])])
         return self._forward(x)
 
