@@ -183,19 +183,30 @@ def _sub_exp_c(x: mx.array, shift: mx.array | float = 0.0) -> mx.array:
     return _exp_poly_r_c(_exp_reduce_c(c), _exp_pow2_c(c))
 
 
+def _nan_rows(row_max: mx.array) -> mx.array:
+    """0 per row, NaN where the row max is NaN or +inf (as exp(x - max) gives without the clamp).
+
+    The exp's clamp maps NaN to a finite value; the (small) row max still carries it, so adding this to
+    the normalizer keeps a softmax row with a NaN score NaN.
+    """
+    return row_max - row_max
+
+
 def erf(x: mx.array) -> mx.array:
     """erf(x); a compiled polynomial on the CPU, `mx.erf` elsewhere."""
     if not on_cpu():
         return mx.erf(x)
     x32 = x.astype(mx.float32)
-    return _erf_finish_c(x32, _erf_ratio_c(x32, 1.0), 1.0).astype(x.dtype)
+    y = _erf_finish_c(x32, _erf_ratio_c(x32, 1.0), 1.0)
+    return mx.where(mx.isnan(x32), x32, y).astype(x.dtype)  # the clamp maps NaN to ±4
 
 
 def exp(x: mx.array) -> mx.array:
     """exp(x); a compiled polynomial on the CPU, `mx.exp` elsewhere."""
     if not on_cpu():
         return mx.exp(x)
-    return _sub_exp_c(x.astype(mx.float32)).astype(x.dtype)
+    x32 = x.astype(mx.float32)
+    return mx.where(mx.isnan(x32), x32, _sub_exp_c(x32)).astype(x.dtype)  # the clamp maps NaN to ±88
 
 
 def gelu(x: mx.array) -> mx.array:
@@ -211,8 +222,9 @@ def softmax(x: mx.array, axis: int = -1) -> mx.array:
     if not on_cpu():
         return mx.softmax(x, axis=axis, precise=True)
     x32 = x.astype(mx.float32)
-    e = _sub_exp_c(x32, mx.max(x32, axis=axis, keepdims=True))
-    return (e * mx.reciprocal(mx.sum(e, axis=axis, keepdims=True))).astype(x.dtype)
+    m = mx.max(x32, axis=axis, keepdims=True)
+    e = _sub_exp_c(x32, m)
+    return (e * (mx.reciprocal(mx.sum(e, axis=axis, keepdims=True)) + _nan_rows(m))).astype(x.dtype)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
@@ -235,5 +247,6 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     qs = q * scale
     kt = k.swapaxes(-1, -2)
     scores = qs @ kt if mask is None else mx.addmm(mask, qs, kt)
-    e = _sub_exp_c(scores, mx.max(scores, axis=-1, keepdims=True))
-    return (e @ v) * mx.reciprocal(mx.sum(e, axis=-1, keepdims=True))
+    m = mx.max(scores, axis=-1, keepdims=True)
+    e = _sub_exp_c(scores, m)
+    return (e @ v) * (mx.reciprocal(mx.sum(e, axis=-1, keepdims=True)) + _nan_rows(m))
