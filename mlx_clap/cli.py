@@ -6,7 +6,6 @@ Each subcommand module is imported only when that command runs, so `mlx-clap --h
 from __future__ import annotations
 
 import importlib
-import os
 
 import click
 
@@ -49,12 +48,6 @@ def main() -> None:
     Example:
       mlx-clap embed ~/Sounds --recursive --out vectors/
     """
-    # The command owns its process, so it keeps freed memory in glibc's heap for MLX's next intermediates
-    # (about 20% faster towers on Linux CPU; see mlx_clap.blas.tune_malloc). MLX_CLAP_MALLOC=off opts out.
-    if os.environ.get("MLX_CLAP_MALLOC", "").strip().lower() != "off":
-        from .blas import tune_malloc
-
-        tune_malloc()
 
 
 if __name__ == "__main__":

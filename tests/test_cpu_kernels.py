@@ -75,3 +75,19 @@ def test_opt_out_uses_the_mlx_primitives():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
     assert ck.on_cpu() == ck.ENABLED
+
+
+def test_nan_propagates_like_the_mlx_primitives():
+    """The branch-free clamps must not turn a NaN into a finite number (a bad input stays visible)."""
+    x = mx.array([0.5, float("nan"), -3.0], dtype=mx.float32)
+    assert np.isnan(np.array(ck.exp(x))[1]) and np.isfinite(np.array(ck.exp(x))[[0, 2]]).all()
+    assert np.isnan(np.array(ck.erf(x))[1]) and np.isnan(np.array(ck.gelu(x))[1])
+    rows = mx.array([[0.1, 0.2, 0.3], [0.1, float("nan"), 0.3]], dtype=mx.float32)
+    sm = np.array(ck.softmax(rows))
+    assert np.isfinite(sm[0]).all() and np.isnan(sm[1]).all()
+    rng = np.random.default_rng(1)
+    q, k, v = (mx.array(rng.standard_normal((1, 2, 64, 24)).astype(np.float32)) for _ in range(3))
+    q = mx.array(np.where(np.arange(64)[None, None, :, None] == 5, np.nan, np.array(q)).astype(np.float32))
+    out = np.array(ck.attention(q, k, v, 24**-0.5, None))
+    want = np.array(mx.fast.scaled_dot_product_attention(q, k, v, scale=24**-0.5))
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
