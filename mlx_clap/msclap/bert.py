@@ -8,11 +8,10 @@ Post-LN blocks, exact GELU, LayerNorm eps 1e-12, absolute positions 0..L-1, toke
 
 from __future__ import annotations
 
-import math
-
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..text import ClapTextEncoder
 from .config import BertTextConfig
 
 MASK_VALUE = -3.4028234663852886e38
@@ -36,74 +35,6 @@ class BertEmbeddings(nn.Module):
         return self.LayerNorm(x)
 
 
-class BertSelfAttention(nn.Module):
-    def __init__(self, config: BertTextConfig):
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
-        b, length, d = x.shape
-
-        def heads(t: mx.array) -> mx.array:
-            return t.reshape(b, length, self.num_heads, d // self.num_heads).transpose(0, 2, 1, 3)
-
-        scale = 1.0 / math.sqrt(d // self.num_heads)
-        out = mx.fast.scaled_dot_product_attention(
-            heads(self.query(x)), heads(self.key(x)), heads(self.value(x)), scale=scale, mask=mask
-        )
-        return out.transpose(0, 2, 1, 3).reshape(b, length, d)
-
-
-class BertSelfOutput(nn.Module):
-    def __init__(self, config: BertTextConfig, in_dim: int):
-        super().__init__()
-        self.dense = nn.Linear(in_dim, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-    def __call__(self, h: mx.array, residual: mx.array) -> mx.array:
-        return self.LayerNorm(self.dense(h) + residual)
-
-
-class BertAttention(nn.Module):
-    def __init__(self, config: BertTextConfig):
-        super().__init__()
-        self.self = BertSelfAttention(config)
-        self.output = BertSelfOutput(config, config.hidden_size)
-
-    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
-        return self.output(self.self(x, mask), x)
-
-
-class BertIntermediate(nn.Module):
-    def __init__(self, config: BertTextConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return nn.gelu(self.dense(x))
-
-
-class BertLayer(nn.Module):
-    def __init__(self, config: BertTextConfig):
-        super().__init__()
-        self.attention = BertAttention(config)
-        self.intermediate = BertIntermediate(config)
-        self.output = BertSelfOutput(config, config.intermediate_size)
-
-    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
-        a = self.attention(x, mask)
-        return self.output(self.intermediate(a), a)
-
-
-class BertEncoder(nn.Module):
-    def __init__(self, config: BertTextConfig):
-        super().__init__()
-        self.layer = [BertLayer(config) for _ in range(config.num_hidden_layers)]
-
-
 class BertModel(nn.Module):
     """Token ids, token types and mask (B, L) -> last hidden state (B, L, hidden)."""
 
@@ -111,7 +42,8 @@ class BertModel(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
-        self.encoder = BertEncoder(config)
+        # BERT and RoBERTa share the post-LN encoder layer (same keys, exact GELU): one implementation.
+        self.encoder = ClapTextEncoder(config)
 
     def __call__(
         self,
@@ -132,7 +64,7 @@ class BertModel(nn.Module):
         if capture is not None:
             capture["embeddings"] = x
         for i, layer in enumerate(self.encoder.layer):
-            x = layer(x, mask.astype(x.dtype))
+            x = layer(x, mask)
             if capture is not None:
                 capture[f"encoder.layer.{i}"] = x
         return x

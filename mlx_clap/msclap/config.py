@@ -49,6 +49,7 @@ class BertTextConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
+    hidden_act: str = "gelu"  # exact (erf) GELU, as bert-base-uncased's config
 
 
 @dataclass
