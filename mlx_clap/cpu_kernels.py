@@ -149,7 +149,8 @@ def _exp_pow2(c: mx.array) -> mx.array:
 def _exp_poly_r(r: mx.array, two_n: mx.array) -> mx.array:
     """exp(r)·2^n: the Cephes polynomial evaluated Estrin-style (depth 10 instead of Horner's 15)."""
     r2 = r * r
-    inner = (r * _EXP_P[4] + _EXP_P[5]) + r2 * ((r * _EXP_P[2] + _EXP_P[3]) + r2 * (r * _EXP_P[0] + _EXP_P[1]))
+    high = (r * _EXP_P[2] + _EXP_P[3]) + r2 * (r * _EXP_P[0] + _EXP_P[1])
+    inner = (r * _EXP_P[4] + _EXP_P[5]) + r2 * high
     return (inner * r2 + r + 1.0) * two_n
 
 
