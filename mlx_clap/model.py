@@ -222,14 +222,7 @@ class ClapModel(nn.Module):
         """
         if batch_size < 1:
             raise ValueError(f"embed_text: batch_size must be >= 1, got {batch_size}")
-        if texts is None:
-            raise TypeError("embed_text: texts is None; pass a string or a list of strings")
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"embed_text: item {i} is {type(t).__name__}, not str")
+        texts = as_text_list(texts)
         out = np.zeros((len(texts), self.embedding_dim), dtype=np.float32)
         if not texts:
             return out
@@ -256,18 +249,7 @@ class ClapModel(nn.Module):
 
         `audio` is anything `embed_audio` takes, or an (N, D) array of unit audio embeddings.
         """
-        labels = list(labels)
-        if not labels:
-            raise ValueError("classify: no labels given")
-        if isinstance(audio, np.ndarray) and audio.ndim == 2 and audio.shape[1] == self.embedding_dim:
-            audio_emb = audio
-        else:
-            audio_emb = self.embed_audio(audio, **embed_kwargs)
-        prompts = [template.format(label) if template else label for label in labels]
-        text_emb = self.embed_text(prompts)
-        logits_per_audio, _ = self.logits(mx.array(audio_emb), mx.array(text_emb))
-        probs = mx.softmax(logits_per_audio, axis=-1)
-        return np.array(probs)
+        return zero_shot_probabilities(self, audio, labels, template, **embed_kwargs)
 
     # ---------------------------------------------------------------------------------------- loading
     @staticmethod
@@ -312,3 +294,41 @@ def pool_windows(rows: np.ndarray, owner: np.ndarray, n_items: int) -> np.ndarra
     np.add.at(sums, owner, rows.astype(np.float64))
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
     return (sums / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def as_text_list(texts: Sequence[str] | str) -> list[str]:
+    """A list of strings from one string or a sequence of them; anything else is a TypeError naming it."""
+    if texts is None:
+        raise TypeError("embed_text: texts is None; pass a string or a list of strings")
+    if isinstance(texts, str):
+        return [texts]
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"embed_text: item {i} is {type(t).__name__}, not str")
+    return texts
+
+
+def zero_shot_probabilities(
+    model: Any,
+    audio: Sequence[str | Path | np.ndarray] | np.ndarray | str | Path,
+    labels: Sequence[str],
+    template: str | None = DEFAULT_TEMPLATE,
+    **embed_kwargs: Any,
+) -> np.ndarray:
+    """Softmax over labels of `model.logits(audio, prompts)[0]`, for any model with embed_audio,
+    embed_text, logits and embedding_dim (the LAION and the msclap models).
+
+    `audio` is anything `model.embed_audio` takes, or an (N, D) array of audio embeddings.
+    """
+    labels = list(labels)
+    if not labels:
+        raise ValueError("classify: no labels given")
+    if isinstance(audio, np.ndarray) and audio.ndim == 2 and audio.shape[1] == model.embedding_dim:
+        audio_emb = audio
+    else:
+        audio_emb = model.embed_audio(audio, **embed_kwargs)
+    prompts = [template.format(label) if template else label for label in labels]
+    text_emb = model.embed_text(prompts)
+    logits_per_audio, _ = model.logits(mx.array(audio_emb), mx.array(text_emb))
+    return np.array(mx.softmax(logits_per_audio, axis=-1))

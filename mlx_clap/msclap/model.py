@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..model import l2_normalize, pool_windows
+from ..model import as_text_list, l2_normalize, pool_windows, zero_shot_probabilities
 from .cnn14 import Cnn14
 from .config import MsClapConfig
 from .frontend import fit_clip, log_mel, prepare_batch, to_mono
@@ -337,12 +337,7 @@ class MsClapModel(nn.Module):
 
     def embed_text(self, texts: Sequence[str] | str, *, batch_size: int = 64) -> np.ndarray:
         """Unit text embeddings (N, 1024), tokenized as msclap does (see `msclap.tokenizer`)."""
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"embed_text: item {i} is {type(t).__name__}, not str")
+        texts = as_text_list(texts)
         out = np.zeros((len(texts), self.embedding_dim), dtype=np.float32)
         tok = self.tokenizer
         for start in range(0, len(texts), batch_size):
@@ -367,17 +362,7 @@ class MsClapModel(nn.Module):
 
         `audio` is anything `embed_audio` takes, or an (N, 1024) array of audio embeddings.
         """
-        labels = list(labels)
-        if not labels:
-            raise ValueError("classify: no labels given")
-        if isinstance(audio, np.ndarray) and audio.ndim == 2 and audio.shape[1] == self.embedding_dim:
-            audio_emb = audio
-        else:
-            audio_emb = self.embed_audio(audio, **embed_kwargs)
-        prompts = [template.format(label) if template else label for label in labels]
-        text_emb = self.embed_text(prompts)
-        logits_per_audio, _ = self.logits(mx.array(audio_emb), mx.array(text_emb))
-        return np.array(mx.softmax(logits_per_audio, axis=-1))
+        return zero_shot_probabilities(self, audio, labels, template, **embed_kwargs)
 
     # ---------------------------------------------------------------------------------------- loading
     @staticmethod
