@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 import mlx_clap
-from mlx_clap.fileio import atomic_write_json
+from mlx_clap.fileio import atomic_write_json, publish_folder
 from mlx_clap.msclap.config import MsClapConfig
 from mlx_clap.msclap.frontend import N_FFT, periodic_hann, slaney_mel_filterbank
 from mlx_clap.msclap.tokenizer import GPT2_PAD, TOKENIZER_NAME
@@ -356,15 +355,7 @@ def convert_msclap(
             "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
         }
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
-        # mkdtemp makes an owner-only folder; give the result the usual umask-based modes.
-        umask = os.umask(0)
-        os.umask(umask)
-        for p in tmp.iterdir():
-            p.chmod(0o666 & ~umask)
-        tmp.chmod(0o777 & ~umask)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        publish_folder(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 
-def _file_mode() -> int:
-    # mkstemp makes 0600 files; published files get the usual mode (0666 minus the umask), as open() does.
+def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def _file_mode() -> int:
+    # mkstemp makes 0600 files; published files get the usual mode (0666 minus the umask), as open() does.
+    return 0o666 & ~_umask()
 
 
 _FILE_MODE = _file_mode()
@@ -43,3 +48,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Pretty, key-sorted JSON written atomically (UTF-8, trailing newline)."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def publish_folder(tmp: Path, dest: Path) -> None:
+    """Move a fully written staging folder `tmp` (made with mkdtemp beside `dest`) into place as `dest`.
+
+    mkdtemp/mkstemp create owner-only entries, so the folder and its files first get the usual
+    umask-based modes. The swap uses renames only, so a reader never sees a half-deleted or half-written
+    folder; a previous `dest` is removed after the new one is in place.
+    """
+    tmp, dest = Path(tmp), Path(dest)
+    for p in tmp.iterdir():
+        p.chmod(_FILE_MODE)
+    tmp.chmod(0o777 & ~_umask())
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

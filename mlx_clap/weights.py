@@ -28,7 +28,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .config import FORMAT_VERSION, ClapConfig
-from .fileio import atomic_write_bytes, atomic_write_json
+from .fileio import atomic_write_bytes, atomic_write_json, publish_folder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -189,20 +189,7 @@ def save_converted_arrays(
         manifest["format_version"] = FORMAT_VERSION
         manifest["files"] = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
-        # mkdtemp/mkstemp create owner-only entries; give the folder the usual umask-based modes.
-        umask = os.umask(0)
-        os.umask(umask)
-        for p in tmp.iterdir():
-            p.chmod(0o666 & ~umask)
-        tmp.chmod(0o777 & ~umask)
-        # Swap in with renames only, so a reader never sees a half-deleted or half-written folder.
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
