@@ -33,6 +33,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import mlx.core as mx  # noqa: E402
 
 import mlx_clap  # noqa: E402,F401  (sets up the Linux CPU BLAS before any timing)
+from mlx_clap import cpu_parallel  # noqa: E402
 from mlx_clap.blas import blas_info  # noqa: E402
 from mlx_clap.features import ClapFeatureExtractor  # noqa: E402
 
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mlx_version": mx.__version__,
         "mlx_device": str(mx.default_device()),
         "blas": blas_info(),
+        "cpu_workers": cpu_parallel.worker_count(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),

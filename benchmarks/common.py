@@ -255,7 +255,7 @@ def environment(torch_device: str = "cpu") -> dict[str, Any]:
     import torch
     import transformers
 
-    from mlx_clap import cpu_kernels
+    from mlx_clap import cpu_kernels, cpu_parallel
     from mlx_clap.blas import blas_info, get_num_threads, malloc_tuned
 
     info: dict[str, Any] = {
@@ -272,6 +272,7 @@ def environment(torch_device: str = "cpu") -> dict[str, Any]:
         "transformers": transformers.__version__,
         "mlx_clap_blas": blas_info(),
         "mlx_blas_threads": get_num_threads(),
+        "mlx_clap_cpu_threads": cpu_parallel.worker_count(),
         "malloc_tuned": malloc_tuned(),
         "mlx_enable_tf32": os.environ.get("MLX_ENABLE_TF32"),
         "mlx_clap_cpu_kernels": cpu_kernels.ENABLED,

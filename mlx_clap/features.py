@@ -34,6 +34,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from . import cpu_parallel
 from .config import FeatureConfig
 
 # Floor of the power mel before the log (librosa/torchaudio `amin`, HF `mel_floor`): gives -100 dB.
@@ -43,6 +44,11 @@ FUSION_CHANNELS = 4
 # Frames per STFT graph before the work is cut into blocks, so a long file (an hour is 360k frames, i.e.
 # 1.5 GB of float32 frames) never materializes at once. 16384 frames is about 64 MB of frames.
 MAX_FRAMES_PER_BLOCK = 16384
+# On the CPU, blocks are much smaller: a batch of 8 clips as one graph has 33 MB frame and spectrum
+# arrays, past glibc's largest mmap threshold (32 MB), so every call maps fresh pages and faults them in
+# (measured 45-67 ms for 8 clips). Blocks of one clip (4 MB) evaluated one after another reuse
+# the allocator's cached buffers: 13-18 ms for the same 8 clips (benchmarks/bench_features.py).
+MAX_FRAMES_PER_BLOCK_CPU = 1024
 
 TRUNCATIONS = ("rand_trunc", "fusion", "head", "center")
 PADDINGS = ("repeatpad", "repeat", "pad")
@@ -370,46 +376,79 @@ class MelFrontend:
         mel = mx.maximum(power @ fb, AMIN)
         return (10.0 * mx.log10(mel)).astype(mx.float32)
 
-    def log_mel(self, batch: mx.array | np.ndarray, filterbank: str = "slaney") -> mx.array:
-        """(B, N) or (N,) float waveforms -> (B, 1 + N // hop, n_mels) log-mel in dB, float32."""
+    def log_mel(
+        self, batch: mx.array | np.ndarray | Sequence[np.ndarray], filterbank: str = "slaney"
+    ) -> mx.array:
+        """(B, N) or (N,) float waveforms, or a list of B equal-length 1-D numpy waveforms ->
+        (B, 1 + N // hop, n_mels) log-mel in dB, float32."""
         if self.precision == "float64":
             with mx.stream(mx.cpu):  # MLX has no float64 on the GPU
                 return self._log_mel(batch, filterbank)
         return self._log_mel(batch, filterbank)
 
-    def _log_mel(self, batch: mx.array | np.ndarray, filterbank: str) -> mx.array:
-        x = mx.array(batch) if isinstance(batch, np.ndarray) else batch
-        if x.ndim == 1:
-            x = x[None]
-        if x.ndim != 2:
-            raise ValueError(f"log_mel takes (N,) or (B, N) waveforms, got shape {tuple(x.shape)}")
-        x = x.astype(self.dtype)
+    def _log_mel(self, batch: mx.array | np.ndarray | Sequence[np.ndarray], filterbank: str) -> mx.array:
+        x = batch
+        if isinstance(x, (list, tuple)):
+            # Equal-length numpy rows, kept apart: stacking a big batch would copy it once more.
+            if len({w.shape for w in x}) != 1 or x[0].ndim != 1:
+                raise ValueError("log_mel takes a list of equal-length 1-D waveforms")
+            b, n = len(x), x[0].shape[0]
+        else:
+            if x.ndim == 1:
+                x = x[None]
+            if x.ndim != 2:
+                raise ValueError(f"log_mel takes (N,) or (B, N) waveforms, got shape {tuple(x.shape)}")
+            b, n = x.shape
         half = self.n_fft // 2
-        if x.shape[1] <= half:
-            raise AudioInputError(
-                f"log_mel needs more than {half} samples for reflect padding, got {x.shape[1]}"
-            )
+        if n <= half:
+            raise AudioInputError(f"log_mel needs more than {half} samples for reflect padding, got {n}")
         fb, core = self._mx_filterbank(filterbank)
-        padded = mx.pad(x, [(0, 0), (half, half)], mode="reflect")
-        b, n = x.shape
         n_frames = 1 + n // self.hop
-        rows_per_block = max(1, MAX_FRAMES_PER_BLOCK // n_frames)
-        frames_per_block = min(n_frames, MAX_FRAMES_PER_BLOCK)
-        if b <= rows_per_block and n_frames <= frames_per_block:
-            return core(padded, self.window, fb)
-        # Big inputs: cut into row groups and frame blocks, evaluating each so memory stays bounded.
+        budget = _frames_per_block()
+        if b * n_frames <= budget:
+            return core(self._padded(x, 0, b), self.window, fb)
+
+        def mel_of(rows: mx.array) -> mx.array:
+            with cpu_parallel.graph_lock:  # `core` is mx.compile'd
+                return core(rows, self.window, fb)
+
+        # Bigger inputs are cut into blocks that are evaluated one by one (on the CPU, several at once),
+        # so memory stays bounded and every block reuses buffers the allocator has cached. Worker threads
+        # cannot run graph nodes queued on this thread's stream, so inputs are evaluated here first.
+        if isinstance(x, mx.array):
+            mx.eval(x)
+        if n_frames <= budget:
+            rows_per_block = budget // n_frames
+            groups = [(r0, min(b, r0 + rows_per_block)) for r0 in range(0, b, rows_per_block)]
+            parts = cpu_parallel.map_blocks(lambda g: mel_of(self._padded(x, *g)), groups)
+            return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
         out_rows = []
-        for r0 in range(0, b, rows_per_block):
-            rows = padded[r0 : r0 + rows_per_block]
-            blocks = []
-            for f0 in range(0, n_frames, frames_per_block):
-                f1 = min(n_frames, f0 + frames_per_block)
-                seg = rows[:, f0 * self.hop : (f1 - 1) * self.hop + self.n_fft]
-                block = core(seg, self.window, fb)
-                mx.eval(block)
-                blocks.append(block)
-            out_rows.append(blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=1))
+        for r in range(b):  # long rows: one row at a time, cut into frame blocks
+            row = self._padded(x, r, r + 1)
+            mx.eval(row)
+            spans = [(f0, min(n_frames, f0 + budget)) for f0 in range(0, n_frames, budget)]
+            blocks = cpu_parallel.map_blocks(
+                lambda s, row=row: mel_of(row[:, s[0] * self.hop : (s[1] - 1) * self.hop + self.n_fft]), spans
+            )
+            out_rows.append(mx.concatenate(blocks, axis=1))
         return out_rows[0] if len(out_rows) == 1 else mx.concatenate(out_rows, axis=0)
+
+    def _padded(self, x: mx.array | np.ndarray | Sequence[np.ndarray], r0: int, r1: int) -> mx.array:
+        """Rows r0..r1-1 of the waveforms, reflect-padded by n_fft / 2 on both sides, as an mx array."""
+        half = self.n_fft // 2
+        if isinstance(x, mx.array):
+            return mx.pad(x[r0:r1].astype(self.dtype), [(0, 0), (half, half)], mode="reflect")
+        # numpy's reflect pad is several times faster than mx.pad(mode="reflect") on the CPU.
+        np_dtype = np.float32 if self.dtype == mx.float32 else np.float64
+        rows = np.stack(x[r0:r1]) if isinstance(x, (list, tuple)) else x[r0:r1]
+        return mx.array(np.pad(rows.astype(np_dtype, copy=False), [(0, 0), (half, half)], mode="reflect"))
+
+
+def _frames_per_block() -> int:
+    """STFT frames per evaluated block on the current default device."""
+    if mx.default_device().type == mx.DeviceType.cpu:
+        return MAX_FRAMES_PER_BLOCK_CPU
+    return MAX_FRAMES_PER_BLOCK
 
 
 @functools.lru_cache(maxsize=8)
@@ -520,7 +559,7 @@ class ClapFeatureExtractor:
                 slots.append(("fixed", len(fixed)))
                 fixed.append(w[start : start + max_len])
                 longer.append(True)
-        fixed_mel = self.frontend.log_mel(np.stack(fixed), fb) if fixed else None
+        fixed_mel = self.frontend.log_mel(fixed, fb) if fixed else None
         rows = []
         for kind, data in slots:
             if kind == "fixed":
@@ -672,7 +711,7 @@ class ClapFeatureExtractor:
         group = max(1, MAX_FRAMES_PER_BLOCK // self.chunk_frames)
         parts = []
         for i in range(0, len(segments), group):
-            parts.append(self.frontend.log_mel(np.stack(segments[i : i + group]), fb))
+            parts.append(self.frontend.log_mel(segments[i : i + group], fb))
             if len(segments) > group:
                 mx.eval(parts[-1])  # frees this group's waveforms before the next is stacked
         mel = (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0))[:, None]
