@@ -438,10 +438,17 @@ class MelFrontend:
         half = self.n_fft // 2
         if isinstance(x, mx.array):
             return mx.pad(x[r0:r1].astype(self.dtype), [(0, 0), (half, half)], mode="reflect")
-        # numpy's reflect pad is several times faster than mx.pad(mode="reflect") on the CPU.
+        # Reflect-padded in one numpy buffer (numpy's slicing is several times faster than
+        # mx.pad(mode="reflect") on the CPU), then one copy into MLX.
         np_dtype = np.float32 if self.dtype == mx.float32 else np.float64
-        rows = np.stack(x[r0:r1]) if isinstance(x, (list, tuple)) else x[r0:r1]
-        return mx.array(np.pad(rows.astype(np_dtype, copy=False), [(0, 0), (half, half)], mode="reflect"))
+        rows = x[r0:r1]
+        n = rows[0].shape[-1]
+        buf = np.empty((r1 - r0, n + 2 * half), dtype=np_dtype)
+        for i, row in enumerate(rows):
+            buf[i, half : half + n] = row
+        buf[:, :half] = buf[:, 2 * half : half : -1]  # x[half], ..., x[1]
+        buf[:, half + n :] = buf[:, half + n - 2 : n - 2 : -1]  # x[n-2], ..., x[n-1-half]
+        return mx.array(buf)
 
 
 def _frames_per_block() -> int:
