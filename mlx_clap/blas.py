@@ -88,7 +88,8 @@ def tune_malloc(trim_threshold: int = 1 << 30) -> bool:
     raising the trim threshold keeps that memory for reuse: the same as MALLOC_MMAP_MAX_=0
     MALLOC_TRIM_THRESHOLD_=<bytes>. It is process-wide and keeps up to `trim_threshold` bytes of freed
     memory, so it is the application's choice: call this, or set MLX_CLAP_MALLOC=tune before importing
-    mlx_clap. Returns whether glibc accepted both settings.
+    mlx_clap. The `mlx-clap` command does it unless MLX_CLAP_MALLOC=off. Returns whether glibc accepted
+    both settings.
     """
     global _malloc_tuned
     if not sys.platform.startswith("linux"):

@@ -6,6 +6,7 @@ Each subcommand module is imported only when that command runs, so `mlx-clap --h
 from __future__ import annotations
 
 import importlib
+import os
 
 import click
 
@@ -48,6 +49,14 @@ def main() -> None:
     Example:
       mlx-clap embed ~/Sounds --recursive --out vectors/
     """
+    # The command owns its process, so it keeps freed memory in glibc's heap for MLX's next intermediates
+    # (mlx_clap.blas.tune_malloc): with the tower and the frontend on worker threads, each thread's arena
+    # otherwise maps and faults its big blocks afresh. `mlx-clap embed` of 48 short files: 7.3-7.8 s ->
+    # 6.7-6.9 s, peak RSS +20-60 MB (benchmarks/README.md). MLX_CLAP_MALLOC=off opts out.
+    if os.environ.get("MLX_CLAP_MALLOC", "").strip().lower() != "off":
+        from .blas import tune_malloc
+
+        tune_malloc()
 
 
 if __name__ == "__main__":

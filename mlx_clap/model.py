@@ -74,14 +74,16 @@ class ClapModel(nn.Module):
         return l2_normalize(self.audio_projection(pooled))
 
     def audio_embeddings(self, input_features: mx.array, is_longer: mx.array | None = None) -> mx.array:
-        """`get_audio_features`, evaluated; on a multi-core CPU the batch runs on all cores at once.
+        """`get_audio_features`, evaluated; on a multi-core CPU the work runs on all cores at once.
 
         MLX's CPU backend does everything but the BLAS calls on one thread, so one batched call leaves
-        the other cores idle through the tower's elementwise, softmax and layout work. Here the batch
-        is cut into blocks of `CPU_CLIPS_PER_BLOCK` clips that worker threads run side by side
-        (`cpu_parallel`), each with single-threaded BLAS. The numbers are those of `get_audio_features`
-        (each row depends only on its own clip). Unlike `get_audio_features` this cannot run under
-        `mx.compile`.
+        the other cores idle through the tower's elementwise, softmax and layout work. Here a batch is
+        cut into blocks of `CPU_CLIPS_PER_BLOCK` clips that worker threads run side by side
+        (`cpu_parallel`), each with single-threaded BLAS. Each row is computed by the same operations
+        as in `get_audio_features` (equal up to BLAS rounding). Unlike `get_audio_features` this
+        evaluates as it goes, so it cannot run under `mx.compile`. A single clip is one call: cutting
+        its wide Swin blocks into bands of window rows on two workers measured slower end to end
+        (OpenBLAS's helper threads keep spinning after the two-thread GEMMs around the bands).
         """
         batch = input_features.shape[0]
         if batch < 2 or cpu_parallel.worker_count() < 2 or not cpu_parallel.on_cpu():
