@@ -147,7 +147,36 @@ def map_blocks(fn: Callable[[T], mx.array], items: Sequence[T]) -> list[mx.array
         return _pool(workers).map(run, items)
 
 
+def eval_batched(
+    fn: Callable[..., mx.array], arrays: Sequence[mx.array | None], rows_per_block: int, ready: Sequence = ()
+) -> mx.array:
+    """`fn(*arrays)`, evaluated; on a multi-core CPU the batch is cut into blocks run side by side.
+
+    `arrays` share their first (batch) axis (None entries pass through); every block gets rows
+    a..b of each and `fn`'s row r must depend only on row r of the inputs, so the result equals the
+    single call up to BLAS rounding. `ready`: what `fn` reads besides `arrays` (modules, arrays),
+    evaluated here first, since workers cannot run graph nodes queued on this thread's stream (lazily
+    loaded weights, the caller's slicing). The graph of each block is built under `graph_lock` (`fn`
+    may call `mx.compile`d kernels); evaluation runs in parallel.
+    """
+    batch = next(a for a in arrays if a is not None).shape[0]
+    if batch < 2 or worker_count() < 2 or not on_cpu():
+        out = fn(*arrays)
+        mx.eval(out)
+        return out
+    mx.eval(*ready, *[a for a in arrays if a is not None])
+    spans = [(s, min(batch, s + rows_per_block)) for s in range(0, batch, rows_per_block)]
+
+    def block(span: tuple[int, int]) -> mx.array:
+        a, b = span
+        with graph_lock:
+            return fn(*(None if x is None else x[a:b] for x in arrays))
+
+    return mx.concatenate(map_blocks(block, spans), axis=0)
+
+
 __all__ = [
+    "eval_batched",
     "THREADS_VAR",
     "blas_threads",
     "graph_lock",

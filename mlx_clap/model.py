@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .tokenizer import ClapTokenizer
 
 DEFAULT_TEMPLATE = "This is a sound of {}."
-# Clips per parallel block of `ClapModel.audio_embeddings` on the CPU. Batch 8 of HTSAT-tiny on 2 cores
+# Clips per parallel block of `ClapModel.embed_inputs` on the CPU. Batch 8 of HTSAT-tiny on 2 cores
 # (one call: 962 ms): blocks of 1 clip 774 ms, of 2 clips 748 ms, of 4 clips 807 ms.
 CPU_CLIPS_PER_BLOCK = 2
 
@@ -73,8 +73,8 @@ class ClapModel(nn.Module):
         pooled = self.audio_model(input_features, is_longer)
         return l2_normalize(self.audio_projection(pooled))
 
-    def audio_embeddings(self, input_features: mx.array, is_longer: mx.array | None = None) -> mx.array:
-        """`get_audio_features`, evaluated; on a multi-core CPU the work runs on all cores at once.
+    def embed_inputs(self, input_features: mx.array, is_longer: mx.array | None = None) -> mx.array:
+        """Unit embeddings of model inputs: `get_audio_features`, evaluated, on all CPU cores at once.
 
         MLX's CPU backend does everything but the BLAS calls on one thread, so one batched call leaves
         the other cores idle through the tower's elementwise, softmax and layout work. Here a batch is
@@ -85,29 +85,12 @@ class ClapModel(nn.Module):
         its wide Swin blocks into bands of window rows on two workers measured slower end to end
         (OpenBLAS's helper threads keep spinning after the two-thread GEMMs around the bands).
         """
-        batch = input_features.shape[0]
-        if batch < 2 or cpu_parallel.worker_count() < 2 or not cpu_parallel.on_cpu():
-            emb = self.get_audio_features(input_features, is_longer)
-            mx.eval(emb)
-            return emb
-        # Worker threads cannot run graph nodes queued on this thread's stream (lazy loads from
-        # safetensors, the caller's slicing), so everything they read is evaluated here first.
-        mx.eval(
-            self.audio_model,
-            self.audio_projection,
-            input_features,
-            *([] if is_longer is None else [is_longer]),
+        return cpu_parallel.eval_batched(
+            self.get_audio_features,
+            [input_features, is_longer],
+            CPU_CLIPS_PER_BLOCK,
+            ready=[self.audio_model, self.audio_projection],
         )
-        spans = [(s, min(batch, s + CPU_CLIPS_PER_BLOCK)) for s in range(0, batch, CPU_CLIPS_PER_BLOCK)]
-
-        def block(span: tuple[int, int]) -> mx.array:
-            a, b = span
-            with cpu_parallel.graph_lock:  # the tower calls mx.compile'd kernels
-                return self.get_audio_features(
-                    input_features[a:b], None if is_longer is None else is_longer[a:b]
-                )
-
-        return mx.concatenate(cpu_parallel.map_blocks(block, spans), axis=0)
 
     def get_text_features(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
         """Token ids (B, L) and mask (B, L) -> unit (B, D), from RoBERTa's pooler output."""
@@ -213,7 +196,7 @@ class ClapModel(nn.Module):
             )
             rows = []
             for r in range(0, feats.shape[0], batch_size):
-                emb = self.audio_embeddings(feats[r : r + batch_size], is_longer[r : r + batch_size])
+                emb = self.embed_inputs(feats[r : r + batch_size], is_longer[r : r + batch_size])
                 rows.append(np.array(emb.astype(mx.float32)))
             rows_np = np.concatenate(rows, axis=0)
             out[start : start + len(chunk)] = pool_windows(rows_np, owner, len(chunk))
@@ -236,7 +219,7 @@ class ClapModel(nn.Module):
         def flush() -> None:
             nonlocal total
             feats, is_longer, _ = fx.extract_for_embedding(group, quantize_int16=quantize_int16)
-            emb = self.audio_embeddings(feats, is_longer)
+            emb = self.embed_inputs(feats, is_longer)
             for row in np.array(emb.astype(mx.float32)).astype(np.float64):
                 total += row  # row by row, as pool_windows' np.add.at sums
             group.clear()

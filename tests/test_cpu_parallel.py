@@ -1,4 +1,4 @@
-"""CPU multi-core paths: `cpu_parallel.map_blocks`, the blocked mel frontend and `audio_embeddings`.
+"""CPU multi-core paths: `cpu_parallel.map_blocks`, the blocked mel frontend and `embed_inputs`.
 
 The parallel paths must give the serial numbers (the frontend bit for bit, the tower within float32
 rounding, since BLAS blocks a 2-clip product differently from an 8-clip one), keep the golden
@@ -138,7 +138,7 @@ def _golden_batch() -> tuple[object, mx.array, np.ndarray]:
     from mlx_clap.weights import load_model
 
     ref = np.load(GOLDEN / "reference.npz")
-    model = load_model(GOLDEN)  # lazily loaded weights: audio_embeddings must evaluate them first
+    model = load_model(GOLDEN)  # lazily loaded weights: embed_inputs must evaluate them first
     feats = ref["input_features"].astype(np.float32)
     rng = np.random.default_rng(3)
     extra = (rng.standard_normal((3,) + feats.shape[1:]) * 20 - 40).astype(np.float32)
@@ -148,7 +148,7 @@ def _golden_batch() -> tuple[object, mx.array, np.ndarray]:
 def test_audio_embeddings_match_the_batched_tower_and_the_reference(threads):
     threads(2)
     model, feats, ref_embeds = _golden_batch()
-    parallel = np.array(model.audio_embeddings(feats))
+    parallel = np.array(model.embed_inputs(feats))
     batched = np.array(model.get_audio_features(feats))
     assert parallel.shape == batched.shape == (5, ref_embeds.shape[1])
     np.testing.assert_allclose(parallel, batched, rtol=0, atol=1e-6)
@@ -160,7 +160,7 @@ def test_audio_embeddings_with_one_thread_is_the_batched_call(threads):
     threads(1)
     model, feats, _ = _golden_batch()
     np.testing.assert_array_equal(
-        np.array(model.audio_embeddings(feats)), np.array(model.get_audio_features(feats))
+        np.array(model.embed_inputs(feats)), np.array(model.get_audio_features(feats))
     )
 
 
@@ -176,7 +176,7 @@ def test_process_exits_cleanly_after_parallel_compiled_work():
         waves = [np.random.default_rng(i).standard_normal(480000).astype(np.float32) * 0.1 for i in range(4)]
         feats, _ = fx(waves, sampling_rate=48000)
         model = load_model({str(GOLDEN)!r})
-        print(model.audio_embeddings(feats).shape)
+        print(model.embed_inputs(feats).shape)
         """
     )
     env = {"MLX_CLAP_CPU_THREADS": "2", "PATH": "/usr/bin:/bin"}
@@ -197,3 +197,26 @@ def test_extractor_output_is_independent_of_the_thread_count(threads):
     threads(2)
     parallel = np.array(fx(waves, sampling_rate=48000, rng=np.random.RandomState(0))[0])
     np.testing.assert_array_equal(parallel, serial)
+
+
+@pytest.mark.parametrize("version", ["2023", "2022"])
+def test_msclap_embed_inputs_match_the_batched_tower(version, threads):
+    from test_msclap_api import tiny_config
+
+    from mlx_clap.msclap.frontend import slaney_mel_filterbank
+    from mlx_clap.msclap.model import MsClapModel
+
+    cfg = tiny_config(version)
+    mx.random.seed(5)
+    model = MsClapModel(cfg)  # random init: lazy arrays the workers could not run themselves
+    model.audio_encoder.base.logmel_extractor.melW = mx.array(
+        slaney_mel_filterbank(cfg.mel_sampling_rate, 1024, 64, cfg.fmin, cfg.fmax)
+    )
+    rng = np.random.default_rng(6)
+    clips = mx.array((0.1 * rng.standard_normal((3, cfg.clip_samples))).astype(np.float32))
+    threads(2)
+    parallel = np.array(model.embed_inputs(clips))
+    batched = np.array(model.get_audio_features(clips))
+    np.testing.assert_allclose(parallel, batched, rtol=0, atol=1e-6)
+    threads(1)
+    np.testing.assert_array_equal(np.array(model.embed_inputs(clips)), batched)

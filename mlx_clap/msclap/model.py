@@ -25,7 +25,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..model import as_text_list, l2_normalize, pool_windows, zero_shot_probabilities
+from .. import cpu_parallel
+from ..model import CPU_CLIPS_PER_BLOCK, as_text_list, l2_normalize, pool_windows, zero_shot_probabilities
 from .cnn14 import Cnn14
 from .config import MsClapConfig
 from .frontend import fit_clip, log_mel, prepare_batch, to_mono
@@ -180,6 +181,16 @@ class MsClapModel(nn.Module):
             )
         return self.audio_encoder(waveforms)
 
+    def embed_inputs(self, waveforms: mx.array) -> mx.array:
+        """Unit embeddings of (B, clip_samples) clips: `get_audio_features`, evaluated, on all CPU cores.
+
+        As `mlx_clap.model.ClapModel.embed_inputs` (`cpu_parallel.eval_batched`); it evaluates as it
+        goes, so it cannot run under `mx.compile`.
+        """
+        return cpu_parallel.eval_batched(
+            self.get_audio_features, [mx.array(waveforms)], CPU_CLIPS_PER_BLOCK, ready=[self.audio_encoder]
+        )
+
     def get_text_embeddings(
         self,
         input_ids: mx.array,
@@ -293,8 +304,7 @@ class MsClapModel(nn.Module):
             return out
         rows = []
         for r in range(0, clips.shape[0], batch_size):
-            emb = self.get_audio_features(mx.array(clips[r : r + batch_size]))
-            mx.eval(emb)
+            emb = self.embed_inputs(mx.array(clips[r : r + batch_size]))
             rows.append(np.array(emb.astype(mx.float32)))
         return pool_windows(np.concatenate(rows, axis=0), owner, len(waveforms))
 
@@ -318,8 +328,7 @@ class MsClapModel(nn.Module):
         def flush() -> None:
             nonlocal total
             clips = np.stack([fit_clip(to_mono(w), length)[0] for w in group])
-            emb = self.get_audio_features(mx.array(clips))
-            mx.eval(emb)
+            emb = self.embed_inputs(mx.array(clips))
             for row in np.array(emb.astype(mx.float32)).astype(np.float64):
                 total += row  # row by row, as pool_windows sums
             group.clear()
