@@ -171,7 +171,8 @@ def audio_family(name: str, dtypes: list[str], batch: int, torch_device: str) ->
             waves, sampling_rate=common.SAMPLE_RATE, rng=np.random.RandomState(0), fused_short="hf"
         )
         stages = mlx_audio(model, feats, is_longer)
-        e2e = np32(model.get_audio_features(mel, longer if fam.fusion else None))
+        # The embedding path (`embed_inputs`: blocks of clips on CPU worker threads), as `embed` runs it.
+        e2e = np32(model.embed_inputs(mel, longer if fam.fusion else None))
         pairs = [("mel (frontend)", feats, np32(mel)), ("bn0", ref_stages["bn0"], stages["bn0"])]
         pairs.append(("bn0+bicubic+fold", ref_stages["image"], stages["image"]))
         for i, (r, g) in enumerate(zip(ref_stages["hidden"], stages["hidden"], strict=True)):
@@ -226,6 +227,45 @@ def text_family(dtypes: list[str], batch: int, length: int, torch_device: str) -
 
 
 # --------------------------------------------------------------------------------------------- main
+SUMMARY_HEADERS = [
+    "family",
+    "dtype",
+    "worst stage rel L2 (stage)",
+    "unit max abs",
+    "unit 1 − cos",
+    "end-to-end max abs",
+    "end-to-end 1 − cos",
+    "checks",
+]
+
+
+def summary(rows: list[dict]) -> list[list[str]]:
+    """One line per (family, dtype): the worst model stage, the unit and end-to-end errors, checks passed."""
+    keys = list(dict.fromkeys((r["family"], r["dtype"]) for r in rows))
+    out = []
+    for fam, dtype in keys:
+        rs = [r for r in rows if (r["family"], r["dtype"]) == (fam, dtype)]
+        stages = [r for r in rs if r["stage"] not in ("mel (frontend)", "end to end unit")]
+        worst = max(stages, key=lambda r: r["rel_l2"])
+        unit = next(r for r in rs if r["stage"] in ("unit", "text unit"))
+        e2e = next((r for r in rs if r["stage"] == "end to end unit"), None)
+        checks = [r for r in rs if r.get("check")]
+        passed = sum(r["check"] == "ok" for r in checks)
+        out.append(
+            [
+                fam,
+                dtype,
+                f"{worst['rel_l2']:.1e} ({worst['stage']})",
+                f"{unit['max_abs']:.1e}",
+                f"{1 - unit['cosine_min']:.1e}",
+                f"{e2e['max_abs']:.1e}" if e2e else "—",
+                f"{1 - e2e['cosine_min']:.1e}" if e2e else "—",
+                f"{passed}/{len(checks)} ok",
+            ]
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="batch 1, float32 + float16")
@@ -296,7 +336,11 @@ def main(argv: list[str] | None = None) -> int:
         f"MLX_CLAP_CPU_KERNELS {'on' if env['mlx_clap_cpu_kernels'] else 'off'}, "
         f"MLX_ENABLE_TF32={env['mlx_enable_tf32']}.\n\n"
         "Model stages get the reference mel; `mel (frontend)` and `end to end unit` compare the "
-        "extractors.\n\n" + common.md_table(headers, table) + f"\n{len(over)} row(s) over their limit.\n"
+        "extractors (ours through `embed_inputs`, the embedding path).\n\n## Summary\n\n"
+        + common.md_table(SUMMARY_HEADERS, summary(rows))
+        + "\n## Every stage\n\n"
+        + common.md_table(headers, table)
+        + f"\n{len(over)} row(s) over their limit.\n"
     )
     name = "parity" + (f"-{args.tag}" if args.tag else "")
     jpath, mpath = common.save(name, data, md, args.out)
