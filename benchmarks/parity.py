@@ -171,8 +171,8 @@ def audio_family(name: str, dtypes: list[str], batch: int, torch_device: str) ->
             waves, sampling_rate=common.SAMPLE_RATE, rng=np.random.RandomState(0), fused_short="hf"
         )
         stages = mlx_audio(model, feats, is_longer)
-        # The embedding path (`embed_inputs`: blocks of clips on CPU worker threads), as `embed` runs it.
-        e2e = np32(model.embed_inputs(mel, longer if fam.fusion else None))
+        # The embedding path (`embed_audio_inputs`: blocks of clips on CPU worker threads), as in `embed`.
+        e2e = np32(model.embed_audio_inputs(mel, longer if fam.fusion else None))
         pairs = [("mel (frontend)", feats, np32(mel)), ("bn0", ref_stages["bn0"], stages["bn0"])]
         pairs.append(("bn0+bicubic+fold", ref_stages["image"], stages["image"]))
         for i, (r, g) in enumerate(zip(ref_stages["hidden"], stages["hidden"], strict=True)):
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         f"MLX_CLAP_CPU_KERNELS {'on' if env['mlx_clap_cpu_kernels'] else 'off'}, "
         f"MLX_ENABLE_TF32={env['mlx_enable_tf32']}.\n\n"
         "Model stages get the reference mel; `mel (frontend)` and `end to end unit` compare the "
-        "extractors (ours through `embed_inputs`, the embedding path).\n\n## Summary\n\n"
+        "extractors (ours through `embed_audio_inputs`, the embedding path).\n\n## Summary\n\n"
         + common.md_table(SUMMARY_HEADERS, summary(rows))
         + "\n## Every stage\n\n"
         + common.md_table(headers, table)

@@ -135,7 +135,7 @@ class Bench:
         self.record("audio", dtype, batch, "mlx", self.m_time(lambda: model.get_audio_features(xm)), flops)
         if batch > 1:  # the embedding path: the batch split over the CPU cores (one call elsewhere)
             self.record(
-                "audio", dtype, batch, "mlx-cores", self.m_time(lambda: model.embed_inputs(xm)), flops
+                "audio", dtype, batch, "mlx-cores", self.m_time(lambda: model.embed_audio_inputs(xm)), flops
             )
         if self.args.compile:
             fn = mx.compile(lambda x: model.get_audio_features(x))
@@ -154,6 +154,9 @@ class Bench:
         self.record("text", dtype, batch, "torch", res, flops)
         im, mm = mx.array(ids), mx.array(mask)
         self.record("text", dtype, batch, "mlx", self.m_time(lambda: model.get_text_features(im, mm)), flops)
+        if batch > 1:  # the embedding path: big batches split over the CPU cores (one call elsewhere)
+            res = self.m_time(lambda: model.embed_text_inputs(im, mm))
+            self.record("text", dtype, batch, "mlx-cores", res, flops)
         if self.args.compile:
             fn = mx.compile(lambda i, m: model.get_text_features(i, m))
             self.compiled("text", dtype, batch, lambda: fn(im, mm), flops)
@@ -198,7 +201,7 @@ class Bench:
 
         def run_mlx():  # the embedding path: MLX frontend, then the tower over all CPU cores
             feats, longer = fe(waves, sampling_rate=common.SAMPLE_RATE)
-            return model.embed_inputs(feats, longer if self.fusion else None)
+            return model.embed_audio_inputs(feats, longer if self.fusion else None)
 
         self.record("e2e", dtype, batch, "mlx", self.m_time(run_mlx), flops)
 
@@ -392,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.torch_threads = args.torch_threads or args.threads
         set_num_threads(args.threads)
-        # MLX's own CPU worker threads (frontend blocks, embed_inputs) get the same count.
+        # MLX's own CPU worker threads (frontend blocks, embed_audio_inputs) get the same count.
         os.environ["MLX_CLAP_CPU_THREADS"] = str(args.threads)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

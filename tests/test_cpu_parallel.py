@@ -1,4 +1,4 @@
-"""CPU multi-core paths: `cpu_parallel.map_blocks`, the blocked mel frontend and `embed_inputs`.
+"""CPU multi-core paths: `cpu_parallel.map_blocks`, the blocked mel frontend and `embed_audio_inputs`.
 
 The parallel paths must give the serial numbers (the frontend bit for bit, the tower within float32
 rounding, since BLAS blocks a 2-clip product differently from an 8-clip one), keep the golden
@@ -138,7 +138,7 @@ def _golden_batch() -> tuple[object, mx.array, np.ndarray]:
     from mlx_clap.weights import load_model
 
     ref = np.load(GOLDEN / "reference.npz")
-    model = load_model(GOLDEN)  # lazily loaded weights: embed_inputs must evaluate them first
+    model = load_model(GOLDEN)  # lazily loaded weights: embed_audio_inputs must evaluate them first
     feats = ref["input_features"].astype(np.float32)
     rng = np.random.default_rng(3)
     extra = (rng.standard_normal((3,) + feats.shape[1:]) * 20 - 40).astype(np.float32)
@@ -148,7 +148,7 @@ def _golden_batch() -> tuple[object, mx.array, np.ndarray]:
 def test_audio_embeddings_match_the_batched_tower_and_the_reference(threads):
     threads(2)
     model, feats, ref_embeds = _golden_batch()
-    parallel = np.array(model.embed_inputs(feats))
+    parallel = np.array(model.embed_audio_inputs(feats))
     batched = np.array(model.get_audio_features(feats))
     assert parallel.shape == batched.shape == (5, ref_embeds.shape[1])
     np.testing.assert_allclose(parallel, batched, rtol=0, atol=1e-6)
@@ -160,7 +160,7 @@ def test_audio_embeddings_with_one_thread_is_the_batched_call(threads):
     threads(1)
     model, feats, _ = _golden_batch()
     np.testing.assert_array_equal(
-        np.array(model.embed_inputs(feats)), np.array(model.get_audio_features(feats))
+        np.array(model.embed_audio_inputs(feats)), np.array(model.get_audio_features(feats))
     )
 
 
@@ -176,7 +176,7 @@ def test_process_exits_cleanly_after_parallel_compiled_work():
         waves = [np.random.default_rng(i).standard_normal(480000).astype(np.float32) * 0.1 for i in range(4)]
         feats, _ = fx(waves, sampling_rate=48000)
         model = load_model({str(GOLDEN)!r})
-        print(model.embed_inputs(feats).shape)
+        print(model.embed_audio_inputs(feats).shape)
         """
     )
     env = {"MLX_CLAP_CPU_THREADS": "2", "PATH": "/usr/bin:/bin"}
@@ -215,8 +215,26 @@ def test_msclap_embed_inputs_match_the_batched_tower(version, threads):
     rng = np.random.default_rng(6)
     clips = mx.array((0.1 * rng.standard_normal((3, cfg.clip_samples))).astype(np.float32))
     threads(2)
-    parallel = np.array(model.embed_inputs(clips))
+    parallel = np.array(model.embed_audio_inputs(clips))
     batched = np.array(model.get_audio_features(clips))
     np.testing.assert_allclose(parallel, batched, rtol=0, atol=1e-6)
     threads(1)
-    np.testing.assert_array_equal(np.array(model.embed_inputs(clips)), batched)
+    np.testing.assert_array_equal(np.array(model.embed_audio_inputs(clips)), batched)
+
+
+def test_text_inputs_in_blocks_match_the_batched_tower(threads):
+    from mlx_clap.model import CPU_TEXTS_PER_BLOCK
+    from mlx_clap.weights import load_model
+
+    model = load_model(GOLDEN)
+    vocab = model.config.text_config.vocab_size
+    rng = np.random.default_rng(7)
+    batch = 2 * CPU_TEXTS_PER_BLOCK + 5  # three blocks
+    ids = rng.integers(3, vocab, (batch, 12)).astype(np.int32)
+    ids[:, 0] = 0
+    mask = np.ones_like(ids)
+    mask[::3, 9:] = 0  # some padded rows
+    threads(2)
+    blocks = np.array(model.embed_text_inputs(mx.array(ids), mx.array(mask)))
+    batched = np.array(model.get_text_features(mx.array(ids), mx.array(mask)))
+    np.testing.assert_allclose(blocks, batched, rtol=0, atol=1e-6)

@@ -26,7 +26,14 @@ import mlx.nn as nn
 import numpy as np
 
 from .. import cpu_parallel
-from ..model import CPU_CLIPS_PER_BLOCK, as_text_list, l2_normalize, pool_windows, zero_shot_probabilities
+from ..model import (
+    CPU_CLIPS_PER_BLOCK,
+    CPU_TEXTS_PER_BLOCK,
+    as_text_list,
+    l2_normalize,
+    pool_windows,
+    zero_shot_probabilities,
+)
 from .cnn14 import Cnn14
 from .config import MsClapConfig
 from .frontend import fit_clip, log_mel, prepare_batch, to_mono
@@ -181,14 +188,28 @@ class MsClapModel(nn.Module):
             )
         return self.audio_encoder(waveforms)
 
-    def embed_inputs(self, waveforms: mx.array) -> mx.array:
+    def embed_audio_inputs(self, waveforms: mx.array) -> mx.array:
         """Unit embeddings of (B, clip_samples) clips: `get_audio_features`, evaluated, on all CPU cores.
 
-        As `mlx_clap.model.ClapModel.embed_inputs` (`cpu_parallel.eval_batched`); it evaluates as it
+        As `mlx_clap.model.ClapModel.embed_audio_inputs` (`cpu_parallel.eval_batched`); it evaluates as it
         goes, so it cannot run under `mx.compile`.
         """
         return cpu_parallel.eval_batched(
             self.get_audio_features, [mx.array(waveforms)], CPU_CLIPS_PER_BLOCK, ready=[self.audio_encoder]
+        )
+
+    def embed_text_inputs(
+        self,
+        input_ids: mx.array,
+        attention_mask: mx.array | None = None,
+        token_type_ids: mx.array | None = None,
+    ) -> mx.array:
+        """Unit embeddings of token ids: `get_text_features`, evaluated, big batches on all CPU cores."""
+        return cpu_parallel.eval_batched(
+            self.get_text_features,
+            [mx.array(input_ids), attention_mask, token_type_ids],
+            CPU_TEXTS_PER_BLOCK,
+            ready=[self.caption_encoder],
         )
 
     def get_text_embeddings(
@@ -304,7 +325,7 @@ class MsClapModel(nn.Module):
             return out
         rows = []
         for r in range(0, clips.shape[0], batch_size):
-            emb = self.embed_inputs(mx.array(clips[r : r + batch_size]))
+            emb = self.embed_audio_inputs(mx.array(clips[r : r + batch_size]))
             rows.append(np.array(emb.astype(mx.float32)))
         return pool_windows(np.concatenate(rows, axis=0), owner, len(waveforms))
 
@@ -328,7 +349,7 @@ class MsClapModel(nn.Module):
         def flush() -> None:
             nonlocal total
             clips = np.stack([fit_clip(to_mono(w), length)[0] for w in group])
-            emb = self.embed_inputs(mx.array(clips))
+            emb = self.embed_audio_inputs(mx.array(clips))
             for row in np.array(emb.astype(mx.float32)).astype(np.float64):
                 total += row  # row by row, as pool_windows sums
             group.clear()
@@ -351,12 +372,11 @@ class MsClapModel(nn.Module):
         tok = self.tokenizer
         for start in range(0, len(texts), batch_size):
             enc = tok(texts[start : start + batch_size])
-            emb = self.get_text_features(
+            emb = self.embed_text_inputs(
                 mx.array(enc["input_ids"]),
                 mx.array(enc["attention_mask"]),
                 mx.array(enc["token_type_ids"]) if "token_type_ids" in enc else None,
             )
-            mx.eval(emb)
             out[start : start + len(enc["input_ids"])] = np.array(emb.astype(mx.float32))
         return out
 
