@@ -3,7 +3,8 @@
 MLX's CPU backend runs each stream's work on one thread, and its CPU FFT runs on the thread that calls
 `mx.eval`, so a batch of clips through the mel frontend uses one core however many there are. Python
 threads that each own a CPU stream do run in parallel (`mx.eval` releases the GIL): on the 2-core
-benchmark machine 16 clips of STFT + mel go from 31 to 20 ms (benchmarks/bench_features.py).
+benchmark machine the frontend goes from 1.78 to 1.36 ms a clip and the batch-8 audio tower from about
+960 to 730 ms (benchmarks/README.md, "Multi-core").
 
 While blocks run in parallel, OpenBLAS is held to one thread: each worker already has a core, and
 OpenBLAS threads on top of them oversubscribe the machine (measured slower than one worker).
@@ -96,6 +97,7 @@ class _DaemonPool:
             threading.Thread(target=self._work, name=f"mlx-clap-cpu-{i}", daemon=True).start()
 
     def _work(self) -> None:
+        _local.is_worker = True
         while True:
             fn, item, future = self.tasks.get()
             if not future.set_running_or_notify_cancel():
@@ -129,7 +131,8 @@ def map_blocks(fn: Callable[[T], mx.array], items: Sequence[T]) -> list[mx.array
     `mx.stream(worker_stream())` on its thread.
     """
     workers = min(worker_count(), len(items))
-    if workers <= 1 or not on_cpu():
+    # A block that itself maps blocks runs them in place: waiting on its own pool could deadlock.
+    if workers <= 1 or not on_cpu() or getattr(_local, "is_worker", False):
         out = []
         for item in items:
             result = fn(item)
@@ -160,7 +163,7 @@ def eval_batched(
     may call `mx.compile`d kernels); evaluation runs in parallel.
     """
     batch = next(a for a in arrays if a is not None).shape[0]
-    if batch < 2 or worker_count() < 2 or not on_cpu():
+    if batch <= rows_per_block or worker_count() < 2 or not on_cpu():
         out = fn(*arrays)
         mx.eval(out)
         return out
@@ -176,9 +179,9 @@ def eval_batched(
 
 
 __all__ = [
-    "eval_batched",
     "THREADS_VAR",
     "blas_threads",
+    "eval_batched",
     "graph_lock",
     "map_blocks",
     "on_cpu",

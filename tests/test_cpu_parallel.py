@@ -238,3 +238,17 @@ def test_text_inputs_in_blocks_match_the_batched_tower(threads):
     blocks = np.array(model.embed_text_inputs(mx.array(ids), mx.array(mask)))
     batched = np.array(model.get_text_features(mx.array(ids), mx.array(mask)))
     np.testing.assert_allclose(blocks, batched, rtol=0, atol=1e-6)
+
+
+def test_nested_map_blocks_run_in_place(threads):
+    threads(2)
+
+    def inner(i: int) -> mx.array:
+        return mx.array([i])
+
+    def outer(i: int) -> mx.array:
+        parts = cpu_parallel.map_blocks(inner, [10 * i, 10 * i + 1, 10 * i + 2])
+        return mx.concatenate(parts)
+
+    out = cpu_parallel.map_blocks(outer, [0, 1, 2, 3])
+    assert [np.array(o).tolist() for o in out] == [[10 * i, 10 * i + 1, 10 * i + 2] for i in range(4)]
