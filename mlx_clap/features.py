@@ -389,8 +389,9 @@ class MelFrontend:
     def _log_mel(self, batch: mx.array | np.ndarray | Sequence[np.ndarray], filterbank: str) -> mx.array:
         x = batch
         if isinstance(x, (list, tuple)):
-            # Equal-length numpy rows, kept apart: stacking a big batch would copy it once more.
-            if len({w.shape for w in x}) != 1 or x[0].ndim != 1:
+            # Equal-length rows, kept apart: stacking a big batch would copy it once more.
+            x = [np.asarray(w) for w in x]
+            if not x or len({w.shape for w in x}) != 1 or x[0].ndim != 1:
                 raise ValueError("log_mel takes a list of equal-length 1-D waveforms")
             b, n = len(x), x[0].shape[0]
         else:
