@@ -181,12 +181,15 @@ class ClapModel(nn.Module):
         fx = self.feature_extractor
         out = np.zeros((len(waveforms), self.embedding_dim), dtype=np.float32)
         if long_audio == "windows-mean":
-            # Long clips go window-group by window-group (embed_windows), so a 2-hour file never has
-            # all its 720 windows' features in memory at once; the rest are batched as before.
+            # Clips with more windows than a batch go window-group by window-group (embed_windows), so
+            # a 2-hour file never has all its 720 windows' features in memory at once. Shorter ones,
+            # 10-s windows included, share model calls with their neighbours: one by one, a folder of
+            # 15-s files would run the tower two windows at a time.
             from .features import as_waveform_list
 
             waveforms = as_waveform_list(list(waveforms)) if len(waveforms) else []
-            long_idx = [i for i, w in enumerate(waveforms) if w.shape[0] > fx.max_samples]
+            most = batch_size * fx.max_samples
+            long_idx = [i for i, w in enumerate(waveforms) if w.shape[0] > most]
             for i in long_idx:
                 out[i] = self.embed_windows(
                     [waveforms[i]], batch_size=batch_size, quantize_int16=quantize_int16
