@@ -42,13 +42,27 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mlx-clap")
-def main() -> None:
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="CPU threads for the model (MLX worker threads and OpenBLAS); default: every core. "
+    "Same as MLX_CLAP_CPU_THREADS plus MLX_CLAP_BLAS_THREADS.",
+)
+def main(threads: int | None) -> None:
     """CLAP audio and text embeddings in MLX.
 
     \b
     Example:
       mlx-clap embed ~/Sounds --recursive --out vectors/
+      mlx-clap --threads 1 embed clips/ --out vectors/   # leave the other cores free
     """
+    if threads is not None:
+        from . import cpu_parallel
+        from .blas import set_num_threads
+
+        os.environ[cpu_parallel.THREADS_VAR] = str(threads)
+        set_num_threads(threads)
     # The command owns its process, so it keeps freed memory in glibc's heap for MLX's next intermediates
     # (mlx_clap.blas.tune_malloc): with the tower and the frontend on worker threads, each thread's arena
     # otherwise maps and faults its big blocks afresh. `mlx-clap embed` of 48 short files: 7.3-7.8 s ->

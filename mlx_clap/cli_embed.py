@@ -564,6 +564,15 @@ def info(model_id: str, as_json: bool) -> None:
     except Exception:
         report["metal"] = False
     report["versions"] = _versions()
+    from . import cpu_parallel
+    from .blas import blas_info, get_num_threads
+
+    blas = blas_info()
+    report["cpu"] = {
+        "workers": cpu_parallel.worker_count(),
+        "blas": blas.get("config") or blas.get("status"),
+        "blas_threads": get_num_threads(),
+    }
     model_info: dict[str, Any] = {"id": model_id}
     try:
         import mlx_clap
@@ -615,4 +624,6 @@ def info(model_id: str, as_json: bool) -> None:
             f"truncation {f['truncation']}, padding {f['padding']}"
         )
     click.echo(f"device:   {report['device']} (metal: {report['metal']})")
+    cpu = report["cpu"]
+    click.echo(f"cpu:      {cpu['workers']} worker threads; BLAS {cpu['blas']}")
     click.echo("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v))

@@ -224,6 +224,22 @@ def test_embed_text_and_info(tiny_model_dir, tiny_model, tmp_path):
     assert "HTSAT hidden 128" in r.stdout and "numpy" in r.stdout
 
 
+def test_threads_option_sets_workers_and_blas(tiny_model_dir, monkeypatch):
+    from mlx_clap import blas
+
+    monkeypatch.delenv("MLX_CLAP_CPU_THREADS", raising=False)  # restored after the test
+    before = blas.get_num_threads()
+    try:
+        r = _run(["--threads", "1", "info", "--model", str(tiny_model_dir), "--json"])
+        assert r.exit_code == 0, r.output
+        cpu = json.loads(r.stdout)["cpu"]
+        assert cpu["workers"] == 1
+        assert cpu["blas_threads"] in (1, None)  # None: no OpenBLAS active (MLX_CLAP_BLAS=off)
+    finally:
+        if before is not None:
+            blas.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------------- kill and resume
 def _embed_cmd(model_dir: Path, src: Path, out: Path) -> list[str]:
     opts = ["--batch-size", "1", "--workers", "1", "--store-dtype", "float32", "-q"]
