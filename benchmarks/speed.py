@@ -35,6 +35,8 @@ import common  # noqa: E402  (sets sys.path, HF offline, the Linux CPU BLAS)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mlx_clap.cpu_parallel import on_cpu  # noqa: E402
+
 PARTS = ("audio", "text", "mel", "e2e", "stages")
 
 
@@ -133,7 +135,7 @@ class Bench:
         xm = mx.array(feats)
         mx.eval(xm)
         self.record("audio", dtype, batch, "mlx", self.m_time(lambda: model.get_audio_features(xm)), flops)
-        if batch > 1:  # the embedding path: the batch split over the CPU cores (one call elsewhere)
+        if batch > 1 and on_cpu():  # the embedding path: the batch split over the CPU cores
             self.record(
                 "audio", dtype, batch, "mlx-cores", self.m_time(lambda: model.embed_audio_inputs(xm)), flops
             )
@@ -154,7 +156,7 @@ class Bench:
         self.record("text", dtype, batch, "torch", res, flops)
         im, mm = mx.array(ids), mx.array(mask)
         self.record("text", dtype, batch, "mlx", self.m_time(lambda: model.get_text_features(im, mm)), flops)
-        if batch > 1:  # the embedding path: big batches split over the CPU cores (one call elsewhere)
+        if batch > 1 and on_cpu():  # the embedding path: big batches split over the CPU cores
             res = self.m_time(lambda: model.embed_text_inputs(im, mm))
             self.record("text", dtype, batch, "mlx-cores", res, flops)
         if self.args.compile:
