@@ -24,6 +24,7 @@ from concurrent.futures import Future, wait
 from typing import TypeVar
 
 import mlx.core as mx
+import numpy as np
 
 from . import blas
 
@@ -151,17 +152,21 @@ def map_blocks(fn: Callable[[T], mx.array], items: Sequence[T]) -> list[mx.array
 
 
 def eval_batched(
-    fn: Callable[..., mx.array], arrays: Sequence[mx.array | None], rows_per_block: int, ready: Sequence = ()
+    fn: Callable[..., mx.array],
+    arrays: Sequence[mx.array | np.ndarray | None],
+    rows_per_block: int,
+    ready: Sequence = (),
 ) -> mx.array:
     """`fn(*arrays)`, evaluated; on a multi-core CPU the batch is cut into blocks run side by side.
 
-    `arrays` share their first (batch) axis (None entries pass through); every block gets rows
+    `arrays` (MLX or numpy) share their first (batch) axis (None entries pass through); every block gets rows
     a..b of each and `fn`'s row r must depend only on row r of the inputs, so the result equals the
     single call up to BLAS rounding. `ready`: what `fn` reads besides `arrays` (modules, arrays),
     evaluated here first, since workers cannot run graph nodes queued on this thread's stream (lazily
     loaded weights, the caller's slicing). The graph of each block is built under `graph_lock` (`fn`
     may call `mx.compile`d kernels); evaluation runs in parallel.
     """
+    arrays = [a if a is None or isinstance(a, mx.array) else mx.array(a) for a in arrays]
     batch = next(a for a in arrays if a is not None).shape[0]
     if batch <= rows_per_block or worker_count() < 2 or not on_cpu():
         out = fn(*arrays)

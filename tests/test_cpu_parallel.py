@@ -152,6 +152,8 @@ def test_audio_embeddings_match_the_batched_tower_and_the_reference(threads):
     batched = np.array(model.get_audio_features(feats))
     assert parallel.shape == batched.shape == (5, ref_embeds.shape[1])
     np.testing.assert_allclose(parallel, batched, rtol=0, atol=1e-6)
+    from_numpy = np.array(model.embed_audio_inputs(np.array(feats)))
+    np.testing.assert_allclose(from_numpy, parallel, rtol=0, atol=1e-6)
     # The first two rows are the golden clips: transformers' numbers (tests/golden/make_golden.py).
     np.testing.assert_allclose(parallel[:2], ref_embeds, rtol=0, atol=1e-5)
 
