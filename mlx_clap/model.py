@@ -99,7 +99,7 @@ class ClapModel(nn.Module):
         """Unit embeddings of token ids: `get_text_features`, evaluated, big batches on all CPU cores."""
         return cpu_parallel.eval_batched(
             self.get_text_features,
-            [mx.array(input_ids), None if attention_mask is None else mx.array(attention_mask)],
+            [input_ids, attention_mask],
             CPU_TEXTS_PER_BLOCK,
             ready=[self.text_model, self.text_projection],
         )

@@ -195,7 +195,7 @@ class MsClapModel(nn.Module):
         goes, so it cannot run under `mx.compile`.
         """
         return cpu_parallel.eval_batched(
-            self.get_audio_features, [mx.array(waveforms)], CPU_CLIPS_PER_BLOCK, ready=[self.audio_encoder]
+            self.get_audio_features, [waveforms], CPU_CLIPS_PER_BLOCK, ready=[self.audio_encoder]
         )
 
     def embed_text_inputs(
@@ -207,7 +207,7 @@ class MsClapModel(nn.Module):
         """Unit embeddings of token ids: `get_text_features`, evaluated, big batches on all CPU cores."""
         return cpu_parallel.eval_batched(
             self.get_text_features,
-            [mx.array(input_ids), attention_mask, token_type_ids],
+            [input_ids, attention_mask, token_type_ids],
             CPU_TEXTS_PER_BLOCK,
             ready=[self.caption_encoder],
         )
