@@ -33,6 +33,7 @@ import struct
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -241,13 +242,18 @@ def _rebind(libmlx: Path, slots: dict[str, int], path: Path, source: str) -> Bla
     )
 
 
-def set_num_threads(n: int) -> bool:
-    """Set the selected OpenBLAS's thread count at run time; False when no OpenBLAS is active."""
+def _active_openblas(name: str) -> Any:
+    """`openblas_<name>` of the OpenBLAS that MLX's matmuls use (prefix included), or None."""
     info = setup_blas()
     if info.status != "active" or not _keepalive:
-        return False
+        return None
     prefix = "scipy_" if any(s.startswith("scipy_") for s in info.symbols) else ""
-    fn = getattr(_keepalive[-1], f"{prefix}openblas_set_num_threads", None)
+    return getattr(_keepalive[-1], f"{prefix}openblas_{name}", None)
+
+
+def set_num_threads(n: int) -> bool:
+    """Set the selected OpenBLAS's thread count at run time; False when no OpenBLAS is active."""
+    fn = _active_openblas("set_num_threads")
     if fn is None:
         return False
     fn.argtypes = [ctypes.c_int]
@@ -257,11 +263,7 @@ def set_num_threads(n: int) -> bool:
 
 def get_num_threads() -> int | None:
     """The selected OpenBLAS's current thread count, or None when no OpenBLAS is active."""
-    info = setup_blas()
-    if info.status != "active" or not _keepalive:
-        return None
-    prefix = "scipy_" if any(s.startswith("scipy_") for s in info.symbols) else ""
-    fn = getattr(_keepalive[-1], f"{prefix}openblas_get_num_threads", None)
+    fn = _active_openblas("get_num_threads")
     if fn is None:
         return None
     fn.restype = ctypes.c_int
