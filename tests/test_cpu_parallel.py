@@ -254,3 +254,19 @@ def test_nested_map_blocks_run_in_place(threads):
 
     out = cpu_parallel.map_blocks(outer, [0, 1, 2, 3])
     assert [np.array(o).tolist() for o in out] == [[10 * i, 10 * i + 1, 10 * i + 2] for i in range(4)]
+
+
+def test_log_mel_list_input_errors():
+    with pytest.raises(ValueError, match="equal-length 1-D"):
+        log_mel([])
+    with pytest.raises(ValueError, match="equal-length 1-D"):
+        log_mel([np.zeros(1000, np.float32), np.zeros(1200, np.float32)])
+
+
+def test_threads_option_rejects_zero():
+    from click.testing import CliRunner
+
+    from mlx_clap.cli import main
+
+    r = CliRunner().invoke(main, ["--threads", "0", "info"])
+    assert r.exit_code == 2 and "--threads" in r.output
