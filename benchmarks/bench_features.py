@@ -33,9 +33,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import mlx.core as mx  # noqa: E402
 
 import mlx_clap  # noqa: E402,F401  (sets up the Linux CPU BLAS before any timing)
-from mlx_clap import cpu_parallel  # noqa: E402
-from mlx_clap.blas import blas_info  # noqa: E402
-from mlx_clap.features import ClapFeatureExtractor  # noqa: E402
+from mlx_clap.ops import parallel as cpu_parallel  # noqa: E402
+from mlx_clap.ops.blas import blas_info  # noqa: E402
+from mlx_clap.preprocess.features import ClapFeatureExtractor  # noqa: E402
 
 SR = 48000
 CLIP = 480000

@@ -31,8 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlx_clap.index import AnnIndex, FlatIndex, RowReader, near_duplicates  # noqa: E402
-from mlx_clap.store import EmbeddingStore  # noqa: E402
+from mlx_clap.search.index import AnnIndex, FlatIndex, RowReader, near_duplicates  # noqa: E402
+from mlx_clap.search.store import EmbeddingStore  # noqa: E402
 
 DIM = 512
 CENTRES = 2000
@@ -195,7 +195,7 @@ def main() -> None:
     )
     import mlx.core as mx
 
-    from mlx_clap.blas import blas_info
+    from mlx_clap.ops.blas import blas_info
 
     work = Path(tempfile.mkdtemp(prefix="bench_index_", dir=args.workdir))
     try:

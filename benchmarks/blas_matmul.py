@@ -1,4 +1,4 @@
-"""MLX CPU matmul rate and accuracy with MLX's bundled BLAS vs the one `mlx_clap.blas` selects.
+"""MLX CPU matmul rate and accuracy with MLX's bundled BLAS vs the one `mlx_clap.ops.blas` selects.
 
 Each setting runs in its own process (`MLX_CLAP_BLAS=off`, then the default `auto`), since the choice is
 made once per process. numpy and PyTorch on the same cores are printed for scale.
@@ -25,7 +25,7 @@ CHILD = r"""
 import json, sys, time
 import numpy as np
 import mlx_clap
-from mlx_clap.blas import blas_info
+from mlx_clap.ops.blas import blas_info
 import mlx.core as mx
 sizes, repeats = json.loads(sys.argv[1]), int(sys.argv[2])
 out = {"blas": blas_info(), "rows": []}
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         results[setting] = json.loads(proc.stdout.strip().splitlines()[-1])
     ref_rows = others(args.sizes, args.repeats)
     lines = [
-        "# MLX CPU matmul: bundled BLAS vs mlx_clap.blas",
+        "# MLX CPU matmul: bundled BLAS vs mlx_clap.ops.blas",
         "",
         f"`python benchmarks/blas_matmul.py {' '.join(argv if argv is not None else sys.argv[1:])}` — "
         f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {os.cpu_count()} CPUs. Selected: "

@@ -2,7 +2,7 @@
 
 Both sides of every comparison run in one process and one run: a random-init, full-size transformers
 `ClapModel` (every parameter and buffer randomized, see tests/reference_models.py) is saved in the hub
-layout, converted with `convert.hf`, and loaded with `mlx_clap.weights.load_converted`. The pairs are
+layout, converted with `mlx_clap.convert.hf`, and loaded with `mlx_clap.io.folder.load_converted`. The pairs are
 cached under `~/.cache/mlx-clap-bench` (or `$MLX_CLAP_BENCH_CACHE`), keyed by family and seed.
 """
 
@@ -66,7 +66,7 @@ def model_pair(family: str, seed: int = 0, torch_device: str = "cpu"):
     from reference_models import random_hf_clap, save_hub_folder
     from transformers import ClapModel
 
-    from convert.hf import convert_hf_folder
+    from mlx_clap.convert.hf import convert_hf_folder
 
     fam = _families()[family]
     base = cache_dir() / f"{family}-seed{seed}"
@@ -81,7 +81,7 @@ def model_pair(family: str, seed: int = 0, torch_device: str = "cpu"):
 
 
 def load_mlx(mlx_dir: Path, dtype: str = "float32"):
-    from mlx_clap.weights import load_converted
+    from mlx_clap.io.folder import load_converted
 
     return load_converted(mlx_dir, dtype=dtype)
 
@@ -255,8 +255,8 @@ def environment(torch_device: str = "cpu") -> dict[str, Any]:
     import torch
     import transformers
 
-    from mlx_clap import cpu_kernels, cpu_parallel
-    from mlx_clap.blas import blas_info, get_num_threads, malloc_tuned
+    from mlx_clap.ops import kernels as cpu_kernels, parallel as cpu_parallel
+    from mlx_clap.ops.blas import blas_info, get_num_threads, malloc_tuned
 
     info: dict[str, Any] = {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

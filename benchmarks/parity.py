@@ -2,7 +2,7 @@
 
 For each family (HTSAT-tiny unfused, HTSAT-tiny fused, HTSAT-base; the RoBERTa text tower) both models
 get identical inputs: the mel stage compares the two feature extractors on the same waveforms; every
-model stage is fed the *reference* mel, so frontend error and model error stay apart (REFERENCE.md §9);
+model stage is fed the *reference* mel, so frontend error and model error stay apart (docs/numerics.md §9);
 a last row runs waveform -> unit embedding end to end on each side. The reference runs in float32 on
 the CPU (or `--torch-device`); MLX runs on its default device in float32 and in half precision.
 
@@ -11,7 +11,7 @@ the CPU (or `--torch-device`); MLX runs on its default device in float32 and in 
     python benchmarks/parity.py --families htsat-tiny text --dtypes float32
 
 Writes benchmarks/results/parity[-<tag>].json and .md. Columns: max |Δ|, relative L2 ‖Δ‖/‖ref‖, the
-smallest per-item cosine, and the spec limit from REFERENCE.md §9 with ok/OVER (float32 only; half
+smallest per-item cosine, and the spec limit from docs/numerics.md §9 with ok/OVER (float32 only; half
 precision is checked on the unit embedding's cosine).
 """
 
@@ -29,7 +29,7 @@ import common  # noqa: E402  (sets sys.path, HF offline, the Linux CPU BLAS)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-# (metric, limit) per stage in float32, from REFERENCE.md §9.
+# (metric, limit) per stage in float32, from docs/numerics.md §9.
 FP32_LIMITS: dict[str, tuple[str, float]] = {
     "mel (frontend)": ("max_abs", 1e-3),
     # §9 says 1e-5 abs for real bn0 statistics (outputs of order 1); the random running stats here give
@@ -120,8 +120,8 @@ def reference_audio(ref, feats, is_longer, device: str) -> dict[str, np.ndarray]
 
 
 def mlx_audio(model, feats, is_longer) -> dict[str, np.ndarray]:
-    from mlx_clap.htsat import _batch_norm
-    from mlx_clap.model import l2_normalize
+    from mlx_clap.models.htsat import _batch_norm
+    from mlx_clap.models.clap import l2_normalize
 
     enc = model.audio_model.audio_encoder
     x = mx.array(feats)
@@ -143,7 +143,7 @@ def mlx_audio(model, feats, is_longer) -> dict[str, np.ndarray]:
 def audio_family(name: str, dtypes: list[str], batch: int, torch_device: str) -> list[dict[str, Any]]:
     import torch
 
-    from mlx_clap.features import ClapFeatureExtractor
+    from mlx_clap.preprocess.features import ClapFeatureExtractor
 
     fam = common._families()[name]
     ref, mlx_dir = common.model_pair(name, torch_device=torch_device)
@@ -192,7 +192,7 @@ def audio_family(name: str, dtypes: list[str], batch: int, torch_device: str) ->
 def text_family(dtypes: list[str], batch: int, length: int, torch_device: str) -> list[dict[str, Any]]:
     import torch
 
-    from mlx_clap.model import l2_normalize
+    from mlx_clap.models.clap import l2_normalize
 
     ref, mlx_dir = common.model_pair("htsat-tiny", torch_device=torch_device)
     ids, mask = common.token_batch(batch, length, seed=2)

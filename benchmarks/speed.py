@@ -16,7 +16,7 @@ HTSAT-tiny) over the measured rate of a 2048³ matmul on the same device and dty
     python benchmarks/speed.py --parts audio --batches 64 --dtypes bfloat16 --torch-device cuda
 
 On a Mac the MLX side runs on Metal (the default device); on Linux with `mlx[cpu]` on the CPU with the
-OpenBLAS that `mlx_clap.blas` selects (see `environment.mlx_clap_blas` in the JSON).
+OpenBLAS that `mlx_clap.ops.blas` selects (see `environment.mlx_clap_blas` in the JSON).
 Writes benchmarks/results/speed[-<tag>].json and .md.
 """
 
@@ -35,7 +35,7 @@ import common  # noqa: E402  (sets sys.path, HF offline, the Linux CPU BLAS)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlx_clap.cpu_parallel import on_cpu  # noqa: E402
+from mlx_clap.ops.parallel import on_cpu  # noqa: E402
 
 PARTS = ("audio", "text", "mel", "e2e", "stages")
 
@@ -222,7 +222,7 @@ class Bench:
         wdt = enc.patch_embed.proj.weight.dtype
 
         def mlx_once() -> list[float]:
-            from mlx_clap.htsat import _layer_norm
+            from mlx_clap.models.htsat import _layer_norm
 
             marks = [time.perf_counter()]
             h = enc.mel_to_image(xm).astype(wdt)
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.threads:
-        from mlx_clap.blas import set_num_threads
+        from mlx_clap.ops.blas import set_num_threads
 
         args.torch_threads = args.torch_threads or args.threads
         set_num_threads(args.threads)

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 # Linux CPU: route MLX's matmuls to an optimized BLAS (no-op elsewhere; MLX_CLAP_BLAS=off opts out).
-from .blas import setup_blas as _setup_blas  # noqa: E402
+from mlx_clap.ops.blas import setup_blas as _setup_blas  # noqa: E402
 
 _setup_blas()
 
 if TYPE_CHECKING:
-    from .model import ClapModel
+    from mlx_clap.models.clap import ClapModel
 
 __all__ = ["load", "ClapModel", "embed_audio", "embed_text", "classify", "__version__"]
 
@@ -30,10 +30,10 @@ __all__ = ["load", "ClapModel", "embed_audio", "embed_text", "classify", "__vers
 def load(source: str | Path, dtype: Any = None, **kwargs: Any) -> ClapModel:
     """Load a model from a converted folder, a Hugging Face model folder, a LAION `.pt` or a hub id.
 
-    Hub ids are downloaded and converted into the cache once (see `mlx_clap.weights`).
+    Hub ids are downloaded and converted into the cache once (see `mlx_clap.io.folder`).
     `dtype` is an MLX dtype or one of "float32", "float16", "bfloat16".
     """
-    from .weights import load_model
+    from mlx_clap.io.folder import load_model
 
     return load_model(source, dtype=dtype, **kwargs)
 
@@ -55,7 +55,7 @@ def classify(model: ClapModel, audio, labels, **kwargs):
 
 def __getattr__(name: str):
     if name == "ClapModel":
-        from .model import ClapModel
+        from mlx_clap.models.clap import ClapModel
 
         return ClapModel
     raise AttributeError(name)

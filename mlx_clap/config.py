@@ -40,7 +40,7 @@ def _to_dict(obj) -> dict[str, Any]:
 
 @dataclass
 class FeatureConfig:
-    """Mel frontend settings, named as in the hub `preprocessor_config.json` (REFERENCE.md §1.1, §2)."""
+    """Mel frontend settings, named as in the hub `preprocessor_config.json` (docs/numerics.md §1.1, §2)."""
 
     feature_size: int = 64
     sampling_rate: int = 48000
@@ -71,7 +71,7 @@ class FeatureConfig:
 
 @dataclass
 class ClapAudioConfig:
-    """HTSAT audio tower (HF `ClapAudioConfig` names; REFERENCE.md §1.2)."""
+    """HTSAT audio tower (HF `ClapAudioConfig` names; docs/numerics.md §1.2)."""
 
     window_size: int = 8
     num_mel_bins: int = 64
@@ -104,7 +104,7 @@ class ClapAudioConfig:
 
 @dataclass
 class ClapTextConfig:
-    """RoBERTa text tower (HF `ClapTextConfig` names; REFERENCE.md §5.1)."""
+    """RoBERTa text tower (HF `ClapTextConfig` names; docs/numerics.md §5.1)."""
 
     vocab_size: int = 50265
     hidden_size: int = 768

@@ -24,7 +24,7 @@ TINY_TEXT = dict(
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
-# Texts for tokenizer equality tests (REFERENCE.md §9): empty, one word, punctuation, unicode, emoji,
+# Texts for tokenizer equality tests (docs/numerics.md §9): empty, one word, punctuation, unicode, emoji,
 # newlines, leading/trailing spaces, contractions, digits, and one longer than 77 tokens (truncation).
 TOKENIZER_TEXTS = [
     "",

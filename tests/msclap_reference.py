@@ -264,7 +264,7 @@ def cosine(a, b) -> np.ndarray:
 
 
 def make_signal(n: int, sr: int = 44100, seed: int = 0) -> np.ndarray:
-    """Tones + noise, a -60 dBFS section and digital silence (REFERENCE.md §9 fixtures), float32."""
+    """Tones + noise, a -60 dBFS section and digital silence (docs/numerics.md §9 fixtures), float32."""
     rng = np.random.default_rng(seed)
     t = np.arange(n) / sr
     x = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 3150.5 * t)

@@ -21,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-# Architectures as in the hub configs (REFERENCE.md §1.1-1.2).
+# Architectures as in the hub configs (docs/numerics.md §1.1-1.2).
 HTSAT_TINY = dict(patch_embeds_hidden_size=96, depths=[2, 2, 6, 2], hidden_size=768)
 HTSAT_BASE = dict(patch_embeds_hidden_size=128, depths=[2, 2, 12, 2], hidden_size=1024)
 

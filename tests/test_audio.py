@@ -15,7 +15,7 @@ import soundfile as sf
 import soxr
 from conftest import REPO_ROOT, SHARED_DIR
 
-from mlx_clap.audio import AudioDecodeError, AudioStream, load_audio, target_length
+from mlx_clap.preprocess.audio import AudioDecodeError, AudioStream, load_audio, target_length
 
 CORPUS = SHARED_DIR / "corpus" / "mutagen"
 
@@ -43,7 +43,7 @@ _CORPUS_SCRIPT = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
-    from mlx_clap.audio import AudioDecodeError, load_audio
+    from mlx_clap.preprocess.audio import AudioDecodeError, load_audio
     for f in sorted(Path(sys.argv[1]).iterdir()):
         print(json.dumps({"start": f.name}), flush=True)
         try:

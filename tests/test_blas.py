@@ -1,4 +1,4 @@
-"""The optimized BLAS that `mlx_clap.blas` routes MLX's CPU matmuls to: correct results, and the opt-out."""
+"""The optimized BLAS that `mlx_clap.ops.blas` routes MLX's CPU matmuls to: correct results, and the opt-out."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 import mlx_clap  # noqa: F401  (runs setup_blas)
-from mlx_clap.blas import blas_info
+from mlx_clap.ops.blas import blas_info
 
 LINUX = sys.platform.startswith("linux")
 HAS_WHEEL = importlib.util.find_spec("scipy_openblas32") is not None
 
 PROBE = (
-    "import json, mlx_clap; from mlx_clap.blas import blas_info; import mlx.core as mx, numpy as np;"
+    "import json, mlx_clap; from mlx_clap.ops.blas import blas_info; import mlx.core as mx, numpy as np;"
     "a = np.random.default_rng(1).standard_normal((300, 200)).astype(np.float32);"
     "d = np.abs(np.array(mx.array(a) @ mx.array(a).T) - a.astype(np.float64) @ a.T.astype(np.float64)).max();"
     "print(json.dumps({**blas_info(), 'err': float(d)}))"
@@ -93,7 +93,7 @@ def test_bad_path_fails_softly():
 
 @pytest.mark.skipif(not (LINUX and HAS_WHEEL), reason="needs Linux and the scipy-openblas32 wheel")
 def test_set_num_threads_round_trip():
-    from mlx_clap.blas import get_num_threads, set_num_threads
+    from mlx_clap.ops.blas import get_num_threads, set_num_threads
 
     before = get_num_threads()
     if before is None:
@@ -108,7 +108,7 @@ def test_set_num_threads_round_trip():
 
 @pytest.mark.skipif(not LINUX, reason="glibc mallopt")
 def test_malloc_tuning_is_opt_in():
-    code = "import json, mlx_clap; from mlx_clap.blas import malloc_tuned; print(json.dumps(malloc_tuned()))"
+    code = "import json, mlx_clap; from mlx_clap.ops.blas import malloc_tuned; print(json.dumps(malloc_tuned()))"
     plain = dict(os.environ)
     plain.pop("MLX_CLAP_MALLOC", None)
     tuned = dict(plain, MLX_CLAP_MALLOC="tune")

@@ -16,8 +16,8 @@ from fixtures import TINY_AUDIO, TINY_TEXT, TOKENIZER_TEXTS, train_bpe_files
 from mlx.utils import tree_flatten
 
 from mlx_clap.config import ClapAudioConfig, ClapConfig, ClapTextConfig
-from mlx_clap.model import ClapModel
-from mlx_clap.tokenizer import load_tokenizer
+from mlx_clap.models.clap import ClapModel
+from mlx_clap.preprocess.tokenizer import load_tokenizer
 
 LABELS = ["dog", "cat meowing", "rain on a roof", "jazz", "a very long label " * 12, "siren", ""]
 # Distinct scales: a swap of logit_scale_a and logit_scale_t shows up in the probabilities.
@@ -218,8 +218,8 @@ def test_converted_folder_carries_its_tokenizer(model, bpe_folder, tmp_path):
     """save_converted + tokenizer files -> from_pretrained: same embeddings; foreign tokenizer: error."""
     import shutil
 
-    from mlx_clap.tokenizer import TokenizerError
-    from mlx_clap.weights import save_converted
+    from mlx_clap.preprocess.tokenizer import TokenizerError
+    from mlx_clap.io.folder import save_converted
 
     save_converted(model, tmp_path)
     with pytest.raises(RuntimeError, match="no tokenizer"):

@@ -24,7 +24,7 @@ from conftest import REPO_ROOT
 from fixtures import TINY_AUDIO, TINY_TEXT
 
 from mlx_clap.cli import main
-from mlx_clap.store import EmbeddingStore
+from mlx_clap.search.store import EmbeddingStore
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     import mlx.core as mx
 
     from mlx_clap.config import ClapAudioConfig, ClapConfig, ClapTextConfig
-    from mlx_clap.model import ClapModel
-    from mlx_clap.weights import save_converted
+    from mlx_clap.models.clap import ClapModel
+    from mlx_clap.io.folder import save_converted
 
     folder = tmp_path_factory.mktemp("tiny_model")
     mx.random.seed(0)
@@ -225,7 +225,7 @@ def test_embed_text_and_info(tiny_model_dir, tiny_model, tmp_path):
 
 
 def test_threads_option_sets_workers_and_blas(tiny_model_dir, monkeypatch):
-    from mlx_clap import blas
+    from mlx_clap.ops import blas
 
     monkeypatch.delenv("MLX_CLAP_CPU_THREADS", raising=False)  # restored after the test
     before = blas.get_num_threads()
@@ -315,7 +315,7 @@ def test_non_utf8_file_name(tiny_model_dir, tmp_path):
 
 def test_tiny_decode_budget_no_deadlock(tiny_model_dir, tiny_model, audio_dir, monkeypatch):
     """With a decode budget smaller than any file, decoders wait their turn; the run still completes."""
-    import mlx_clap.cli_embed as cli_embed
+    import mlx_clap.cli.embed as cli_embed
 
     monkeypatch.setattr(cli_embed, "DECODE_BUDGET_BYTES", 1000)
     r = _run(["embed", str(audio_dir), "-r", "--model", str(tiny_model_dir), "--long-audio", "center",

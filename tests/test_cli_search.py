@@ -14,7 +14,7 @@ from fixtures import TINY_AUDIO, TINY_TEXT
 from test_index import make_store, unit
 
 from mlx_clap.cli import main
-from mlx_clap.store import EmbeddingStore
+from mlx_clap.search.store import EmbeddingStore
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from fixtures import train_bpe_files
 
     from mlx_clap.config import ClapAudioConfig, ClapConfig, ClapTextConfig
-    from mlx_clap.model import ClapModel
-    from mlx_clap.weights import save_converted
+    from mlx_clap.models.clap import ClapModel
+    from mlx_clap.io.folder import save_converted
 
     folder = tmp_path_factory.mktemp("tiny_model")
     mx.random.seed(0)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from test_index import make_store, unit
 
-from mlx_clap.cluster import ClusterError, spherical_kmeans, write_assignments
-from mlx_clap.store import EmbeddingStore
+from mlx_clap.search.cluster import ClusterError, spherical_kmeans, write_assignments
+from mlx_clap.search.store import EmbeddingStore
 
 
 def blobs(n: int, dim: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -40,7 +40,7 @@ def test_recovers_separated_clusters_and_medoids(tmp_path, monkeypatch):
     again = spherical_kmeans(store, 8, seed=1)
     np.testing.assert_array_equal(again.labels, res.labels)
     # Seeding on a sample (as for big stores) finds the same partition here.
-    monkeypatch.setattr("mlx_clap.cluster.INIT_SAMPLE", 500)
+    monkeypatch.setattr("mlx_clap.search.cluster.INIT_SAMPLE", 500)
     sampled = spherical_kmeans(store, 8, seed=1)
     assert all(len(set(truth[sampled.labels == c])) == 1 for c in range(8))
 

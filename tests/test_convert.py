@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from convert.common import hf_state_to_mlx, read_safetensors
-from convert.hf import config_from_hf, convert_hf_folder
-from convert.laion_pt import config_from_laion_state, laion_state_to_hf
-from mlx_clap.weights import WeightsError, load_converted, load_model
+from mlx_clap.convert.common import hf_state_to_mlx, read_safetensors
+from mlx_clap.convert.hf import config_from_hf, convert_hf_folder
+from mlx_clap.convert.laion_pt import config_from_laion_state, laion_state_to_hf
+from mlx_clap.io.folder import WeightsError, load_converted, load_model
 
 TOKENIZER_NAMES = (
     "tokenizer.json",
@@ -241,7 +241,7 @@ def test_convert_hf_folder_writes_folder_and_manifest(tiny_hub, tmp_path):
     assert {"merges.txt", "tokenizer_config.json", "special_tokens_map.json"} <= names
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["source"] == "org/tiny" and manifest["revision"] == "abc123"
-    assert manifest["converter"] == "convert.hf" and manifest["converter_version"]
+    assert manifest["converter"] == "mlx_clap.convert.hf" and manifest["converter_version"]
     assert set(manifest["source_files"]) == {"config.json", "model.safetensors", "preprocessor_config.json"}
     import hashlib
 
@@ -291,7 +291,7 @@ def test_laion_pickle_with_training_objects_loads(tmp_path):
 
     import torch
 
-    from convert.common import torch_state_dict
+    from mlx_clap.convert.common import torch_state_dict
 
     obj = {"epoch": np.int64(3), "args": argparse.Namespace(amodel="HTSAT-tiny"), "state_dict": {}}
     torch.save(obj, tmp_path / "x.pt")
@@ -301,10 +301,10 @@ def test_laion_pickle_with_training_objects_loads(tmp_path):
 def test_msclap_checkpoint_is_pointed_to_its_converter(tmp_path):
     import torch
 
-    from convert.laion_pt import convert_laion_pt
+    from mlx_clap.convert.laion_pt import convert_laion_pt
 
     torch.save({"model": {"logit_scale": torch.tensor(1.0)}}, tmp_path / "CLAP_weights_2023.pth")
-    with pytest.raises(WeightsError, match="msclap checkpoint.*convert.msclap"):
+    with pytest.raises(WeightsError, match="msclap checkpoint.*mlx_clap.convert.msclap"):
         convert_laion_pt(tmp_path / "CLAP_weights_2023.pth", tmp_path / "out")
 
 
@@ -359,7 +359,7 @@ def test_cli_convert(tiny_hub, tmp_path):
     res = runner.invoke(main, ["convert", str(tiny_hub), str(tmp_path / "out")])
     assert res.exit_code == 1 and "not empty" in res.output
     res = runner.invoke(main, ["convert", str(tiny_hub), str(tmp_path / "out"), "--force", "--json"])
-    assert res.exit_code == 0 and json.loads(res.output)["converter"] == "convert.hf"
+    assert res.exit_code == 0 and json.loads(res.output)["converter"] == "mlx_clap.convert.hf"
 
 
 def test_cli_convert_with_tokenizer_folder_embeds_text(tiny_hub, tmp_path):

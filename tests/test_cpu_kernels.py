@@ -1,4 +1,4 @@
-"""The polynomial GELU/softmax/attention of mlx_clap.cpu_kernels against float64 references and MLX."""
+"""The polynomial GELU/softmax/attention of mlx_clap.ops.kernels against float64 references and MLX."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_clap import cpu_kernels as ck
+from mlx_clap.ops import kernels as ck
 
 _erf64 = np.vectorize(math.erf)
 
@@ -70,7 +70,7 @@ def test_softmax_rows_sum_to_one_and_handle_large_negatives():
 
 
 def test_opt_out_uses_the_mlx_primitives():
-    code = "from mlx_clap import cpu_kernels as ck; print(ck.on_cpu())"
+    code = "from mlx_clap.ops import kernels as ck; print(ck.on_cpu())"
     env = dict(os.environ, MLX_CLAP_CPU_KERNELS="off")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr

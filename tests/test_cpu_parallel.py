@@ -18,8 +18,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_clap import blas, cpu_parallel
-from mlx_clap.features import ClapFeatureExtractor, log_mel
+from mlx_clap.ops import blas
+from mlx_clap.ops import parallel as cpu_parallel
+from mlx_clap.preprocess.features import ClapFeatureExtractor, log_mel
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny-unfused"
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +119,7 @@ def test_long_row_frame_blocks_equal_the_serial_blocks_and_the_unblocked_stft(th
     # One 4001-frame STFT: pocketfft vectorizes rows in groups, so a row's rounding depends on where it
     # sits in the batch; the blocks agree with it to float32 rounding (a few ulp of the dB values).
     with mx.stream(mx.cpu), cpu_parallel.blas_threads(1):
-        from mlx_clap import features
+        from mlx_clap.preprocess import features
 
         frontend = features.MelFrontend(features.FeatureConfig())
         fb, core = frontend._mx_filterbank("slaney")
@@ -135,7 +136,7 @@ def test_extractor_accepts_mx_input_under_the_parallel_path(threads):
 
 
 def _golden_batch() -> tuple[object, mx.array, np.ndarray]:
-    from mlx_clap.weights import load_model
+    from mlx_clap.io.folder import load_model
 
     ref = np.load(GOLDEN / "reference.npz")
     model = load_model(GOLDEN)  # lazily loaded weights: embed_audio_inputs must evaluate them first
@@ -172,8 +173,8 @@ def test_process_exits_cleanly_after_parallel_compiled_work():
     script = textwrap.dedent(
         f"""
         import numpy as np, mlx.core as mx
-        from mlx_clap.features import ClapFeatureExtractor
-        from mlx_clap.weights import load_model
+        from mlx_clap.preprocess.features import ClapFeatureExtractor
+        from mlx_clap.io.folder import load_model
         fx = ClapFeatureExtractor()
         waves = [np.random.default_rng(i).standard_normal(480000).astype(np.float32) * 0.1 for i in range(4)]
         feats, _ = fx(waves, sampling_rate=48000)
@@ -205,8 +206,8 @@ def test_extractor_output_is_independent_of_the_thread_count(threads):
 def test_msclap_embed_inputs_match_the_batched_tower(version, threads):
     from test_msclap_api import tiny_config
 
-    from mlx_clap.msclap.frontend import slaney_mel_filterbank
-    from mlx_clap.msclap.model import MsClapModel
+    from mlx_clap.preprocess.msclap_frontend import slaney_mel_filterbank
+    from mlx_clap.models.msclap.model import MsClapModel
 
     cfg = tiny_config(version)
     mx.random.seed(5)
@@ -225,8 +226,8 @@ def test_msclap_embed_inputs_match_the_batched_tower(version, threads):
 
 
 def test_text_inputs_in_blocks_match_the_batched_tower(threads):
-    from mlx_clap.model import CPU_TEXTS_PER_BLOCK
-    from mlx_clap.weights import load_model
+    from mlx_clap.models.clap import CPU_TEXTS_PER_BLOCK
+    from mlx_clap.io.folder import load_model
 
     model = load_model(GOLDEN)
     vocab = model.config.text_config.vocab_size

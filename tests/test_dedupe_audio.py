@@ -28,7 +28,7 @@ import pytest
 import soundfile as sf
 from test_cli_search import run, tiny_model_dir  # noqa: F401 (fixture)
 
-from mlx_clap.store import EmbeddingStore
+from mlx_clap.search.store import EmbeddingStore
 
 SR = 44100
 CODEC = ["mp3_320k.mp3", "mp3_160k.mp3", "mp3_56k.mp3", "aac_128k.m4a", "aac_64k.m4a"]

@@ -11,7 +11,7 @@ References run here, on the same inputs as ours:
 LAION's fused mel (`get_mel`) needs torchaudio, which is not installable beside torch 2.13 here. The fused
 (HTK, no norm) path is therefore checked against HF's HTK filterbank and HF's fusion code, which copies
 torchaudio's defaults; when `get_audio_features` is replayed, HF's HTK log-mel stands in for `get_mel` and
-a no-antialias bilinear resize for torchvision's `Resize` (REFERENCE.md §2.2-§2.3), so what is tested there
+a no-antialias bilinear resize for torchvision's `Resize` (docs/numerics.md §2.2-§2.3), so what is tested there
 is LAION's chunk selection and draw order, not torchaudio's numbers.
 
 Precision: the default float32 path (`mx.fft.rfft`) has rounding error about 144 dB below a frame's
@@ -37,7 +37,7 @@ import pytest
 import torch
 
 from mlx_clap.config import FeatureConfig
-from mlx_clap.features import (
+from mlx_clap.preprocess.features import (
     AudioInputError,
     ClapFeatureExtractor,
     bilinear_shrink_weights,
@@ -185,7 +185,7 @@ def test_htk_filterbank_matches_hf():
 
 
 def test_filterbanks_differ():
-    # The two paths must not silently share one filterbank (REFERENCE.md §11.1).
+    # The two paths must not silently share one filterbank (docs/numerics.md §11.1).
     assert np.abs(mel_filterbank(mel_scale="htk", norm=None) - mel_filterbank()).max() > 0.5
 
 
@@ -365,7 +365,7 @@ def test_batched_equals_single(fx_rand):
 
 def test_long_file_blocks_match_one_pass(monkeypatch):
     """The frame-block path for long inputs gives the same mel as a single pass."""
-    import mlx_clap.features as features
+    import mlx_clap.preprocess.features as features
 
     wave = mix(12.0, seed=22)
     whole = np.array(log_mel(wave, "htk"))
@@ -682,7 +682,7 @@ def test_log_mel_checks():
 
 def test_windows_in_groups_match_one_batch(fx_rand, monkeypatch):
     """Many windows are featurized a few at a time (bounded memory) with the same result."""
-    import mlx_clap.features as features
+    import mlx_clap.preprocess.features as features
 
     w = [noise(25.0, seed=51)]
     whole, _, owner = fx_rand.extract_for_embedding(w)

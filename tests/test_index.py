@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from mlx_clap.index import AnnIndex, FlatIndex, SearchError, near_duplicates, open_index, path_mask
-from mlx_clap.store import EmbeddingStore
+from mlx_clap.search.index import AnnIndex, FlatIndex, SearchError, near_duplicates, open_index, path_mask
+from mlx_clap.search.store import EmbeddingStore
 
 MANIFEST = {"model": {"id": "test/random", "weights_sha256": "0" * 64}}
 
@@ -46,7 +46,7 @@ def test_flat_equals_brute_force(tmp_path, dtype, monkeypatch):
     q = unit(np.random.default_rng(1).standard_normal((5, 48)))
     # Small blocks so the running top-k merges across blocks and shard boundaries, and a small score
     # budget so the queries go through in chunks.
-    monkeypatch.setattr("mlx_clap.index.SCORE_BUDGET", 512)
+    monkeypatch.setattr("mlx_clap.search.index.SCORE_BUDGET", 512)
     res = FlatIndex(store, block_rows=256).search(q, k=10)
     want_s, want_r = brute_force(store.matrix(np.float32), q, 10)
     np.testing.assert_array_equal(res.rows, want_r)
@@ -175,7 +175,7 @@ class _Shards:
     "sizes,block", [([5, 5, 5], 4), ([3, 3, 3, 2], 5), ([10], 3), ([2, 2], 10), ([4, 4], 4)]
 )
 def test_iter_blocks_spans_shards(sizes, block):
-    from mlx_clap.index import iter_blocks
+    from mlx_clap.search.index import iter_blocks
 
     out = list(iter_blocks(_Shards(sizes), block))
     rows = np.concatenate([b for _, b in out])[:, 0]

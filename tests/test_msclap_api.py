@@ -18,9 +18,9 @@ from msclap_reference import train_bert_files, train_gpt2_files
 
 import mlx_clap
 from mlx_clap.config import ClapAudioConfig
-from mlx_clap.msclap.config import BertTextConfig, Cnn14Config, GPT2TextConfig, MsClapConfig
-from mlx_clap.msclap.model import MsClapModel, save_msclap_folder
-from mlx_clap.weights import WeightsError
+from mlx_clap.models.msclap.config import BertTextConfig, Cnn14Config, GPT2TextConfig, MsClapConfig
+from mlx_clap.models.msclap.model import MsClapModel, save_msclap_folder
+from mlx_clap.io.folder import WeightsError
 
 SR = 44100
 
@@ -46,8 +46,8 @@ def tiny_config(version: str) -> MsClapConfig:
 
 @pytest.fixture(scope="module", params=["2023", "2022"])
 def folder(request, tmp_path_factory):
-    from convert.msclap import write_tokenizer_json
-    from mlx_clap.msclap.frontend import slaney_mel_filterbank
+    from mlx_clap.convert.msclap import write_tokenizer_json
+    from mlx_clap.preprocess.msclap_frontend import slaney_mel_filterbank
 
     version = request.param
     tmp = tmp_path_factory.mktemp(f"tiny{version}")
@@ -218,7 +218,7 @@ def test_folder_without_tokenizer(folder, tmp_path):
 def test_corrupt_folders(folder, tmp_path):
     import shutil
 
-    from mlx_clap.msclap.model import load_msclap_folder
+    from mlx_clap.models.msclap.model import load_msclap_folder
 
     bad = tmp_path / "bad"
     shutil.copytree(folder, bad)

@@ -14,7 +14,7 @@ import pytest
 from mlx.utils import tree_flatten
 from test_msclap_api import tiny_config
 
-from convert.msclap import (
+from mlx_clap.convert.msclap import (
     MEL_KEY,
     check_stft_kernels,
     detect_version,
@@ -24,9 +24,9 @@ from convert.msclap import (
     resolve_tokenizer_dir,
     write_tokenizer_json,
 )
-from mlx_clap.msclap.frontend import periodic_hann
-from mlx_clap.msclap.model import MsClapModel
-from mlx_clap.weights import WeightsError
+from mlx_clap.preprocess.msclap_frontend import periodic_hann
+from mlx_clap.models.msclap.model import MsClapModel
+from mlx_clap.io.folder import WeightsError
 
 # HF -> LAION names inside HTSAT (the inverse of the converter's renames), most specific first.
 HF_TO_LAION = (
@@ -182,7 +182,7 @@ def test_bad_checkpoint_files(tmp_path):
     with pytest.raises(WeightsError, match="cannot load"):
         read_msclap_state(path)
 
-    from convert.msclap import convert_msclap, main
+    from mlx_clap.convert.msclap import convert_msclap, main
 
     with pytest.raises(WeightsError, match="no such checkpoint"):
         convert_msclap(tmp_path / "missing.pth", tmp_path / "out")
@@ -216,7 +216,7 @@ def test_tokenizer_checks(tmp_path):
 
 
 def test_cli_convert_routes_pth_files_to_the_msclap_converter(tmp_path):
-    """`mlx-clap convert` sends CLAP_weights_*.pth to convert.msclap; --family laion overrides."""
+    """`mlx-clap convert` sends CLAP_weights_*.pth to mlx_clap.convert.msclap; --family laion overrides."""
     import torch
     from click.testing import CliRunner
 

@@ -13,8 +13,8 @@ import pytest
 import torch  # noqa: E402
 from msclap_reference import make_signal
 
-from mlx_clap.msclap.config import MsClapConfig
-from mlx_clap.msclap.frontend import fit_clip, log_mel, prepare_batch, slaney_mel_filterbank, to_mono
+from mlx_clap.models.msclap.config import MsClapConfig
+from mlx_clap.preprocess.msclap_frontend import fit_clip, log_mel, prepare_batch, slaney_mel_filterbank, to_mono
 
 SR = 44100
 

@@ -4,7 +4,7 @@ For each version the reference `CLAP` is built the way `CLAPWrapper.load_clap` b
 text model, small trained tokenizer; see msclap_reference.py), saved in the released `{'model': ...}`
 layout, converted by `convert/msclap.py` and loaded with `mlx_clap.load`. Inputs: two clips (a 3-s clip
 through msclap's own tiling, and a full-length clip with tones, noise, a -60 dB part and silence) and
-two texts (one with a `!`). Tolerances: REFERENCE.md §9 (audio stages 1e-4 relative, text 1e-5, unit
+two texts (one with a `!`). Tolerances: docs/numerics.md §9 (audio stages 1e-4 relative, text 1e-5, unit
 embeddings max abs 1e-5 and cosine >= 0.99999, log-mel 1e-3 dB).
 """
 
@@ -35,9 +35,9 @@ from msclap_reference import (  # noqa: E402
 )
 
 import mlx_clap  # noqa: E402
-from mlx_clap.model import l2_normalize  # noqa: E402
-from mlx_clap.msclap.frontend import prepare_batch  # noqa: E402
-from mlx_clap.msclap.gpt2 import last_token_index  # noqa: E402
+from mlx_clap.models.clap import l2_normalize  # noqa: E402
+from mlx_clap.preprocess.msclap_frontend import prepare_batch  # noqa: E402
+from mlx_clap.models.msclap.gpt2 import last_token_index  # noqa: E402
 
 SR = 44100
 TEXTS = ["a dog barks! then it runs", "this is the sound of rain"]
@@ -59,7 +59,7 @@ def case(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"msclap{version}")
     tokdir = train_gpt2_files(tmp / "tok") if version == "2023" else train_bert_files(tmp / "tok")
     wrapper = random_msclap(version, tokdir, seed=int(version), checkpoint=tmp / "ckpt.pth")
-    from convert.msclap import convert_msclap
+    from mlx_clap.convert.msclap import convert_msclap
 
     convert_msclap(tmp / "ckpt.pth", tmp / "model", tokenizer=tokdir)
     (tmp / "ckpt.pth").unlink()

@@ -14,8 +14,8 @@ import pytest
 import transformers  # noqa: E402,F401
 from msclap_reference import MSCLAP_TEXTS, hf_tokenizer, train_bert_files, train_gpt2_files
 
-from mlx_clap.msclap.gpt2 import last_token_index
-from mlx_clap.msclap.tokenizer import MsClapTokenizer
+from mlx_clap.models.msclap.gpt2 import last_token_index
+from mlx_clap.preprocess.msclap_tokenizer import MsClapTokenizer
 
 if importlib.util.find_spec("msclap") is None:
     raise ImportError("msclap 1.3.4 is not installed: pip install --no-deps msclap==1.3.4")
@@ -28,7 +28,7 @@ def pair(request, tmp_path_factory):
     """(msclap wrapper with the HF tokenizer, our tokenizer from the converter's tokenizer.json)."""
     from msclap_reference import import_msclap
 
-    from convert.msclap import write_tokenizer_json
+    from mlx_clap.convert.msclap import write_tokenizer_json
 
     name = request.param
     tmp = tmp_path_factory.mktemp(name)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from mlx_clap.store import EmbeddingStore, StoreError
+from mlx_clap.search.store import EmbeddingStore, StoreError
 
 
 def _items(start: int, n: int) -> list[dict]:

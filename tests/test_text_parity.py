@@ -3,7 +3,7 @@
 The reference is a random-init full-size model (RoBERTa-base, every weight randomized, hub-like
 layer_norm_eps) built once per module; its `text_model.*` / `text_projection.*` weights load into ours by
 name (identity mapping, minus the position_ids/token_type_ids buffers). Inputs are random ids of varied
-lengths with padding. Tolerances from REFERENCE.md §9 item 8.
+lengths with padding. Tolerances from docs/numerics.md §9 item 8.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from fixtures import TINY_AUDIO, TINY_TEXT
 from mlx.utils import tree_flatten
 
 from mlx_clap.config import ClapTextConfig
-from mlx_clap.model import ClapProjectionLayer, l2_normalize
-from mlx_clap.text import ClapTextModel, roberta_position_ids
+from mlx_clap.models.clap import ClapProjectionLayer, l2_normalize
+from mlx_clap.models.roberta import ClapTextModel, roberta_position_ids
 
-# Dropped on load: HF buffers that we recompute (REFERENCE.md §6.2).
+# Dropped on load: HF buffers that we recompute (docs/numerics.md §6.2).
 HF_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 
@@ -208,7 +208,7 @@ def test_bad_shapes_are_errors(tiny):
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 def test_half_precision_close_to_fp32_reference(tiny, dtype):
-    """REFERENCE.md §9 item 10: text cosine >= 0.9995 in half precision (LayerNorm/softmax stay fp32)."""
+    """docs/numerics.md §9 item 10: text cosine >= 0.9995 in half precision (LayerNorm/softmax stay fp32)."""
     hf, cfg, text_model, projection = tiny
     ids, mask = random_batch(cfg.vocab_size, [30, 12, 2], seed=13)
     ref = run_reference(hf, ids, mask)
@@ -228,8 +228,8 @@ def test_hub_folder_through_converter_end_to_end(tiny, tmp_path):
     from reference_models import save_hub_folder
     from transformers import RobertaTokenizer
 
-    from convert.hf import convert_hf_folder
-    from mlx_clap.model import ClapModel
+    from mlx_clap.convert.hf import convert_hf_folder
+    from mlx_clap.models.clap import ClapModel
 
     hf, cfg, _, _ = tiny
     hub = save_hub_folder(hf, tmp_path / "hub")

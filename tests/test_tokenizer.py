@@ -2,7 +2,7 @@
 slow (pure-Python) byte-level BPE algorithm, on the same offline-trained vocab.json + merges.txt.
 
 No hub: a RoBERTa-style BPE (special ids <s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4) is trained in the
-test. REFERENCE.md §5.1, §9 (token ids and mask exact).
+test. docs/numerics.md §5.1, §9 (token ids and mask exact).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from fixtures import TINY_TEXT, TOKENIZER_TEXTS, train_bpe_files
 
 from mlx_clap.config import ClapTextConfig
-from mlx_clap.tokenizer import ClapTokenizer, TokenizerError, load_tokenizer
+from mlx_clap.preprocess.tokenizer import ClapTokenizer, TokenizerError, load_tokenizer
 
 CFG = ClapTextConfig(**TINY_TEXT)
 SPECIAL_TEXT = "a <mask> b <s>x</s> c"

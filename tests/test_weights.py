@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from mlx_clap.weights import KEEP_FLOAT32, WeightsError, load_converted, load_model
+from mlx_clap.io.folder import KEEP_FLOAT32, WeightsError, load_converted, load_model
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny-unfused"
 QUERY = "audio_model.audio_encoder.layers.0.blocks.0.attention.self.query.weight"
@@ -141,7 +141,7 @@ def test_runtime_never_imports_torch_or_transformers():
     code = f"""
 import sys
 import mlx_clap
-assert "mlx_clap.model" not in sys.modules, "import mlx_clap should stay light"
+assert "mlx_clap.models.clap" not in sys.modules, "import mlx_clap should stay light"
 import numpy as np
 import mlx.core as mx
 model = mlx_clap.load({str(GOLDEN)!r})

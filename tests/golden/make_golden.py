@@ -44,7 +44,7 @@ def main(out: Path = HERE / "tiny-unfused") -> None:
     from reference_models import randomize_, save_hub_folder
     from transformers import ClapConfig, ClapModel
 
-    from convert.hf import convert_hf_folder
+    from mlx_clap.convert.hf import convert_hf_folder
 
     torch.set_num_threads(1)
     # A narrow joint space too: the 512-d projections would dominate the file size.

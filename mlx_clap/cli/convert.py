@@ -1,0 +1,99 @@
+"""`mlx-clap convert`: turn a Hugging Face CLAP folder, a hub id or a LAION `.pt` into a converted folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from mlx_clap.io.folder import HUB_ID, MANIFEST_NAME, PT_SUFFIXES, WeightsError, download_hub
+
+
+@click.command("convert")
+@click.argument("source")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--revision", default=None, help="Hub revision (branch, tag, commit) for a hub id.")
+@click.option(
+    "--tokenizer",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Folder with tokenizer files to copy in (LAION .pt files have none: use roberta-base's).",
+)
+@click.option(
+    "--family",
+    type=click.Choice(["auto", "laion", "msclap"]),
+    default="auto",
+    show_default=True,
+    help="Checkpoint family of a .pt/.pth file; auto takes msclap for CLAP_weights_*.pth files.",
+)
+@click.option("--force", is_flag=True, help="Replace DEST if it already holds files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest of the converted folder as JSON.")
+def convert(
+    source: str,
+    dest: Path,
+    revision: str | None,
+    tokenizer: Path | None,
+    family: str,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Convert SOURCE into an mlx-clap folder DEST (config.json, model.safetensors, tokenizer, manifest).
+
+    SOURCE is a Hugging Face CLAP model folder (config.json + model.safetensors, or pytorch_model.bin
+    with torch installed), a hub id such as laion/clap-htsat-unfused, or an original LAION checkpoint
+    (.pt, needs torch). The safetensors path needs no torch.
+
+    \b
+    Examples:
+      mlx-clap convert laion/clap-htsat-fused weights/clap-htsat-fused
+      mlx-clap convert ~/models/clap-htsat-unfused weights/clap-htsat-unfused
+      mlx-clap convert 630k-audioset-best.pt weights/630k-audioset-best --tokenizer ~/roberta-base
+      mlx-clap convert CLAP_weights_2023.pth weights/msclap-2023 --tokenizer ~/gpt2
+    """
+    if dest.exists() and any(dest.iterdir()) and not force:
+        raise click.ClickException(f"{dest}: folder exists and is not empty (use --force to replace it)")
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir():
+            from mlx_clap.convert.hf import convert_hf_folder
+
+            out = convert_hf_folder(
+                path, dest, source_name=str(path), revision=revision, tokenizer_dir=tokenizer
+            )
+        elif path.is_file():
+            if path.suffix not in PT_SUFFIXES:
+                raise WeightsError(f"{path}: not a LAION checkpoint (.pt) or a model folder")
+            if family == "auto":
+                family = "msclap" if _looks_like_msclap(path) else "laion"
+            if family == "msclap":
+                from mlx_clap.convert.msclap import convert_msclap
+
+                out = convert_msclap(path, dest, tokenizer=tokenizer, source_name=str(path))
+            else:
+                from mlx_clap.convert.laion_pt import convert_laion_pt
+
+                out = convert_laion_pt(path, dest, source_name=str(path), tokenizer_dir=tokenizer)
+        elif HUB_ID.match(source):
+            from mlx_clap.convert.hf import convert_hf_folder
+
+            snapshot = download_hub(source, revision=revision)
+            out = convert_hf_folder(
+                snapshot, dest, source_name=source, revision=snapshot.name, tokenizer_dir=tokenizer
+            )
+        else:
+            raise WeightsError(f"{source}: no such file or folder, and not a hub id of the form org/name")
+    except WeightsError as exc:
+        raise click.ClickException(str(exc)) from exc
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2, sort_keys=True))
+        return
+    tok = ", ".join(manifest.get("tokenizer_files", [])) or "none (text embedding needs tokenizer files)"
+    click.echo(f"converted {source} -> {out}")
+    click.echo(f"  tokenizer: {tok}")
+
+
+def _looks_like_msclap(path: Path) -> bool:
+    """Microsoft's released files are CLAP_weights_<year>.pth; LAION's are *.pt."""
+    return path.name.lower().startswith("clap_weights") or path.suffix == ".pth"

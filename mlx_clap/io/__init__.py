@@ -1,0 +1,1 @@
+"""Files on disk: atomic writes, the converted-folder format, hub downloads."""

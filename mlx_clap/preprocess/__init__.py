@@ -1,0 +1,1 @@
+"""Inputs to model inputs: audio decoding, the mel frontends, the tokenizers."""

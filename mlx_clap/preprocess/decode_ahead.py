@@ -1,0 +1,210 @@
+"""Input discovery and decoding ahead of the model for `mlx-clap embed`.
+
+Files are found (folders walked; arguments that do not exist are reported), then decoded in worker
+threads under a memory budget, so the model never waits for the decoder and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Suffixes picked up inside folders; files named on the command line are always tried.
+AUDIO_SUFFIXES = {
+    ".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".m4b", ".aac", ".alac",
+    ".aif", ".aiff", ".aifc", ".caf", ".mp4", ".wma", ".webm", ".mka", ".w64", ".au", ".snd",
+}  # fmt: skip
+# In windows-mean mode a file longer than this is embedded while it decodes (bounded memory).
+STREAM_AFTER_S = 30.0
+# Decoded audio held ahead of the model, at most (the file the model needs next may always exceed it).
+DECODE_BUDGET_BYTES = 1 << 30
+
+
+# ------------------------------------------------------------------------------------------ inputs
+@dataclass
+class InputFile:
+    path: Path  # absolute, symlinks not resolved (the name the user knows)
+    rel: Path  # relative to the common root of the inputs: mirrored under --out for --format json
+
+
+def discover(paths: tuple[str, ...], recursive: bool) -> tuple[list[InputFile], list[tuple[str, str]]]:
+    """Files to embed (sorted, de-duplicated) and (path, cause) for arguments that do not exist."""
+    missing: list[tuple[str, str]] = []
+    found: list[Path] = []
+    roots: list[Path] = []
+    for raw in paths:
+        p = Path(os.path.abspath(os.path.expanduser(raw)))
+        if p.is_dir():
+            roots.append(p)
+            if recursive:
+                walked = []
+                for dirpath, dirnames, filenames in os.walk(p):
+                    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                    walked += [Path(dirpath) / f for f in filenames if _is_audio_name(f)]
+                found += sorted(walked)
+            else:
+                found += sorted(c for c in p.iterdir() if _is_audio_name(c.name) and not c.is_dir())
+        elif p.exists() or p.is_symlink():
+            roots.append(p.parent)
+            found.append(p)
+        else:
+            missing.append((str(p), "no such file or folder"))
+    if not found:
+        return [], missing
+    common = Path(os.path.commonpath([str(r) for r in roots]))
+    seen: set[Path] = set()
+    files = []
+    for f in found:
+        if f not in seen:
+            seen.add(f)
+            files.append(InputFile(f, f.relative_to(common)))
+    return files, missing
+
+
+def _is_audio_name(name: str) -> bool:
+    return not name.startswith(".") and Path(name).suffix.lower() in AUDIO_SUFFIXES
+
+
+def stat_key(path: Path) -> tuple[str, int, float]:
+    st = os.stat(path)
+    return (str(path), int(st.st_size), float(st.st_mtime))
+
+
+# ---------------------------------------------------------------------------------------- decoding
+@dataclass
+class Decoded:
+    """A decoded file: whole `samples`, or `blocks` still streaming from a decoder thread."""
+
+    file: InputFile
+    key: tuple[str, int, float]
+    stream: Any  # mlx_clap.preprocess.audio.AudioStream (metadata final once decoding has finished)
+    samples: Any = None
+    blocks: Iterator | None = None
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    nbytes: int = 0  # taken from the MemoryBudget; given back once embedded
+
+
+class MemoryBudget:
+    """Bytes of decoded audio that decoder threads may hold ahead of the model.
+
+    A decoder waits while the budget is spent, except for the file the model consumes next (`advance`),
+    which always proceeds: so there is no deadlock, and memory is about the budget plus that one file.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.next_index = 0
+        self.closed = False
+        self._cond = threading.Condition()
+
+    def acquire(self, nbytes: int, index: int) -> None:
+        with self._cond:
+            while self.used + nbytes > self.limit and index > self.next_index and not self.closed:
+                self._cond.wait(0.5)
+            self.used += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.used -= nbytes
+            self._cond.notify_all()
+
+    def advance(self, index: int) -> None:
+        with self._cond:
+            self.next_index = index
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+
+_END = object()
+
+
+class _BlockFeed:
+    """Run the rest of a block iterator in a daemon thread, `maxsize` blocks ahead of the reader."""
+
+    def __init__(self, head: list, it: Iterator, maxsize: int = 4):
+        self._head = head
+        self._q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._cancel = threading.Event()
+        threading.Thread(target=self._run, args=(it,), daemon=True).start()
+
+    def _run(self, it: Iterator) -> None:
+        try:
+            for block in it:
+                if not self._put(block):
+                    return
+            self._put(_END)
+        except BaseException as exc:  # handed to the reader, which reports it for this file
+            self._put(exc)
+
+    def _put(self, obj: Any) -> bool:
+        while not self._cancel.is_set():
+            try:
+                self._q.put(obj, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def __iter__(self) -> Iterator:
+        yield from self._head
+        self._head = []
+        while True:
+            obj = self._q.get()
+            if obj is _END:
+                return
+            if isinstance(obj, BaseException):
+                raise obj
+            yield obj
+
+
+def decode_file(
+    file: InputFile, sr: int, stream_long: bool, index: int = 0, budget: MemoryBudget | None = None
+) -> Decoded:
+    """Decode one file (in a worker thread); errors are returned, not raised."""
+    import numpy as np
+
+    from mlx_clap.preprocess.audio import AudioDecodeError, AudioStream
+
+    try:
+        key = stat_key(file.path)
+    except OSError:
+        key = (str(file.path), -1, -1.0)
+    held = 0
+    try:
+        stream = AudioStream(file.path, sr)
+        it = iter(stream)
+        blocks: list = []
+        n = 0
+        for block in it:
+            if budget is not None:
+                budget.acquire(block.nbytes, index)
+                held += block.nbytes
+            blocks.append(block)
+            n += block.size
+            if stream_long and n > STREAM_AFTER_S * sr:
+                return Decoded(file, key, stream, blocks=_BlockFeed(blocks, it), nbytes=held)
+        samples = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        return Decoded(file, key, stream, samples=samples, warnings=list(stream.warnings), nbytes=held)
+    except AudioDecodeError as exc:
+        error = exc.cause
+    except Exception as exc:  # a decoder bug must not end the batch: record it for this file
+        error = f"unexpected decoder error: {type(exc).__name__}: {exc}"
+    if budget is not None:
+        budget.release(held)
+    return Decoded(file, key, None, error=error)
+
+
