@@ -81,7 +81,7 @@ def model_pair(family: str, seed: int = 0, torch_device: str = "cpu"):
 
 
 def load_mlx(mlx_dir: Path, dtype: str = "float32"):
-    from mlx_clap.io.folder import load_converted
+    from mlx_clap.loading import load as load_converted
 
     return load_converted(mlx_dir, dtype=dtype)
 

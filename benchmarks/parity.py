@@ -121,7 +121,7 @@ def reference_audio(ref, feats, is_longer, device: str) -> dict[str, np.ndarray]
 
 def mlx_audio(model, feats, is_longer) -> dict[str, np.ndarray]:
     from mlx_clap.models.htsat import _batch_norm
-    from mlx_clap.models.clap import l2_normalize
+    from mlx_clap.models.layers import l2_normalize
 
     enc = model.audio_model.audio_encoder
     x = mx.array(feats)
@@ -192,7 +192,7 @@ def audio_family(name: str, dtypes: list[str], batch: int, torch_device: str) ->
 def text_family(dtypes: list[str], batch: int, length: int, torch_device: str) -> list[dict[str, Any]]:
     import torch
 
-    from mlx_clap.models.clap import l2_normalize
+    from mlx_clap.models.layers import l2_normalize
 
     ref, mlx_dir = common.model_pair("htsat-tiny", torch_device=torch_device)
     ids, mask = common.token_batch(batch, length, seed=2)

@@ -1,12 +1,14 @@
 """mlx-clap: CLAP (Contrastive Language-Audio Pretraining) in MLX.
 
     import mlx_clap
-    model = mlx_clap.load("laion/clap-htsat-unfused")      # hub id or converted folder
+    model = mlx_clap.load("laion/clap-htsat-unfused")      # hub id, Hugging Face folder or converted folder
     audio = model.embed_audio(["dog.wav", "rain.flac"])     # (2, 512) unit vectors
     text = model.embed_text(["a dog barking", "rain"])      # (2, 512)
     probs = model.classify("dog.wav", ["dog", "rain"])      # zero-shot
 
-Nothing heavy is imported here until it is used.
+`load` returns an `Embedder` (`mlx_clap.pipeline`); its `.model` is the MLX module (`ClapModel` or
+`MsClapModel`). Importing this package has no side effects and imports nothing heavy: BLAS rebinding
+and allocator tuning happen in `load()` on a Linux CPU (see `mlx_clap.settings` for the opt-outs).
 """
 
 from __future__ import annotations
@@ -14,48 +16,49 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
-# Linux CPU: route MLX's matmuls to an optimized BLAS (no-op elsewhere; MLX_CLAP_BLAS=off opts out).
-from mlx_clap.ops.blas import setup_blas as _setup_blas  # noqa: E402
-
-_setup_blas()
+from mlx_clap.version import __version__
 
 if TYPE_CHECKING:
     from mlx_clap.models.clap import ClapModel
+    from mlx_clap.models.msclap.model import MsClapModel
+    from mlx_clap.pipeline import Embedder
 
-__all__ = ["load", "ClapModel", "embed_audio", "embed_text", "classify", "__version__"]
-
-
-def load(source: str | Path, dtype: Any = None, **kwargs: Any) -> ClapModel:
-    """Load a model from a converted folder, a Hugging Face model folder, a LAION `.pt` or a hub id.
-
-    Hub ids are downloaded and converted into the cache once (see `mlx_clap.io.folder`).
-    `dtype` is an MLX dtype or one of "float32", "float16", "bfloat16".
-    """
-    from mlx_clap.io.folder import load_model
-
-    return load_model(source, dtype=dtype, **kwargs)
+__all__ = ["load", "Embedder", "ClapModel", "MsClapModel", "embed_audio", "embed_text", "classify", "__version__"]
 
 
-def embed_audio(model: ClapModel, inputs, **kwargs):
+def load(source: str | Path | None = None, dtype: Any = None, revision: str | None = None) -> Embedder:
+    """Load a model (default `$MLX_CLAP_MODEL`, else laion/clap-htsat-unfused); see `mlx_clap.loading.load`."""
+    from mlx_clap.loading import load as _load
+
+    return _load(source, dtype=dtype, revision=revision)
+
+
+def embed_audio(model: Embedder, inputs: Any, **kwargs: Any) -> Any:
     """Shorthand for `model.embed_audio(inputs, **kwargs)`."""
     return model.embed_audio(inputs, **kwargs)
 
 
-def embed_text(model: ClapModel, texts, **kwargs):
+def embed_text(model: Embedder, texts: Any, **kwargs: Any) -> Any:
     """Shorthand for `model.embed_text(texts, **kwargs)`."""
     return model.embed_text(texts, **kwargs)
 
 
-def classify(model: ClapModel, audio, labels, **kwargs):
+def classify(model: Embedder, audio: Any, labels: Any, **kwargs: Any) -> Any:
     """Shorthand for `model.classify(audio, labels, **kwargs)`."""
     return model.classify(audio, labels, **kwargs)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name == "ClapModel":
         from mlx_clap.models.clap import ClapModel
 
         return ClapModel
+    if name == "MsClapModel":
+        from mlx_clap.models.msclap.model import MsClapModel
+
+        return MsClapModel
+    if name == "Embedder":
+        from mlx_clap.pipeline import Embedder
+
+        return Embedder
     raise AttributeError(name)

@@ -159,3 +159,38 @@ class ClapConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
+
+
+# ------------------------------------------------------------------ Hugging Face config translation
+def feature_config_from_hf(preprocessor: dict[str, Any] | None, enable_fusion: bool) -> FeatureConfig:
+    """The frontend settings: the hub `preprocessor_config.json` when present, else the LAION defaults.
+
+    Without a preprocessor file the truncation follows the model: `fusion` for fused models,
+    `rand_trunc` otherwise; 50-14000 Hz as every LAION checkpoint (not HF's class default fmin 0).
+    """
+    if preprocessor:
+        return FeatureConfig.from_dict(preprocessor)
+    return FeatureConfig(
+        truncation="fusion" if enable_fusion else "rand_trunc", frequency_min=50.0, frequency_max=14000.0
+    )
+
+
+def config_from_hf(
+    config_json: dict[str, Any], preprocessor: dict[str, Any] | None = None, source: str = ""
+) -> ClapConfig:
+    """A fully resolved `ClapConfig` from an HF `config.json` (unknown keys ignored)."""
+    if not isinstance(config_json, dict) or config_json.get("model_type") != "clap":
+        kind = config_json.get("model_type") if isinstance(config_json, dict) else type(config_json).__name__
+        raise ValueError(f"config.json has model_type {kind!r}; a CLAP model (model_type 'clap') is needed")
+    audio = ClapAudioConfig.from_dict(config_json.get("audio_config"))
+    text_raw = dict(config_json.get("text_config") or {})
+    # Configs saved by transformers 4.x carry the generation default max_length=20 in every sub-config;
+    # it is not the tokenizer length (ours: LAION's 77), so it must not override it.
+    text_raw.pop("max_length", None)
+    text = ClapTextConfig.from_dict(text_raw)
+    top = {k: v for k, v in config_json.items() if k in ("projection_dim", "logit_scale_init_value")}
+    config = ClapConfig.from_dict(top)
+    config.audio_config, config.text_config = audio, text
+    config.feature_config = feature_config_from_hf(preprocessor, audio.enable_fusion)
+    config.family, config.source = "laion", source
+    return config

@@ -205,7 +205,7 @@ def test_reference_mode_seeded_per_file(tiny_model_dir, audio_dir, tmp_path):
 
 
 def test_embed_text_and_info(tiny_model_dir, tiny_model, tmp_path):
-    assert tiny_model._tokenizer is not None, "the tiny model fixture must carry a tokenizer"
+    assert tiny_model.family._tokenizer is not None, "the tiny model fixture must carry a tokenizer"
     r = _run(["embed-text", "a dog barking", "rain", "--model", str(tiny_model_dir)])
     assert r.exit_code == 0, r.output
     lines = [json.loads(x) for x in r.stdout.splitlines()]

@@ -15,7 +15,10 @@ from click.testing import CliRunner
 from mlx_clap.convert.common import hf_state_to_mlx, read_safetensors
 from mlx_clap.convert.hf import config_from_hf, convert_hf_folder
 from mlx_clap.convert.laion_pt import config_from_laion_state, laion_state_to_hf
-from mlx_clap.io.folder import WeightsError, load_converted, load_model
+from mlx_clap.io.folder import WeightsError
+from mlx_clap.loading import load as load_model
+
+load_converted = load_model
 
 TOKENIZER_NAMES = (
     "tokenizer.json",

@@ -18,7 +18,7 @@ SR = 48000
 
 @pytest.fixture(scope="module")
 def model():
-    from mlx_clap.io.folder import load_model
+    from mlx_clap.loading import load as load_model
 
     return load_model(GOLDEN)
 

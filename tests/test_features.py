@@ -34,6 +34,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+
+pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
 import torch
 
 from mlx_clap.config import FeatureConfig

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_clap.models.clap import l2_normalize
+from mlx_clap.models.layers import l2_normalize
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny-unfused"
 
@@ -50,7 +50,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ golden (no torch)
 def test_golden_tiny_unfused_matches_transformers_outputs():
-    from mlx_clap.io.folder import load_model
+    from mlx_clap.loading import load as load_model
 
     ref = np.load(GOLDEN / "reference.npz")
     model = load_model(GOLDEN)
@@ -71,7 +71,7 @@ class HFCase:
         from reference_models import random_hf_clap, save_hub_folder
 
         from mlx_clap.convert.hf import convert_hf_folder
-        from mlx_clap.io.folder import load_converted
+        from mlx_clap.loading import load as load_converted
 
         torch.set_num_threads(1)
         # The text tower is irrelevant here; a tiny one keeps the saved folder small.
@@ -179,7 +179,7 @@ def test_hf_base_unfused(hf_base):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_cosine(hf_tiny, dtype):
-    from mlx_clap.io.folder import load_converted
+    from mlx_clap.loading import load as load_converted
 
     feats = log_mels(1, 1, seed=6)
     _, ref_emb = hf_tiny.reference(feats, None)
@@ -202,7 +202,7 @@ class LaionCase:
         from transformers import RobertaConfig, RobertaModel
 
         from mlx_clap.convert.laion_pt import convert_laion_pt
-        from mlx_clap.io.folder import load_converted
+        from mlx_clap.loading import load as load_converted
 
         torch.set_num_threads(1)
         model, _ = random_laion_clap(amodel, fusion=fusion, seed=seed)
@@ -320,7 +320,7 @@ def test_load_model_converts_laion_pt_into_cache_once(laion_tiny, tmp_path, monk
 
     from mlx.utils import tree_flatten
 
-    from mlx_clap.io.folder import load_model
+    from mlx_clap.loading import load as load_model
 
     monkeypatch.setenv("MLX_CLAP_CACHE", str(tmp_path))
     model = load_model(laion_tiny.pt)

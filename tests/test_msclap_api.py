@@ -12,6 +12,8 @@ import random
 import mlx.core as mx
 import numpy as np
 import pytest
+
+pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[test]')")
 import transformers  # noqa: E402,F401  (the converter's tokenizer.json writer)
 from fixtures import TINY_AUDIO
 from msclap_reference import train_bert_files, train_gpt2_files
@@ -47,7 +49,7 @@ def tiny_config(version: str) -> MsClapConfig:
 @pytest.fixture(scope="module", params=["2023", "2022"])
 def folder(request, tmp_path_factory):
     from mlx_clap.convert.msclap import write_tokenizer_json
-    from mlx_clap.preprocess.msclap_frontend import slaney_mel_filterbank
+    from mlx_clap.dsp import slaney_mel_filterbank
 
     version = request.param
     tmp = tmp_path_factory.mktemp(f"tiny{version}")

@@ -24,7 +24,7 @@ from mlx_clap.convert.msclap import (
     resolve_tokenizer_dir,
     write_tokenizer_json,
 )
-from mlx_clap.preprocess.msclap_frontend import periodic_hann
+from mlx_clap.dsp import periodic_hann
 from mlx_clap.models.msclap.model import MsClapModel
 from mlx_clap.io.folder import WeightsError
 

@@ -6,15 +6,20 @@ from __future__ import annotations
 import importlib.util
 import random
 
-import librosa  # noqa: E402
 import mlx.core as mx
 import numpy as np
 import pytest
+
+pytest.importorskip("librosa", reason="librosa is not installed (pip install -e '.[test]')")
+pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
+import librosa  # noqa: E402
 import torch  # noqa: E402
 from msclap_reference import make_signal
 
 from mlx_clap.models.msclap.config import MsClapConfig
-from mlx_clap.preprocess.msclap_frontend import fit_clip, log_mel, prepare_batch, slaney_mel_filterbank, to_mono
+from mlx_clap.dsp import slaney_mel_filterbank
+from mlx_clap.models.msclap.logmel import log_mel
+from mlx_clap.preprocess.msclap_frontend import fit_clip, prepare_batch, to_mono
 
 SR = 44100
 

@@ -11,13 +11,17 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+
+pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
+pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[test]')")
 import torch  # noqa: E402
 import transformers  # noqa: E402,F401
 from fixtures import TINY_AUDIO, TINY_TEXT
 from mlx.utils import tree_flatten
 
 from mlx_clap.config import ClapTextConfig
-from mlx_clap.models.clap import ClapProjectionLayer, l2_normalize
+from mlx_clap.models.clap import ClapProjectionLayer
+from mlx_clap.models.layers import l2_normalize
 from mlx_clap.models.roberta import ClapTextModel, roberta_position_ids
 
 # Dropped on load: HF buffers that we recompute (docs/numerics.md §6.2).

@@ -16,7 +16,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from mlx_clap.io.folder import KEEP_FLOAT32, WeightsError, load_converted, load_model
+from mlx_clap.io.folder import WeightsError
+from mlx_clap.loading import load as load_model
+from mlx_clap.models.clap import KEEP_FLOAT32
+
+load_converted = load_model
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny-unfused"
 QUERY = "audio_model.audio_encoder.layers.0.blocks.0.attention.self.query.weight"

@@ -1,31 +1,46 @@
 #!/usr/bin/env bash
-# Runs ON the lent NVIDIA machine (device tool), in the repository root, in the second of two calls
-# (benchmarks/README.md, "GPU (CUDA)"): joins the mlx-cuda-13 wheel, installs MLX 0.32.4 with --no-deps
-# into /tmp/site beside the image's CUDA 13 libraries, then runs parity (MLX TF32 on and off) and speed
-# (MLX and PyTorch on the GPU, both TF32 settings) and packs the results into $OUT.
-# The image has torch 2.11 (CUDA 13), transformers 5.17, numpy 2, tokenizers, safetensors.
+# Parity and speed of mlx-clap on an NVIDIA GPU (MLX's CUDA backend), run in the repository root of a clone:
+#
+#   bash benchmarks/gpu/run_cuda.sh
+#
+# Needs Linux x86-64 (glibc >= 2.35), an NVIDIA driver >= 580 (CUDA 13), Python 3.12 with this package's
+# dependencies, a CUDA build of PyTorch (its nvidia-* packages provide the CUDA 13 libraries), transformers,
+# tokenizers and safetensors. MLX: the installed one if it already runs on the GPU (`pip install
+# "mlx[cuda13]"`); otherwise the wheels that benchmarks/gpu/prepare_wheels.sh put in .whl/, installed with
+# --no-deps into /tmp/site next to PyTorch's CUDA libraries. Then: parity (the reference in float32 on the
+# CPU, MLX on the GPU, with MLX's TF32 on and off) and speed (MLX and PyTorch on the GPU, TF32 on for both,
+# then off for both). $OUT (default /tmp/mlx-clap-gpu-out) receives log.txt and results.tar.gz.
+# See benchmarks/README.md, "GPU (CUDA)".
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+MLX_VERSION=${MLX_VERSION:-0.32.4}
 OUT=${OUT:-/tmp/mlx-clap-gpu-out}
-PART_A=${PART_A:-/root/mlx-wheel/mlx_cuda_13.whl.part-a}
-[ -f "$PART_A" ] || PART_A=.whl/mlx_cuda_13.whl.part-a  # still there when the machine stayed warm
+PART_A=${PART_A:-.whl/mlx_cuda_13.whl.part-a}  # only used when prepare_wheels.sh ran with SPLIT=1
 RES=/tmp/mlx-clap-gpu-results
 mkdir -p "$OUT" "$RES"
 exec > >(tee "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MLX_CLAP_BENCH_CACHE=/tmp/mlx-clap-bench
-export MLX_CLAP_BENCH_NOTE="device run: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+export MLX_CLAP_BENCH_NOTE="CUDA run: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
 T0=$SECONDS
 
-# 1. Join, verify and install the wheels; use the image's CUDA 13 libraries (nvidia-* packages of its torch).
-wheel=.whl/b/$(awk '{print $2}' .whl/b/SHA256SUMS)
-cat "$PART_A" .whl/b/mlx_cuda_13.whl.part-b > "$wheel" || exit 1
-(cd .whl/b && sha256sum -c SHA256SUMS) || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  "$wheel" .whl/b/mlx-0.32.4-*.whl || exit 1
-SITE=$(python3 -c 'import site; print(site.getsitepackages()[0])')
-ln -sfn "$SITE/nvidia" /tmp/site/nvidia
-LD_LIBRARY_PATH="$(ls -d /tmp/site/nvidia/*/lib | paste -sd:)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export LD_LIBRARY_PATH PYTHONPATH="/tmp/site:$PWD"
+# 1. MLX on the GPU: the installed one, or the downloaded wheels beside PyTorch's CUDA 13 libraries.
+if python3 -c 'import sys, mlx.core as mx; sys.exit(0 if mx.default_device() == mx.gpu else 1)' 2>/dev/null; then
+  echo "using the installed MLX (default device: GPU)"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  [ -f .whl/b/SHA256SUMS ] || { echo "no GPU-enabled MLX installed and no wheels in .whl/b (run prepare_wheels.sh)"; exit 1; }
+  wheel=.whl/b/$(awk '{print $2}' .whl/b/SHA256SUMS)
+  if [ ! -f "$wheel" ]; then  # the wheel came in two halves (prepare_wheels.sh with SPLIT=1)
+    cat "$PART_A" .whl/b/mlx_cuda_13.whl.part-b > "$wheel" || exit 1
+  fi
+  (cd .whl/b && sha256sum -c SHA256SUMS) || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$wheel" .whl/b/mlx-"$MLX_VERSION"-*.whl || exit 1
+  SITE=$(python3 -c 'import site; print(site.getsitepackages()[0])')
+  ln -sfn "$SITE/nvidia" /tmp/site/nvidia
+  LD_LIBRARY_PATH="$(ls -d /tmp/site/nvidia/*/lib | paste -sd:)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export LD_LIBRARY_PATH PYTHONPATH="/tmp/site:$PWD"
+fi
 # MLX's CUDA JIT (NVRTC) includes $CUDA_HOME/include, else /usr/local/cuda/include.
 if [ -z "${CUDA_HOME:-}" ] && [ ! -d /usr/local/cuda ]; then
   if command -v nvcc >/dev/null; then CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")"); export CUDA_HOME

@@ -6,7 +6,6 @@ Each subcommand module is imported only when that command runs, so `mlx-clap --h
 from __future__ import annotations
 
 import importlib
-import os
 
 import click
 
@@ -46,8 +45,9 @@ class LazyGroup(click.Group):
     "--threads",
     type=click.IntRange(1, 256),
     default=None,
-    help="CPU threads for the model (MLX worker threads and OpenBLAS); default: every core. "
-    "Same as MLX_CLAP_CPU_THREADS plus MLX_CLAP_BLAS_THREADS.",
+    envvar="MLX_CLAP_CPU_THREADS",
+    show_envvar=True,
+    help="CPU threads for the model (MLX worker threads and OpenBLAS); default: every core (at most 8).",
 )
 def main(threads: int | None) -> None:
     """CLAP audio and text embeddings in MLX.
@@ -56,21 +56,35 @@ def main(threads: int | None) -> None:
     Example:
       mlx-clap embed ~/Sounds --recursive --out vectors/
       mlx-clap --threads 1 embed clips/ --out vectors/   # leave the other cores free
+
+    \b
+    Environment (parsed once; `mlx-clap info` shows what is in force):
+      MLX_CLAP_MODEL               default model of every command (laion/clap-htsat-unfused)
+      MLX_CLAP_CACHE               converted-model cache (~/.cache/mlx-clap)
+      MLX_CLAP_CPU_OPTIMIZATIONS   off: run the CPU exactly as Metal/CUDA run (no CPU-only paths)
+      MLX_CLAP_CPU_KERNELS         off: MLX's own GELU/softmax/attention on the CPU
+      MLX_CLAP_BLAS                auto, off or a CBLAS library path (Linux CPU)
+      MLX_CLAP_BLAS_THREADS        OpenBLAS thread cap
+      MLX_CLAP_MALLOC              tune (default on a Linux CPU) or off
+      MLX_CLAP_VERBOSE             1: print the BLAS choice
     """
-    if threads is not None:
-        from mlx_clap.ops import parallel as cpu_parallel
-        from mlx_clap.ops.blas import set_num_threads
+    from mlx_clap import settings
 
-        os.environ[cpu_parallel.THREADS_VAR] = str(threads)
-        set_num_threads(threads)
-    # The command owns its process, so it keeps freed memory in glibc's heap for MLX's next intermediates
-    # (mlx_clap.ops.blas.tune_malloc): with the tower and the frontend on worker threads, each thread's arena
-    # otherwise maps and faults its big blocks afresh. `mlx-clap embed` of 48 short files: 7.3-7.8 s ->
-    # 6.7-6.9 s, peak RSS +20-60 MB (benchmarks/README.md). MLX_CLAP_MALLOC=off opts out.
-    if os.environ.get("MLX_CLAP_MALLOC", "").strip().lower() != "off":
-        from mlx_clap.ops.blas import tune_malloc
+    try:
+        current = settings.current()
+    except settings.SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if threads is not None and threads != current.cpu_threads:
+        settings.configure(cpu_threads=threads, blas_threads=threads)
+    elif threads is not None:
+        settings.configure(blas_threads=threads)
+    # The command owns its process: BLAS rebinding and malloc tuning (mlx_clap.ops.setup) apply now.
+    # With the tower and the frontend on worker threads, keeping freed memory in glibc's heap saves each
+    # thread's arena from mapping and faulting its big blocks afresh (`mlx-clap embed` of 48 short files:
+    # 7.3-7.8 s -> 6.7-6.9 s, docs/performance.md). MLX_CLAP_MALLOC=off opts out.
+    from mlx_clap.ops.setup import prepare_cpu
 
-        tune_malloc()
+    prepare_cpu()
 
 
 if __name__ == "__main__":

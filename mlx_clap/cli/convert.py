@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
-from mlx_clap.io.folder import HUB_ID, MANIFEST_NAME, PT_SUFFIXES, WeightsError, download_hub
+from mlx_clap.io.folder import MANIFEST_NAME, WeightsError
+from mlx_clap.io.hub import HUB_ID, download_hub
+from mlx_clap.loading import PT_SUFFIXES
 
 
 @click.command("convert")
@@ -25,7 +27,8 @@ from mlx_clap.io.folder import HUB_ID, MANIFEST_NAME, PT_SUFFIXES, WeightsError,
     type=click.Choice(["auto", "laion", "msclap"]),
     default="auto",
     show_default=True,
-    help="Checkpoint family of a .pt/.pth file; auto takes msclap for CLAP_weights_*.pth files.",
+    help="Checkpoint family of a .pt/.pth file; auto takes msclap only for Microsoft's CLAP_weights_*.pth "
+    "files, LAION otherwise.",
 )
 @click.option("--force", is_flag=True, help="Replace DEST if it already holds files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest of the converted folder as JSON.")
@@ -95,5 +98,6 @@ def convert(
 
 
 def _looks_like_msclap(path: Path) -> bool:
-    """Microsoft's released files are CLAP_weights_<year>.pth; LAION's are *.pt."""
-    return path.name.lower().startswith("clap_weights") or path.suffix == ".pth"
+    """Microsoft's released files are CLAP_weights_<year>.pth; any other name (LAION's *.pt, or a LAION
+    checkpoint saved as .pth) is taken as LAION: --family msclap says otherwise."""
+    return path.name.lower().startswith("clap_weights")

@@ -8,7 +8,6 @@ or JSON lines on stdout. Reruns resume; failures are recorded and the run goes o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -29,55 +28,15 @@ from mlx_clap.preprocess.decode_ahead import (
     discover,
     stat_key,
 )
+from mlx_clap.cli.common import load_model_or_exit, model_option, weights_sha256
 from mlx_clap.cli.writers import JsonlWriter, JsonWriter, StoreWriter
 
-DEFAULT_MODEL = "laion/clap-htsat-unfused"
 LONG_AUDIO_CHOICES = ("windows-mean", "head", "center", "fusion", "reference")
 
 
 # ------------------------------------------------------------------------------------------- model
-def load_model_or_exit(model_id: str, dtype: str):
-    """mlx_clap.load with a user-facing error (offline, unknown id, broken folder)."""
-    import mlx_clap
-
-    try:
-        return mlx_clap.load(model_id, dtype=dtype)
-    except Exception as exc:
-        hint = ""
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") and "/" in model_id:
-            hint = (
-                " (HF_HUB_OFFLINE is set: the first use of a hub id needs the network once to download and"
-                " convert it; afterwards it loads from the cache. Or pass --model with a converted folder.)"
-            )
-        raise click.ClickException(f"cannot load model {model_id!r}: {exc}{hint}") from exc
-
-
-def weights_sha256(model) -> str | None:
-    """sha256 of model.safetensors: from the converted folder's manifest when recorded, else hashed."""
-    folder = getattr(model, "source_dir", None)
-    if folder is None:
-        return None
-    folder = Path(folder)
-    try:
-        recorded = (
-            json.loads((folder / "manifest.json").read_text()).get("files", {}).get("model.safetensors")
-        )
-        if recorded:
-            return str(recorded)
-    except (OSError, ValueError, AttributeError):
-        pass
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(weights, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build_manifest(model, model_id: str, settings: dict, store_dtype: str | None) -> dict:
-    from mlx_clap import __version__
+    from mlx_clap.version import __version__
 
     return {
         "tool": "mlx-clap embed",
@@ -307,7 +266,7 @@ class EmbedRun:
 @click.command()
 @click.argument("paths", nargs=-1, required=True)
 @click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders of folder arguments.")
-@click.option("--model", "model_id", default=DEFAULT_MODEL, show_default=True, help="Hub id or model folder.")
+@model_option
 @click.option("--out", "out", type=click.Path(path_type=Path), help="Output folder (store or json formats).")
 @click.option(
     "--format",
@@ -477,7 +436,7 @@ def embed(
 
 @click.command("embed-text")
 @click.argument("texts", nargs=-1, required=True)
-@click.option("--model", "model_id", default=DEFAULT_MODEL, show_default=True, help="Hub id or model folder.")
+@model_option
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "npy"]), default="jsonl", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Output file (needed for npy; jsonl: stdout).")
 @click.option(
@@ -547,10 +506,12 @@ def _versions() -> dict:
 
 
 @click.command()
-@click.option("--model", "model_id", default=DEFAULT_MODEL, show_default=True, help="Hub id or model folder.")
+@model_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(model_id: str, as_json: bool) -> None:
-    """Show the model (config summary), the compute device and library versions.
+    """Show the model (family and architecture), the compute device, the settings and library versions.
+
+    Exits with status 1 when the model cannot be loaded (the cause is printed).
 
     \b
     Example:
@@ -558,72 +519,57 @@ def info(model_id: str, as_json: bool) -> None:
     """
     import mlx.core as mx
 
+    from mlx_clap import settings
+    from mlx_clap.cli.common import describe_model
+    from mlx_clap.ops import parallel
+    from mlx_clap.ops.blas import blas_info, get_num_threads
+    from mlx_clap.ops.device import cpu_fast_paths
+    from mlx_clap.ops.malloc import malloc_tuned
+
     report: dict[str, Any] = {"device": str(mx.default_device())}
     try:
         report["metal"] = bool(mx.metal.is_available())
     except Exception:
         report["metal"] = False
     report["versions"] = _versions()
-    from mlx_clap.ops import parallel as cpu_parallel
-    from mlx_clap.ops.blas import blas_info, get_num_threads
-
-    blas = blas_info()
-    report["cpu"] = {
-        "workers": cpu_parallel.worker_count(),
-        "blas": blas.get("config") or blas.get("status"),
-        "blas_threads": get_num_threads(),
-    }
     model_info: dict[str, Any] = {"id": model_id}
     try:
-        import mlx_clap
+        from mlx_clap.loading import load
 
-        model = mlx_clap.load(model_id)
-        c = model.config
-        model_info.update(
-            {
-                "folder": str(model.source_dir) if model.source_dir else None,
-                "family": c.family,
-                "source": c.source,
-                "embedding_dim": c.projection_dim,
-                "fused": c.feature_config.truncation == "fusion",
-                "audio": {
-                    "hidden_size": c.audio_config.hidden_size,
-                    "depths": list(c.audio_config.depths),
-                    "heads": list(c.audio_config.num_attention_heads),
-                    "patch_embeds_hidden_size": c.audio_config.patch_embeds_hidden_size,
-                },
-                "text": {
-                    "hidden_size": c.text_config.hidden_size,
-                    "layers": c.text_config.num_hidden_layers,
-                    "max_length": c.text_config.max_length,
-                },
-                "features": c.feature_config.to_dict(),
-                "tokenizer": model._tokenizer is not None,
-            }
-        )
+        model_info.update(describe_model(load(model_id)))
     except Exception as exc:
         model_info["error"] = str(exc)
     report["model"] = model_info
+    blas = blas_info()
+    report["cpu"] = {
+        "fast_paths": cpu_fast_paths(),
+        "workers": parallel.worker_count(),
+        "blas": blas.get("config") or blas.get("status"),
+        "blas_threads": get_num_threads(),
+        "malloc_tuned": malloc_tuned(),
+    }
+    report["settings"] = settings.current().describe()
     if as_json:
-        click.echo(json.dumps(report, indent=2))
-        return
-    m = report["model"]
-    click.echo(f"model:    {m['id']}")
-    if "error" in m:
-        click.echo(f"          not loadable: {m['error']}")
+        click.echo(json.dumps(report, indent=2, default=str))
     else:
-        a, t, f = m["audio"], m["text"], m["features"]
-        click.echo(f"folder:   {m['folder']}")
-        click.echo(
-            f"family:   {m['family']} ({'fused' if m['fused'] else 'unfused'}), {m['embedding_dim']}-d"
-        )
-        click.echo(f"audio:    HTSAT hidden {a['hidden_size']}, depths {a['depths']}, heads {a['heads']}")
-        click.echo(f"text:     hidden {t['hidden_size']}, {t['layers']} layers, {t['max_length']} tokens")
-        click.echo(
-            f"features: {f['sampling_rate']} Hz, {f['feature_size']} mels, {f['max_length_s']} s, "
-            f"truncation {f['truncation']}, padding {f['padding']}"
-        )
-    click.echo(f"device:   {report['device']} (metal: {report['metal']})")
-    cpu = report["cpu"]
-    click.echo(f"cpu:      {cpu['workers']} worker threads; BLAS {cpu['blas']}")
-    click.echo("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v))
+        m = report["model"]
+        click.echo(f"model:    {m['id']}")
+        if "error" in m:
+            click.echo(f"          not loadable: {m['error']}")
+        else:
+            click.echo(f"folder:   {m['folder']}")
+            kind = "fused" if m.get("fused") else "unfused"
+            click.echo(f"family:   {m['family']} ({kind}), {m['embedding_dim']}-d")
+            click.echo(f"audio:    {m['audio']}")
+            click.echo(f"text:     {m['text']}; tokenizer {'present' if m['tokenizer'] else 'missing'}")
+            click.echo(f"input:    {m['sampling_rate']} Hz, {m['clip_seconds']} s clips; prompt {m['template']!r}")
+        click.echo(f"device:   {report['device']} (metal: {report['metal']})")
+        cpu = report["cpu"]
+        if cpu["fast_paths"]:
+            click.echo(f"cpu:      {cpu['workers']} worker threads; BLAS {cpu['blas']}; malloc tuned {cpu['malloc_tuned']}")
+        else:
+            click.echo("cpu:      CPU-only paths off (the code Metal and CUDA run)")
+        click.echo("settings: " + ", ".join(f"{k}={v}" for k, v in report["settings"].items()))
+        click.echo("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v))
+    if "error" in report["model"]:
+        sys.exit(1)

@@ -8,15 +8,13 @@ store's is refused, since vectors from two models do not share a space.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
-DEFAULT_MODEL = "laion/clap-htsat-unfused"
-MODEL_ENV = "MLX_CLAP_MODEL"
+from mlx_clap.cli.common import DEFAULT_MODEL, MODEL_ENV, load_model_or_exit, weights_sha256
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -51,9 +49,9 @@ def store_model_ref(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def load_model(source: str | None, dtype: str | None = None) -> Any:
     """Load a model (default: $MLX_CLAP_MODEL or DEFAULT_MODEL) with a user-facing error."""
-    from mlx_clap.cli.embed import load_model_or_exit
+    from mlx_clap import settings
 
-    return load_model_or_exit(source or os.environ.get(MODEL_ENV) or DEFAULT_MODEL, dtype or "float32")
+    return load_model_or_exit(source or settings.current().model, dtype or "float32")
 
 
 def load_store_model(store: Any, override: str | None) -> Any:
@@ -78,8 +76,6 @@ def check_store_model(store: Any, model: Any, source: str) -> None:
             "ones; use the model the store was embedded with"
         )
     if ref["sha256"]:
-        from mlx_clap.cli.embed import weights_sha256
-
         have = weights_sha256(model)
         if have is not None and have != ref["sha256"]:
             raise click.ClickException(
@@ -332,9 +328,9 @@ def parse_labels(labels: str | None, labels_file: Path | None) -> list[str]:
 @click.option("--labels-file", type=click.Path(dir_okay=False, path_type=Path), help="One label per line.")
 @click.option(
     "--template",
-    default="This is a sound of {}.",
-    show_default=True,
-    help='Prompt around each label; "{}" marks the label ("" uses the bare label).',
+    default=None,
+    help='Prompt around each label; "{}" marks the label ("" uses the bare label). '
+    "Default: the model's own (LAION \"This is a sound of {}.\", msclap \"this is the sound of {}\").",
 )
 @click.option("--model", help=f"Model folder or hub id [default: ${MODEL_ENV} or {DEFAULT_MODEL}].")
 @click.option("--top", type=int, default=3, show_default=True, help="Labels shown per file.")
@@ -343,7 +339,7 @@ def classify(
     paths: tuple[Path, ...],
     labels: str | None,
     labels_file: Path | None,
-    template: str,
+    template: str | None,
     model: str | None,
     top: int,
     as_json: bool,
@@ -385,6 +381,8 @@ def classify(
             raise click.ClickException(str(exc)) from exc
         rows = [(str(f), e) for f, e in zip(files, emb, strict=True)] + rows
     try:
+        if template is None:
+            template = clap.family.default_template
         probs = clap.classify(np.stack([r[1] for r in rows]), names, template=template or None)
     except RuntimeError as exc:  # a model folder without tokenizer files
         raise click.ClickException(str(exc)) from exc

@@ -13,16 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from mlx_clap.io.files import sha256_file
 from mlx_clap.io.folder import WeightsError
-
-# Buffers that HF/LAION state dicts carry but the MLX model derives or never uses (docs/numerics.md §6.2, §6.4).
-DROPPED_SUFFIXES = (
-    "num_batches_tracked",
-    "relative_position_index",
-    "position_ids",
-    "token_type_ids",
-    "attn_mask",
-)
 
 _ST_DTYPES = {
     "F64": np.float64,
@@ -111,31 +103,22 @@ def to_numpy(tensors: dict) -> dict[str, np.ndarray]:
 
 
 def hf_state_to_mlx(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """HF `ClapModel` state dict -> MLX parameter dict.
+    """HF `ClapModel` state dict (numpy) -> MLX parameters (numpy float32) through `ClapModel.sanitize`.
 
     Names are kept (the MLX modules use the HF names); derived buffers are dropped; convolutions go from
-    OIHW to OHWI; float tensors are stored as float32.
+    OIHW to OHWI.
     """
-    out = {}
-    for key, value in state.items():
-        if key.endswith(DROPPED_SUFFIXES):
-            continue
-        arr = np.asarray(value)
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise WeightsError(f"tensor {key} has dtype {arr.dtype}; only float weights are expected")
-        if arr.ndim == 4:
-            arr = arr.transpose(0, 2, 3, 1)
-        elif key.startswith("logit_scale") and arr.size == 1:
-            arr = arr.reshape(())  # HF stores (1,), LAION a 0-d tensor; the MLX model holds a scalar
-        out[key] = np.array(arr, dtype=np.float32, order="C")  # ascontiguousarray makes 0-d 1-d
-    return out
+    import mlx.core as mx
+
+    from mlx_clap.models.clap import ClapModel
+
+    kept = {k: mx.array(np.asarray(v)) for k, v in state.items()}
+    return {k: _c_float32(np.array(v.astype(mx.float32))) for k, v in ClapModel.sanitize(kept).items()}
 
 
-def sha256_file(path: Path) -> str:
-    import hashlib
+def _c_float32(arr: np.ndarray) -> np.ndarray:
+    # np.ascontiguousarray turns 0-d arrays (the logit scales) into 1-d ones, so only use it when needed.
+    return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+
+__all__ = ["hf_state_to_mlx", "read_safetensors", "sha256_file", "to_numpy", "torch_state_dict"]

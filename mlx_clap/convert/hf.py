@@ -14,48 +14,15 @@ from typing import Any
 
 import numpy as np
 
-import mlx_clap
-from mlx_clap.config import ClapAudioConfig, ClapConfig, ClapTextConfig, FeatureConfig
+from mlx_clap.version import __version__
+from mlx_clap.config import config_from_hf
 from mlx_clap.io.folder import WeightsError, save_converted_arrays
+from mlx_clap.models.clap import ClapModel
 
 from mlx_clap.convert.common import hf_state_to_mlx, read_safetensors, sha256_file, to_numpy, torch_state_dict
 
 CONVERTER = "mlx_clap.convert.hf"
-CONVERTER_VERSION = f"mlx-clap {mlx_clap.__version__} ({CONVERTER} 1)"
-
-
-def feature_config_from_hf(preprocessor: dict[str, Any] | None, enable_fusion: bool) -> FeatureConfig:
-    """The frontend settings: the hub `preprocessor_config.json` when present, else the LAION defaults.
-
-    Without a preprocessor file the truncation follows the model: `fusion` for fused models,
-    `rand_trunc` otherwise; 50-14000 Hz as every LAION checkpoint (not HF's class default fmin 0).
-    """
-    if preprocessor:
-        return FeatureConfig.from_dict(preprocessor)
-    return FeatureConfig(
-        truncation="fusion" if enable_fusion else "rand_trunc", frequency_min=50.0, frequency_max=14000.0
-    )
-
-
-def config_from_hf(
-    config_json: dict[str, Any], preprocessor: dict[str, Any] | None = None, source: str = ""
-) -> ClapConfig:
-    """A fully resolved `ClapConfig` from an HF `config.json` (unknown keys ignored)."""
-    if not isinstance(config_json, dict) or config_json.get("model_type") != "clap":
-        kind = config_json.get("model_type") if isinstance(config_json, dict) else type(config_json).__name__
-        raise WeightsError(f"config.json has model_type {kind!r}; a CLAP model (model_type 'clap') is needed")
-    audio = ClapAudioConfig.from_dict(config_json.get("audio_config"))
-    text_raw = dict(config_json.get("text_config") or {})
-    # Configs saved by transformers 4.x carry the generation default max_length=20 in every sub-config;
-    # it is not the tokenizer length (ours: LAION's 77), so it must not override it.
-    text_raw.pop("max_length", None)
-    text = ClapTextConfig.from_dict(text_raw)
-    top = {k: v for k, v in config_json.items() if k in ("projection_dim", "logit_scale_init_value")}
-    config = ClapConfig.from_dict(top)
-    config.audio_config, config.text_config = audio, text
-    config.feature_config = feature_config_from_hf(preprocessor, audio.enable_fusion)
-    config.family, config.source = "laion", source
-    return config
+CONVERTER_VERSION = f"mlx-clap {__version__} ({CONVERTER} 1)"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -114,7 +81,7 @@ def convert_hf_folder(
         raise WeightsError(f"{src}: no config.json (not a Hugging Face model folder)")
     try:
         config = config_from_hf(cfg, _read_json(src / "preprocessor_config.json"), source_name or str(src))
-    except WeightsError as exc:
+    except (TypeError, ValueError) as exc:
         raise WeightsError(f"{src / 'config.json'}: {exc}") from exc
     state, files = read_hf_weights(src)
     weights = hf_state_to_mlx(state)
@@ -130,7 +97,9 @@ def convert_hf_folder(
         "source_files": {p.name: sha256_file(p) for p in sources},
     }
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else src
-    return save_converted_arrays(Path(dest), config, weights, manifest, tokenizer_dir=tok)
+    return save_converted_arrays(
+        Path(dest), config, weights, manifest, tokenizer_dir=tok, expected=ClapModel.parameter_shapes(config)
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

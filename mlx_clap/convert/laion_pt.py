@@ -16,16 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-import mlx_clap
+from mlx_clap.version import __version__
 from mlx_clap.config import ClapAudioConfig, ClapConfig, ClapTextConfig, FeatureConfig
 from mlx_clap.io.folder import WeightsError, save_converted_arrays
+from mlx_clap.models.clap import ClapModel
 
 from mlx_clap.convert.common import hf_state_to_mlx, sha256_file, to_numpy, torch_state_dict
 
 log = logging.getLogger(__name__)
 
 CONVERTER = "mlx_clap.convert.laion_pt"
-CONVERTER_VERSION = f"mlx-clap {mlx_clap.__version__} ({CONVERTER} 1)"
+CONVERTER_VERSION = f"mlx-clap {__version__} ({CONVERTER} 1)"
 
 # Substring renames of `convert_clap_original_pytorch_to_hf.py`, applied in this order.
 RENAMES = (
@@ -198,7 +199,9 @@ def convert_laion_pt(
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else None
     if tok is not None and not any((tok / n).is_file() for n in ("tokenizer.json", "vocab.json")):
         raise WeightsError(f"{tok}: no tokenizer.json or vocab.json + merges.txt to copy")
-    return save_converted_arrays(Path(dest), config, weights, manifest, tokenizer_dir=tok)
+    return save_converted_arrays(
+        Path(dest), config, weights, manifest, tokenizer_dir=tok, expected=ClapModel.parameter_shapes(config)
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

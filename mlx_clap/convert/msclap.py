@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
-import mlx_clap
+from mlx_clap.version import __version__
 from mlx_clap.io.files import atomic_write_json, publish_folder
 from mlx_clap.models.msclap.config import MsClapConfig
-from mlx_clap.preprocess.msclap_frontend import N_FFT, periodic_hann, slaney_mel_filterbank
+from mlx_clap.dsp import periodic_hann, slaney_mel_filterbank
+from mlx_clap.models.msclap.logmel import N_FFT
 from mlx_clap.preprocess.msclap_tokenizer import GPT2_PAD, TOKENIZER_NAME
 from mlx_clap.io.folder import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME, WeightsError
 
@@ -41,7 +42,7 @@ from mlx_clap.convert.laion_pt import RENAMES as LAION_TO_HF_RENAMES
 log = logging.getLogger(__name__)
 
 CONVERTER = "mlx_clap.convert.msclap"
-CONVERTER_VERSION = f"mlx-clap {mlx_clap.__version__} ({CONVERTER} 1)"
+CONVERTER_VERSION = f"mlx-clap {__version__} ({CONVERTER} 1)"
 
 HTSAT_PREFIX = "audio_encoder.base.htsat."
 MEL_KEY = "audio_encoder.base.logmel_extractor.melW"

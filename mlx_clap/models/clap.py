@@ -1,41 +1,40 @@
-"""ClapModel: the two towers, their projections and the logit scales, plus the embedding helpers.
+"""ClapModel: the LAION/HF CLAP towers, their projections and the logit scales.
 
 Attribute names equal the Hugging Face `ClapModel` state-dict keys (`audio_model.audio_encoder.*`,
-`text_model.*`, `audio_projection.linear1`, `logit_scale_a`, ...), so a converted checkpoint loads with
-no mapping table and stage-by-stage comparisons match by name.
+`text_model.*`, `audio_projection.linear1`, `logit_scale_a`, ...), so a checkpoint loads with no mapping
+table: `sanitize()` owns the few layout fixes (as ml-explore/mlx-examples `clip/model.py` does), and a
+Hugging Face folder loads straight from its own safetensors. This module is the model only: files,
+strings, windows and batching are the pipeline's (`mlx_clap.pipeline`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
+from mlx.utils import tree_flatten
 
-from mlx_clap.ops import parallel as cpu_parallel
-from mlx_clap.config import ClapConfig
+from mlx_clap.config import ClapConfig, config_from_hf
+from mlx_clap.io import folder as fmt
+from mlx_clap.models.htsat import ClapAudioModel
+from mlx_clap.models.layers import l2_normalize
+from mlx_clap.models.roberta import ClapTextModel
 
-if TYPE_CHECKING:
-    from mlx_clap.preprocess.tokenizer import ClapTokenizer
-
-DEFAULT_TEMPLATE = "This is a sound of {}."
-# Clips per parallel block of `ClapModel.embed_audio_inputs` on the CPU. Batch 8 of HTSAT-tiny on 2 cores
-# (one call: 962 ms): blocks of 1 clip 774 ms, of 2 clips 748 ms, of 4 clips 807 ms.
-CPU_CLIPS_PER_BLOCK = 2
-# Sentences per parallel block of `embed_text_inputs`. RoBERTa at batch 64 (32 tokens) on 2 cores: one call
-# 2005 ms, blocks of 16 1730 ms, of 32 1653 ms; up to batch 32 one call is as fast.
-CPU_TEXTS_PER_BLOCK = 32
-
-
-def l2_normalize(x: mx.array, eps: float = 1e-12) -> mx.array:
-    """x / max(||x||, eps) along the last axis, in float32 (as torch.nn.functional.normalize)."""
-    x32 = x.astype(mx.float32)
-    norm = mx.sqrt(mx.sum(x32 * x32, axis=-1, keepdims=True))
-    return x32 / mx.maximum(norm, eps)
+# Buffers that HF/LAION state dicts carry but the MLX model derives or never uses (docs/numerics.md §6.2,
+# §6.4).
+DROPPED_SUFFIXES = (
+    "num_batches_tracked",
+    "relative_position_index",
+    "position_ids",
+    "token_type_ids",
+    "attn_mask",
+)
+# Parameters that stay float32 when a model is loaded in half precision: bn0 normalizes raw log-mels
+# (values near -100 dB, where float16 steps are 0.06) and the logit scales are exponentiated.
+KEEP_FLOAT32 = ("audio_model.audio_encoder.batch_norm.", "logit_scale_a", "logit_scale_t")
 
 
 class ClapProjectionLayer(nn.Module):
@@ -53,9 +52,6 @@ class ClapProjectionLayer(nn.Module):
 class ClapModel(nn.Module):
     def __init__(self, config: ClapConfig):
         super().__init__()
-        from mlx_clap.models.htsat import ClapAudioModel
-        from mlx_clap.models.roberta import ClapTextModel
-
         self.config = config
         self.audio_model = ClapAudioModel(config.audio_config)
         self.text_model = ClapTextModel(config.text_config)
@@ -64,45 +60,12 @@ class ClapModel(nn.Module):
         init = math.log(config.logit_scale_init_value)
         self.logit_scale_a = mx.array(init, dtype=mx.float32)
         self.logit_scale_t = mx.array(init, dtype=mx.float32)
-        # Set by from_pretrained when the folder carries tokenizer files; not a module parameter.
-        self._tokenizer: ClapTokenizer | None = None
-        self._feature_extractor = None
-        self.source_dir: Path | None = None
         self.eval()
 
-    # ------------------------------------------------------------------------------------ tensors in
     def get_audio_features(self, input_features: mx.array, is_longer: mx.array | None = None) -> mx.array:
         """HF layout (B, C, 1001, 64) log-mels (+ (B, 1) is_longer for fused models) -> unit (B, D)."""
         pooled = self.audio_model(input_features, is_longer)
         return l2_normalize(self.audio_projection(pooled))
-
-    def embed_audio_inputs(self, input_features: mx.array, is_longer: mx.array | None = None) -> mx.array:
-        """Unit embeddings of model inputs: `get_audio_features`, evaluated, on all CPU cores at once.
-
-        MLX's CPU backend does everything but the BLAS calls on one thread, so one batched call leaves
-        the other cores idle through the tower's elementwise, softmax and layout work. Here a batch is
-        cut into blocks of `CPU_CLIPS_PER_BLOCK` clips that worker threads run side by side
-        (`cpu_parallel`), each with single-threaded BLAS. Each row is computed by the same operations
-        as in `get_audio_features` (equal up to BLAS rounding). Unlike `get_audio_features` this
-        evaluates as it goes, so it cannot run under `mx.compile`. A single clip is one call: cutting
-        its wide Swin blocks into bands of window rows on two workers measured slower end to end
-        (OpenBLAS's helper threads keep spinning after the two-thread GEMMs around the bands).
-        """
-        return cpu_parallel.eval_batched(
-            self.get_audio_features,
-            [input_features, is_longer],
-            CPU_CLIPS_PER_BLOCK,
-            ready=[self.audio_model, self.audio_projection],
-        )
-
-    def embed_text_inputs(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
-        """Unit embeddings of token ids: `get_text_features`, evaluated, big batches on all CPU cores."""
-        return cpu_parallel.eval_batched(
-            self.get_text_features,
-            [input_ids, attention_mask],
-            CPU_TEXTS_PER_BLOCK,
-            ready=[self.text_model, self.text_projection],
-        )
 
     def get_text_features(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
         """Token ids (B, L) and mask (B, L) -> unit (B, D), from RoBERTa's pooler output."""
@@ -117,253 +80,85 @@ class ClapModel(nn.Module):
         logits_per_audio = (a @ t.T) * mx.exp(self.logit_scale_a.astype(mx.float32))
         return logits_per_audio, logits_per_text
 
-    # ------------------------------------------------------------------------------ files and strings in
-    @property
-    def feature_extractor(self):
-        if self._feature_extractor is None:
-            from mlx_clap.preprocess.features import ClapFeatureExtractor
-
-            self._feature_extractor = ClapFeatureExtractor(self.config.feature_config)
-        return self._feature_extractor
-
-    @property
-    def tokenizer(self) -> ClapTokenizer:
-        if self._tokenizer is None:
-            raise RuntimeError(
-                "this model has no tokenizer: its folder lacks tokenizer.json (or vocab.json + merges.txt); "
-                "convert it again from a source that has the tokenizer files"
-            )
-        return self._tokenizer
-
     @property
     def embedding_dim(self) -> int:
         return self.config.projection_dim
 
-    def embed_audio(
-        self,
-        inputs: Sequence[str | Path | np.ndarray] | str | Path | np.ndarray,
-        *,
-        batch_size: int = 8,
-        long_audio: str = "windows-mean",
-        seed: int | None = None,
-        quantize_int16: bool = False,
-    ) -> np.ndarray:
-        """Unit audio embeddings (N, D) as numpy float32 for paths or 1-D float arrays at 48 kHz.
-
-        `long_audio` decides what happens past 10 s: "windows-mean" (default, deterministic: consecutive
-        10-s windows, mean of the unit embeddings, renormalized), "head", "center", or "reference"
-        (the model's own random `rand_trunc`/`fusion` as LAION/HF do it, seedable with `seed`).
-        """
-        from mlx_clap.preprocess.audio import load_audio
-
-        if isinstance(inputs, (str, Path, np.ndarray)):
-            inputs = [inputs]
-        waves = []
-        for item in inputs:
-            if isinstance(item, (str, Path)):
-                waves.append(load_audio(item, self.config.feature_config.sampling_rate).samples)
-            else:
-                waves.append(item)
-        return self.embed_waveforms(
-            waves, batch_size=batch_size, long_audio=long_audio, seed=seed, quantize_int16=quantize_int16
-        )
-
-    def embed_waveforms(
-        self,
-        waveforms: Sequence[np.ndarray],
-        *,
-        batch_size: int = 8,
-        long_audio: str = "windows-mean",
-        seed: int | None = None,
-        quantize_int16: bool = False,
-    ) -> np.ndarray:
-        """Unit embeddings (N, D) for decoded mono 48 kHz waveforms; see `embed_audio`."""
-        fx = self.feature_extractor
-        out = np.zeros((len(waveforms), self.embedding_dim), dtype=np.float32)
-        if long_audio == "windows-mean":
-            # Clips with more windows than a batch go window-group by window-group (embed_windows), so
-            # a 2-hour file never has all its 720 windows' features in memory at once. Shorter ones,
-            # 10-s windows included, share model calls with their neighbours: one by one, a folder of
-            # 15-s files would run the tower two windows at a time.
-            from mlx_clap.preprocess.features import as_waveform_list
-
-            waveforms = as_waveform_list(list(waveforms)) if len(waveforms) else []
-            most = batch_size * fx.max_samples
-            long_idx = [i for i, w in enumerate(waveforms) if w.shape[0] > most]
-            for i in long_idx:
-                out[i] = self.embed_windows(
-                    [waveforms[i]], batch_size=batch_size, quantize_int16=quantize_int16
-                )
-            if long_idx:
-                short = [i for i in range(len(waveforms)) if i not in set(long_idx)]
-                if short:
-                    out[short] = self.embed_waveforms(
-                        [waveforms[i] for i in short],
-                        batch_size=batch_size,
-                        long_audio=long_audio,
-                        quantize_int16=quantize_int16,
-                    )
-                return out
-        for start in range(0, len(waveforms), batch_size):
-            chunk = list(waveforms[start : start + batch_size])
-            feats, is_longer, owner = fx.extract_for_embedding(
-                chunk, long_audio=long_audio, seed=seed, quantize_int16=quantize_int16
-            )
-            rows = []
-            for r in range(0, feats.shape[0], batch_size):
-                emb = self.embed_audio_inputs(feats[r : r + batch_size], is_longer[r : r + batch_size])
-                rows.append(np.array(emb.astype(mx.float32)))
-            rows_np = np.concatenate(rows, axis=0)
-            out[start : start + len(chunk)] = pool_windows(rows_np, owner, len(chunk))
-        return out
-
-    def embed_windows(
-        self, blocks: Iterable[np.ndarray], *, batch_size: int = 8, quantize_int16: bool = False
-    ) -> np.ndarray:
-        """Unit "windows-mean" embedding (D,) of one clip given as consecutive 1-D blocks at 48 kHz.
-
-        Same windows as `extract_for_embedding(long_audio="windows-mean")`: 10-s windows with a 10-s hop,
-        plus one end-aligned window for a remainder; a clip of at most 10 s gives its one padded row.
-        Windows are featurized and embedded `batch_size` at a time, so memory stays bounded for any
-        length; `blocks` may be a streaming decoder (`mlx_clap.preprocess.audio.AudioStream`).
-        """
-        fx = self.feature_extractor
-        total = np.zeros(self.embedding_dim, dtype=np.float64)
-        group: list[np.ndarray] = []
-
-        def flush() -> None:
-            nonlocal total
-            feats, is_longer, _ = fx.extract_for_embedding(group, quantize_int16=quantize_int16)
-            emb = self.embed_audio_inputs(feats, is_longer)
-            for row in np.array(emb.astype(mx.float32)).astype(np.float64):
-                total += row  # row by row, as pool_windows' np.add.at sums
-            group.clear()
-
-        for window in sliding_windows(blocks, fx.max_samples):
-            group.append(window)
-            if len(group) == batch_size:
-                flush()
-        if group:
-            flush()
-        return (total / max(np.linalg.norm(total), 1e-12)).astype(np.float32)
-
-    def embed_text(
-        self, texts: Sequence[str] | str, *, batch_size: int = 64, policy: str = "laion"
-    ) -> np.ndarray:
-        """Unit text embeddings (N, D) as numpy float32, batched by length.
-
-        policy="laion" (default) truncates to 77 tokens as LAION trained; "hf" keeps up to 512 as the
-        HF processor does (longer is an error). Each batch is padded only to its own longest text;
-        padding is masked, so the vectors equal LAION's pad-to-77 layout.
-        """
-        if batch_size < 1:
-            raise ValueError(f"embed_text: batch_size must be >= 1, got {batch_size}")
-        texts = as_text_list(texts)
-        out = np.zeros((len(texts), self.embedding_dim), dtype=np.float32)
-        if not texts:
-            return out
-        tok = self.tokenizer
-        # Sort by length so each batch pads to a similar length; results go back in input order.
-        lengths = np.array([len(t) for t in texts])
-        order = np.argsort(-lengths, kind="stable")
-        for start in range(0, len(texts), batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = tok([texts[i] for i in idx], policy=policy)
-            emb = self.embed_text_inputs(mx.array(ids), mx.array(mask))
-            out[idx] = np.array(emb.astype(mx.float32))
-        return out
-
-    def classify(
-        self,
-        audio: Sequence[str | Path | np.ndarray] | np.ndarray | str | Path,
-        labels: Sequence[str],
-        template: str | None = DEFAULT_TEMPLATE,
-        **embed_kwargs: Any,
-    ) -> np.ndarray:
-        """Zero-shot probabilities (N, len(labels)): softmax over labels of logits_per_audio.
-
-        `audio` is anything `embed_audio` takes, or an (N, D) array of unit audio embeddings.
-        """
-        return zero_shot_probabilities(self, audio, labels, template, **embed_kwargs)
-
     # ---------------------------------------------------------------------------------------- loading
     @staticmethod
-    def from_pretrained(path: str | Path, dtype: mx.Dtype = mx.float32) -> ClapModel:
-        """Load a converted folder (config.json + model.safetensors [+ tokenizer files])."""
-        from mlx_clap.io.folder import load_converted
+    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """An HF/LAION-named state dict (torch layouts) -> this model's parameters.
 
-        return load_converted(Path(path), dtype=dtype)
+        Derived buffers are dropped, convolutions go from OIHW to OHWI, the (1,)-shaped logit scales of
+        HF become scalars. Integer tensors other than the dropped buffers are an error (a wrong file).
+        """
+        out = {}
+        for key, value in weights.items():
+            if key.endswith(DROPPED_SUFFIXES):
+                continue
+            if not mx.issubdtype(value.dtype, mx.floating):
+                raise fmt.WeightsError(f"tensor {key} has dtype {value.dtype}; only float weights are expected")
+            if value.ndim == 4:
+                value = value.transpose(0, 2, 3, 1)
+            elif key.startswith("logit_scale") and value.size == 1:
+                value = value.reshape(())  # HF stores (1,), LAION a 0-d tensor
+            out[key] = value
+        return out
+
+    @staticmethod
+    def parameter_shapes(config: ClapConfig) -> dict[str, tuple]:
+        """Parameter name -> shape for `config` (the arrays are lazy: nothing is computed)."""
+        return {k: tuple(v.shape) for k, v in tree_flatten(ClapModel(config).parameters())}
+
+    @staticmethod
+    def from_pretrained(path: str | Path, dtype: Any = None) -> ClapModel:
+        """Load a converted mlx-clap folder or a Hugging Face CLAP folder with safetensors weights.
+
+        Strict: every missing, unexpected or misshapen tensor is named. `dtype` float16/bfloat16 casts the
+        weights except `KEEP_FLOAT32`; the numerically sensitive steps (mel side, LayerNorm, softmax)
+        stay float32 anyway.
+        """
+        folder = Path(path)
+        target = fmt.parse_dtype(dtype)
+        if fmt.is_converted_folder(folder):
+            config = fmt.read_config(folder)
+            files = [folder / fmt.WEIGHTS_NAME]
+            weights = fmt.read_safetensors(files[0])
+        else:
+            config = read_hf_config(folder)
+            files = fmt.hf_safetensors_files(folder)
+            weights = {}
+            for f in files:
+                weights.update(fmt.read_safetensors(f))
+            try:
+                weights = ClapModel.sanitize(weights)
+            except fmt.WeightsError as exc:
+                raise fmt.WeightsError(f"{files[0]}: {exc}") from exc
+        model = ClapModel(config)
+        fmt.check_weights(ClapModel.parameter_shapes(config), weights, files[0])
+        arrays = []
+        for key, arr in weights.items():
+            if target != mx.float32 and mx.issubdtype(arr.dtype, mx.floating) and not key.startswith(KEEP_FLOAT32):
+                arr = arr.astype(target)
+            elif arr.dtype != mx.float32 and (target == mx.float32 or key.startswith(KEEP_FLOAT32)):
+                arr = arr.astype(mx.float32)  # bf16/f16 hub files load as float32 unless asked otherwise
+            arrays.append((key, arr))
+        model.load_weights(arrays, strict=True)
+        model.eval()
+        return model
 
 
-def sliding_windows(blocks: Iterable[np.ndarray], length: int) -> Iterator[np.ndarray]:
-    """Cut a stream of 1-D blocks into windows of `length` at hop `length`, plus an end-aligned last one.
-
-    A stream of at most `length` samples yields itself once (unpadded); an empty stream yields nothing.
-    Holds about two windows of samples (plus one block), whatever the stream's length.
-    """
-    buf = np.zeros(0, dtype=np.float32)
-    prev: np.ndarray | None = None  # the last window yielded
-    total = 0
-    for block in blocks:
-        block = np.asarray(block, dtype=np.float32).reshape(-1)
-        total += block.size
-        buf = np.concatenate([buf, block]) if buf.size else block
-        # A full window stays in `buf` until more data arrives: it may be the last one.
-        while buf.size > length:
-            prev = buf[:length].copy()
-            yield prev
-            buf = buf[length:]
-    if total == 0:
-        return
-    if prev is None or buf.size == length:
-        yield buf
-    else:
-        # A remainder: the last window ends at the stream's end and overlaps the previous one.
-        yield np.concatenate([prev, buf])[-length:]
+def read_hf_config(folder: Path) -> ClapConfig:
+    """The resolved `ClapConfig` of a Hugging Face CLAP folder (config.json + preprocessor_config.json)."""
+    cfg_path = folder / fmt.CONFIG_NAME
+    data = fmt.read_json(cfg_path)
+    if data is None:
+        raise fmt.WeightsError(f"{folder}: no {fmt.CONFIG_NAME} (not a Hugging Face model folder)")
+    pre = fmt.read_json(folder / "preprocessor_config.json")
+    try:
+        return config_from_hf(data, pre, str(folder))
+    except (TypeError, ValueError) as exc:
+        raise fmt.WeightsError(f"{cfg_path}: {exc}") from exc
 
 
-def pool_windows(rows: np.ndarray, owner: np.ndarray, n_items: int) -> np.ndarray:
-    """Mean of the unit embeddings that belong to each item, renormalized (one row per item)."""
-    dim = rows.shape[1]
-    sums = np.zeros((n_items, dim), dtype=np.float64)
-    np.add.at(sums, owner, rows.astype(np.float64))
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    return (sums / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
-def as_text_list(texts: Sequence[str] | str) -> list[str]:
-    """A list of strings from one string or a sequence of them; anything else is a TypeError naming it."""
-    if texts is None:
-        raise TypeError("embed_text: texts is None; pass a string or a list of strings")
-    if isinstance(texts, str):
-        return [texts]
-    texts = list(texts)
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"embed_text: item {i} is {type(t).__name__}, not str")
-    return texts
-
-
-def zero_shot_probabilities(
-    model: Any,
-    audio: Sequence[str | Path | np.ndarray] | np.ndarray | str | Path,
-    labels: Sequence[str],
-    template: str | None = DEFAULT_TEMPLATE,
-    **embed_kwargs: Any,
-) -> np.ndarray:
-    """Softmax over labels of `model.logits(audio, prompts)[0]`, for any model with embed_audio,
-    embed_text, logits and embedding_dim (the LAION and the msclap models).
-
-    `audio` is anything `model.embed_audio` takes, or an (N, D) array of audio embeddings.
-    """
-    labels = list(labels)
-    if not labels:
-        raise ValueError("classify: no labels given")
-    if isinstance(audio, np.ndarray) and audio.ndim == 2 and audio.shape[1] == model.embedding_dim:
-        audio_emb = audio
-    else:
-        audio_emb = model.embed_audio(audio, **embed_kwargs)
-    prompts = [template.format(label) if template else label for label in labels]
-    text_emb = model.embed_text(prompts)
-    logits_per_audio, _ = model.logits(mx.array(audio_emb), mx.array(text_emb))
-    return np.array(mx.softmax(logits_per_audio, axis=-1))
+__all__ = ["ClapModel", "ClapProjectionLayer", "DROPPED_SUFFIXES", "KEEP_FLOAT32", "read_hf_config"]

@@ -20,8 +20,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_clap.ops import kernels as cpu_kernels
 from mlx_clap.config import ClapAudioConfig
+from mlx_clap.models.layers import layer_norm
+from mlx_clap.ops import kernels
+from mlx_clap.ops.device import cpu_fast_paths
 
 # Value added to attention scores between tokens of different shift regions (Swin uses -100, not -inf).
 SHIFT_MASK_VALUE = -100.0
@@ -36,14 +38,6 @@ def _pair(value) -> tuple[int, int]:
     if isinstance(value, (tuple, list)):
         return int(value[0]), int(value[1])
     return int(value), int(value)
-
-
-def _layer_norm(norm: nn.LayerNorm, x: mx.array) -> mx.array:
-    """LayerNorm computed in float32 and cast back, so half-precision models keep precise statistics."""
-    out = mx.fast.layer_norm(
-        x.astype(mx.float32), norm.weight.astype(mx.float32), norm.bias.astype(mx.float32), norm.eps
-    )
-    return out.astype(x.dtype)
 
 
 def _batch_norm(bn: nn.BatchNorm, x: mx.array) -> mx.array:
@@ -172,7 +166,7 @@ class ClapAudioPatchEmbed(nn.Module):
         return self._norm(glob)
 
     def _norm(self, x: mx.array) -> mx.array:
-        return _layer_norm(self.norm, x) if self.norm is not None else x
+        return layer_norm(self.norm, x) if self.norm is not None else x
 
 
 # ---------------------------------------------------------------------------------------------- Swin
@@ -298,7 +292,7 @@ class ClapAudioLayer(nn.Module):
 
         q, k, v = heads_first(attn.query(x)), heads_first(attn.key(x)), heads_first(attn.value(x))
         # SDPA; on the CPU a compiled polynomial softmax (cpu_kernels), MLX's own kernel elsewhere.
-        out = cpu_kernels.attention(q, k, v, head_dim**-0.5, self._additive_mask(q.dtype))
+        out = kernels.attention(q, k, v, head_dim**-0.5, self._additive_mask(q.dtype))
         out = out.reshape(batch, n_windows, heads, n, head_dim).transpose(0, 1, 3, 2, 4)
         out = self.attention.output.dense(out.reshape(batch, n_windows, n, dim))
         # Window reverse and undo the cyclic shift.
@@ -309,8 +303,8 @@ class ClapAudioLayer(nn.Module):
         return out
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = x + self._attention(_layer_norm(self.layernorm_before, x))
-        h = cpu_kernels.gelu(self.intermediate.dense(_layer_norm(self.layernorm_after, x)))
+        x = x + self._attention(layer_norm(self.layernorm_before, x))
+        h = kernels.gelu(self.intermediate.dense(layer_norm(self.layernorm_after, x)))
         return x + self.output.dense(h)
 
 
@@ -326,7 +320,7 @@ class ClapAudioPatchMerging(nn.Module):
         if x.shape[1] % 2 or x.shape[2] % 2:
             raise ValueError(f"patch merging needs an even grid, got {x.shape[1:3]}")
         x = mx.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
-        return self.reduction(_layer_norm(self.norm, x))
+        return self.reduction(layer_norm(self.norm, x))
 
 
 class ClapAudioStage(nn.Module):
@@ -343,7 +337,7 @@ class ClapAudioStage(nn.Module):
         self.downsample = ClapAudioPatchMerging(dim) if merge else None
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.shape[0] > 1 and x.shape[1] * x.shape[2] >= PER_SAMPLE_MIN_TOKENS and cpu_kernels.on_cpu():
+        if x.shape[0] > 1 and x.shape[1] * x.shape[2] >= PER_SAMPLE_MIN_TOKENS and cpu_fast_paths():
             # On the CPU the wide stages run one clip at a time. Batched, their big intermediates (window
             # scores, MLP hidden) exceed glibc's 32 MB mmap ceiling, so every call gets fresh zero-filled
             # pages; per clip they are ~4-6 MB and reuse freed heap memory, while the GEMMs keep >= 1024
@@ -440,7 +434,7 @@ class ClapAudioEncoder(nn.Module):
         for stage in self.layers:
             x = stage(x)
             hidden.append(x)
-        last = _layer_norm(self.norm, x)
+        last = layer_norm(self.norm, x)
         # HF regroups the 8x8 tokens before AdaptiveAvgPool1d; the mean over all of them is the same.
         pooled = mx.mean(last.astype(mx.float32), axis=(1, 2)).astype(dtype)
         if output_hidden_states:

@@ -19,15 +19,16 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_clap.ops import kernels as cpu_kernels
 from mlx_clap.config import ClapTextConfig
+from mlx_clap.models.layers import layer_norm
+from mlx_clap.ops import kernels
 
 # Added to the scores of padded keys. Finite, so a row never turns into NaN; exp() of it is exactly 0
 # in float32, as with HF's finfo.min.
 MASK_VALUE = -1e9
 
 _ACTIVATIONS = {
-    "gelu": cpu_kernels.gelu,  # exact (erf) GELU, as torch's ACT2FN["gelu"]; nn.gelu off the CPU
+    "gelu": kernels.gelu,  # exact (erf) GELU, as torch's ACT2FN["gelu"]; nn.gelu off the CPU
     "relu": nn.relu,
     "gelu_new": nn.gelu_approx,
     "gelu_pytorch_tanh": nn.gelu_approx,
@@ -39,14 +40,6 @@ def _activation(name: str):
         return _ACTIVATIONS[name]
     except KeyError:
         raise ValueError(f"unsupported text hidden_act {name!r}; known: {', '.join(_ACTIVATIONS)}") from None
-
-
-def _layer_norm(norm: nn.LayerNorm, x: mx.array) -> mx.array:
-    """LayerNorm computed in float32 whatever the model dtype, cast back to the input dtype."""
-    out = mx.fast.layer_norm(
-        x.astype(mx.float32), norm.weight.astype(mx.float32), norm.bias.astype(mx.float32), norm.eps
-    )
-    return out.astype(x.dtype)
 
 
 def roberta_position_ids(input_ids: mx.array, pad_token_id: int) -> mx.array:
@@ -83,7 +76,7 @@ class ClapTextEmbeddings(nn.Module):
         # Summation order as HF: (word + token_type) + position, then LayerNorm.
         x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]
         x = x + self.position_embeddings(position_ids)
-        return _layer_norm(self.LayerNorm, x)
+        return layer_norm(self.LayerNorm, x)
 
 
 class ClapTextSelfAttention(nn.Module):
@@ -123,7 +116,7 @@ class ClapTextSelfOutput(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def __call__(self, x: mx.array, residual: mx.array) -> mx.array:
-        return _layer_norm(self.LayerNorm, self.dense(x) + residual)
+        return layer_norm(self.LayerNorm, self.dense(x) + residual)
 
 
 class ClapTextAttention(nn.Module):
@@ -156,7 +149,7 @@ class ClapTextOutputLayer(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def __call__(self, x: mx.array, residual: mx.array) -> mx.array:
-        return _layer_norm(self.LayerNorm, self.dense(x) + residual)
+        return layer_norm(self.LayerNorm, self.dense(x) + residual)
 
 
 class ClapTextLayer(nn.Module):

@@ -35,11 +35,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlx_clap import settings as _settings
+from mlx_clap.settings import Settings
+
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "MLX_CLAP_BLAS"
-VERBOSE_VAR = "MLX_CLAP_VERBOSE"
-THREADS_VAR = "MLX_CLAP_BLAS_THREADS"
 REBOUND_SYMBOLS = ("cblas_sgemm", "cblas_dgemm", "cblas_cgemm")
 
 # ELF constants (elf.h).
@@ -74,63 +75,31 @@ _keepalive: list[ctypes.CDLL] = []
 _original: dict[int, int] = {}
 
 
-MALLOC_VAR = "MLX_CLAP_MALLOC"
-_M_TRIM_THRESHOLD = -1  # malloc.h
-_M_MMAP_MAX = -4
-_malloc_tuned = False
-
-
-def tune_malloc(trim_threshold: int = 1 << 30) -> bool:
-    """Keep freed memory in glibc's heap so MLX's CPU intermediates stop page-faulting (opt-in).
-
-    MLX allocates every intermediate of a lazy graph afresh; glibc serves blocks over its mmap threshold
-    (128 KB to 32 MB) with mmap and unmaps them on free, so every call faults and zero-fills them again
-    (on a batch-8 HTSAT GELU, 37,000 faults and 2/3 of the time). Turning mmap off (M_MMAP_MAX = 0) and
-    raising the trim threshold keeps that memory for reuse: the same as MALLOC_MMAP_MAX_=0
-    MALLOC_TRIM_THRESHOLD_=<bytes>. It is process-wide and keeps up to `trim_threshold` bytes of freed
-    memory, so it is the application's choice: call this, or set MLX_CLAP_MALLOC=tune before importing
-    mlx_clap. The `mlx-clap` command does it unless MLX_CLAP_MALLOC=off. Returns whether glibc accepted
-    both settings.
-    """
-    global _malloc_tuned
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    trim = int(min(trim_threshold, 2**31 - 1))
-    ok = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, trim))
-    _malloc_tuned = _malloc_tuned or ok
-    return ok
-
-
-def malloc_tuned() -> bool:
-    return _malloc_tuned
-
-
 def blas_info() -> dict:
-    """The outcome of `setup_blas()` (running it first if it has not run)."""
-    return setup_blas().as_dict()
+    """What `setup_blas()` did, without doing it: status "not set up" until something called it."""
+    if _info is None:
+        return BlasInfo(status="not set up", reason="setup_blas() has not run in this process").as_dict()
+    return _info.as_dict()
 
 
-def setup_blas() -> BlasInfo:
-    """Point MLX's CPU matmuls at an optimized BLAS when one is available (idempotent; see module doc)."""
+def setup_blas(settings: Settings | None = None) -> BlasInfo:
+    """Point MLX's CPU matmuls at an optimized BLAS when one is available (idempotent; see module doc).
+
+    Called by `mlx_clap.load()` and the CLI (through `ops.setup.prepare_cpu`), never at import.
+    """
     global _info
     if _info is not None:
         return _info
-    if os.environ.get(MALLOC_VAR, "").strip().lower() == "tune":
-        tune_malloc()
+    s = settings if settings is not None else _settings.current()
     try:
-        _info = _setup()
-    except Exception as exc:  # never let an optimization break the import of the package
+        _info = _setup(s)
+    except Exception as exc:  # never let an optimization break loading a model
         _info = BlasInfo(status="failed", reason=f"{type(exc).__name__}: {exc}")
-    _report(_info)
+    _report(_info, s)
     return _info
 
 
-def _report(info: BlasInfo) -> None:
+def _report(info: BlasInfo, settings: Settings) -> None:
     if info.status == "active":
         line = (
             f"mlx_clap: MLX CPU matmuls use {info.config or info.library} ({info.source}: {info.library}); "
@@ -140,14 +109,16 @@ def _report(info: BlasInfo) -> None:
         line = f"mlx_clap: MLX's own BLAS is used ({info.status}: {info.reason})"
     level = logging.WARNING if info.status == "failed" else logging.INFO
     logger.log(level, line)
-    if os.environ.get(VERBOSE_VAR, "") not in ("", "0"):
+    if settings.verbose:
         print(line, file=sys.stderr)
 
 
-def _setup() -> BlasInfo:
-    choice = os.environ.get(ENV_VAR, "auto").strip()
-    if choice.lower() in ("off", "0", "no", "false", "none"):
-        return BlasInfo(status="off", reason=f"{ENV_VAR}={choice}")
+def _setup(settings: Settings) -> BlasInfo:
+    choice = settings.blas
+    if not settings.cpu_optimizations:
+        return BlasInfo(status="off", reason="MLX_CLAP_CPU_OPTIMIZATIONS=off")
+    if choice == "off":
+        return BlasInfo(status="off", reason=f"{ENV_VAR}=off")
     if not sys.platform.startswith("linux"):
         return BlasInfo(status="skipped", reason=f"not needed on {sys.platform}")
     import mlx.core as mx  # noqa: F401  (libmlx.so must be loaded before its slots can be rebound)
@@ -244,8 +215,8 @@ def _rebind(libmlx: Path, slots: dict[str, int], path: Path, source: str) -> Bla
 
 def _active_openblas(name: str) -> Any:
     """`openblas_<name>` of the OpenBLAS that MLX's matmuls use (prefix included), or None."""
-    info = setup_blas()
-    if info.status != "active" or not _keepalive:
+    info = _info
+    if info is None or info.status != "active" or not _keepalive:
         return None
     prefix = "scipy_" if any(s.startswith("scipy_") for s in info.symbols) else ""
     return getattr(_keepalive[-1], f"{prefix}openblas_{name}", None)
@@ -272,11 +243,11 @@ def get_num_threads() -> int | None:
 
 def _set_threads(lib: ctypes.CDLL, prefix: str) -> None:
     """Apply MLX_CLAP_BLAS_THREADS (OpenBLAS itself reads OPENBLAS_NUM_THREADS at load)."""
-    value = os.environ.get(THREADS_VAR, "").strip()
+    value = _settings.current().blas_threads
     fn = getattr(lib, f"{prefix}openblas_set_num_threads", None)
-    if value and fn is not None:
+    if value is not None and fn is not None:
         fn.argtypes = [ctypes.c_int]
-        fn(max(1, int(value)))
+        fn(value)
 
 
 def _openblas_config(lib: ctypes.CDLL, prefix: str) -> str | None:

@@ -18,18 +18,18 @@ clamps go through the int32 bits (see the comments below): on one thread, a 1.57
 ms and a 1 M-score softmax 7.3 -> 2.1 ms against the single compiled function of each.
 
 Every function falls back to the MLX primitive when the default device is not the CPU (Metal and CUDA
-have fast transcendental kernels and a fused SDPA) or when `MLX_CLAP_CPU_KERNELS=off`, and computes in
+have fast transcendental kernels and a fused SDPA) or when `MLX_CLAP_CPU_KERNELS=off` or `MLX_CLAP_CPU_OPTIMIZATIONS=off` (`ops.device.cpu_kernels_on`), and computes in
 float32 for half-precision inputs. htsat.py calls `gelu` and `attention` (for `nn.gelu` and
 `mx.fast.scaled_dot_product_attention`), text.py calls `gelu`.
 """
 
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from mlx_clap.ops.device import cpu_kernels_on
 
 _ERF_P = (
     -2.72614225801306e-10,
@@ -63,13 +63,6 @@ _SQRT1_2 = 0.7071067811865476
 _mx_gelu = nn.gelu
 _mx_sdpa = mx.fast.scaled_dot_product_attention
 
-
-ENABLED = os.environ.get("MLX_CLAP_CPU_KERNELS", "on").strip().lower() not in ("off", "0", "no", "false")
-
-
-def on_cpu() -> bool:
-    """Whether the polynomial kernels are used: default device is the CPU and not opted out."""
-    return ENABLED and mx.default_device() == mx.cpu
 
 
 # Clamping through the int32 bit pattern: MLX's float minimum/maximum/where check for NaN per element and
@@ -195,7 +188,7 @@ def _nan_rows(row_max: mx.array) -> mx.array:
 
 def erf(x: mx.array) -> mx.array:
     """erf(x); a compiled polynomial on the CPU, `mx.erf` elsewhere."""
-    if not on_cpu():
+    if not cpu_kernels_on():
         return mx.erf(x)
     x32 = x.astype(mx.float32)
     y = _erf_finish_c(x32, _erf_ratio_c(x32, 1.0), 1.0)
@@ -204,7 +197,7 @@ def erf(x: mx.array) -> mx.array:
 
 def exp(x: mx.array) -> mx.array:
     """exp(x); a compiled polynomial on the CPU, `mx.exp` elsewhere."""
-    if not on_cpu():
+    if not cpu_kernels_on():
         return mx.exp(x)
     x32 = x.astype(mx.float32)
     return mx.where(mx.isnan(x32), x32, _sub_exp_c(x32)).astype(x.dtype)  # the clamp maps NaN to ±88
@@ -212,7 +205,7 @@ def exp(x: mx.array) -> mx.array:
 
 def gelu(x: mx.array) -> mx.array:
     """Exact (erf) GELU, as `nn.gelu`, computed in float32 on the CPU."""
-    if not on_cpu():
+    if not cpu_kernels_on():
         return _mx_gelu(x)
     x32 = x.astype(mx.float32)
     return _gelu_finish_c(x32, _erf_ratio_c(x32, _SQRT1_2)).astype(x.dtype)
@@ -220,7 +213,7 @@ def gelu(x: mx.array) -> mx.array:
 
 def softmax(x: mx.array, axis: int = -1) -> mx.array:
     """Softmax in float32 (as `mx.softmax(..., precise=True)`), cast back to the input dtype."""
-    if not on_cpu():
+    if not cpu_kernels_on():
         return mx.softmax(x, axis=axis, precise=True)
     x32 = x.astype(mx.float32)
     m = mx.max(x32, axis=axis, keepdims=True)
@@ -233,7 +226,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
 
     q, k, v: (B, heads, n, d). On the CPU the scores and the softmax are float32.
     """
-    if not on_cpu():
+    if not cpu_kernels_on():
         return _mx_sdpa(q, k, v, scale=scale, mask=mask)
     if q.dtype != mx.float32 or (mask is not None and mask.dtype != mx.float32):
         # Half precision: scores in the input dtype, softmax in float32 (MLX's half matmuls skip BLAS

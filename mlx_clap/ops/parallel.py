@@ -9,8 +9,9 @@ benchmark machine the frontend goes from 1.78 to 1.36 ms a clip and the batch-8 
 While blocks run in parallel, OpenBLAS is held to one thread: each worker already has a core, and
 OpenBLAS threads on top of them oversubscribe the machine (measured slower than one worker).
 
-`MLX_CLAP_CPU_THREADS=N` sets the worker count (default: the cores this process may use, at most 8);
-`1` turns the parallel path off.
+`MLX_CLAP_CPU_THREADS=N` (`Settings.cpu_threads`) sets the worker count (default: the cores this process
+may use, at most 8); `1` turns the parallel path off, and so does `MLX_CLAP_CPU_OPTIMIZATIONS=off`
+(`ops.device.cpu_fast_paths`).
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from typing import TypeVar
 import mlx.core as mx
 import numpy as np
 
+from mlx_clap import settings as _settings
 from mlx_clap.ops import blas
+from mlx_clap.ops.device import cpu_fast_paths
 
-THREADS_VAR = "MLX_CLAP_CPU_THREADS"
 MAX_DEFAULT_WORKERS = 8
 
 T = TypeVar("T")
@@ -44,22 +46,16 @@ graph_lock = threading.Lock()
 
 def worker_count() -> int:
     """Threads used for parallel CPU blocks (1 means: run on the calling thread)."""
-    value = os.environ.get(THREADS_VAR, "").strip()
-    if value:
-        try:
-            return max(1, int(value))
-        except ValueError:
-            raise ValueError(f"{THREADS_VAR} must be an integer, not {value!r}") from None
+    s = _settings.current()
+    if not s.cpu_optimizations:
+        return 1
+    if s.cpu_threads is not None:
+        return s.cpu_threads
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         cores = os.cpu_count() or 1
     return max(1, min(cores, MAX_DEFAULT_WORKERS))
-
-
-def on_cpu() -> bool:
-    """True when the default device is the CPU (the only place the parallel path is used)."""
-    return mx.default_device().type == mx.DeviceType.cpu
 
 
 def worker_stream() -> mx.Stream:
@@ -133,7 +129,7 @@ def map_blocks(fn: Callable[[T], mx.array], items: Sequence[T]) -> list[mx.array
     """
     workers = min(worker_count(), len(items))
     # A block that itself maps blocks runs them in place: waiting on its own pool could deadlock.
-    if workers <= 1 or not on_cpu() or getattr(_local, "is_worker", False):
+    if workers <= 1 or not cpu_fast_paths() or getattr(_local, "is_worker", False):
         out = []
         for item in items:
             result = fn(item)
@@ -168,7 +164,7 @@ def eval_batched(
     """
     arrays = [a if a is None or isinstance(a, mx.array) else mx.array(a) for a in arrays]
     batch = next(a for a in arrays if a is not None).shape[0]
-    if batch <= rows_per_block or worker_count() < 2 or not on_cpu():
+    if batch <= rows_per_block or worker_count() < 2 or not cpu_fast_paths():
         out = fn(*arrays)
         mx.eval(out)
         return out
@@ -184,12 +180,10 @@ def eval_batched(
 
 
 __all__ = [
-    "THREADS_VAR",
     "blas_threads",
     "eval_batched",
     "graph_lock",
     "map_blocks",
-    "on_cpu",
     "worker_count",
     "worker_stream",
 ]

@@ -34,8 +34,11 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlx_clap.ops import parallel as cpu_parallel
 from mlx_clap.config import FeatureConfig
+from mlx_clap.dsp import hz_to_mel, mel_filterbank, mel_to_hz, periodic_hann
+from mlx_clap.ops import parallel as cpu_parallel
+from mlx_clap.ops.device import cpu_fast_paths
+from mlx_clap.preprocess.windows import clip_windows
 
 # Floor of the power mel before the log (librosa/torchaudio `amin`, HF `mel_floor`): gives -100 dB.
 AMIN = 1e-10
@@ -57,84 +60,6 @@ LONG_AUDIO_MODES = ("windows-mean", "head", "center", "fusion", "reference")
 
 class AudioInputError(ValueError):
     """A waveform that cannot be featurized as given; the message says what is wrong and for which item."""
-
-
-# ------------------------------------------------------------------------------------- filterbanks
-
-
-def hz_to_mel(freq: np.ndarray | float, mel_scale: str = "slaney") -> np.ndarray:
-    """Hertz to mels on the Slaney (librosa default) or HTK (torchaudio default) scale, in float64."""
-    f = np.asarray(freq, dtype=np.float64)
-    if mel_scale == "htk":
-        return 2595.0 * np.log10(1.0 + f / 700.0)
-    if mel_scale != "slaney":
-        raise ValueError(f"mel_scale must be 'slaney' or 'htk', not {mel_scale!r}")
-    # Linear below 1 kHz (200/3 Hz per mel), logarithmic above.
-    mels = 3.0 * f / 200.0
-    log_region = f >= 1000.0
-    return np.where(log_region, 15.0 + np.log(np.maximum(f, 1e-300) / 1000.0) * (27.0 / np.log(6.4)), mels)
-
-
-def mel_to_hz(mels: np.ndarray | float, mel_scale: str = "slaney") -> np.ndarray:
-    """Inverse of `hz_to_mel`, in float64."""
-    m = np.asarray(mels, dtype=np.float64)
-    if mel_scale == "htk":
-        return 700.0 * (np.power(10.0, m / 2595.0) - 1.0)
-    if mel_scale != "slaney":
-        raise ValueError(f"mel_scale must be 'slaney' or 'htk', not {mel_scale!r}")
-    freqs = 200.0 * m / 3.0
-    return np.where(m >= 15.0, 1000.0 * np.exp((np.log(6.4) / 27.0) * (m - 15.0)), freqs)
-
-
-@functools.lru_cache(maxsize=16)
-def _mel_filterbank_cached(
-    sampling_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float, mel_scale: str, norm: str | None
-) -> np.ndarray:
-    if not 0.0 <= fmin < fmax:
-        raise ValueError(f"need 0 <= frequency_min < frequency_max, got {fmin} and {fmax}")
-    if fmax > sampling_rate / 2:
-        # Filters above Nyquist would be empty and give -100 dB rows (NVIDIA/audio-flamingo#33).
-        raise ValueError(f"frequency_max {fmax} Hz is above the Nyquist frequency {sampling_rate / 2} Hz")
-    if norm not in (None, "slaney"):
-        raise ValueError(f"norm must be None or 'slaney', not {norm!r}")
-    fft_freqs = np.linspace(0.0, sampling_rate / 2, n_fft // 2 + 1)
-    mel_pts = np.linspace(hz_to_mel(fmin, mel_scale), hz_to_mel(fmax, mel_scale), n_mels + 2)
-    filter_freqs = mel_to_hz(mel_pts, mel_scale)
-    # Triangles: rising edge from point m to m+1, falling edge from m+1 to m+2 (librosa/torchaudio form).
-    fdiff = np.diff(filter_freqs)
-    slopes = filter_freqs[None, :] - fft_freqs[:, None]
-    down = -slopes[:, :-2] / fdiff[:-1]
-    up = slopes[:, 2:] / fdiff[1:]
-    fb = np.maximum(0.0, np.minimum(down, up))
-    if norm == "slaney":
-        fb *= 2.0 / (filter_freqs[2 : n_mels + 2] - filter_freqs[:n_mels])
-    fb.setflags(write=False)
-    return fb
-
-
-def mel_filterbank(
-    sampling_rate: int = 48000,
-    n_fft: int = 1024,
-    n_mels: int = 64,
-    fmin: float = 50.0,
-    fmax: float = 14000.0,
-    mel_scale: str = "slaney",
-    norm: str | None = "slaney",
-) -> np.ndarray:
-    """Mel filterbank (n_fft // 2 + 1, n_mels) in float64 (read-only, cached).
-
-    `mel_scale="slaney", norm="slaney"` equals `librosa.filters.mel(sr, n_fft, n_mels, fmin, fmax)`.T
-    (LAION's `melW`); `mel_scale="htk", norm=None` equals torchaudio's `melscale_fbanks` and HF's
-    `mel_filter_bank(norm=None, mel_scale="htk")`. Raises ValueError if fmax is above sampling_rate / 2.
-    """
-    return _mel_filterbank_cached(
-        int(sampling_rate), int(n_fft), int(n_mels), float(fmin), float(fmax), mel_scale, norm
-    )
-
-
-def periodic_hann(n: int) -> np.ndarray:
-    """Periodic Hann window of length n in float64: 0.5 - 0.5 cos(2 pi k / n), k = 0..n-1."""
-    return 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n) / n)
 
 
 # ------------------------------------------------------------------------------------- waveform ops
@@ -209,7 +134,7 @@ def fusion_ranges(total_frames: int, chunk_frames: int) -> list[np.ndarray]:
 # ----------------------------------------------------------------------------------- input checking
 
 
-def _check_waveform(x: Any, index: int) -> np.ndarray:
+def check_waveform(x: Any, index: int) -> np.ndarray:
     """One mono waveform as a float32 numpy array, or AudioInputError naming the item."""
     where = f"audio item {index}"
     if isinstance(x, mx.array):
@@ -255,15 +180,15 @@ def _check_waveform(x: Any, index: int) -> np.ndarray:
 def as_waveform_list(raw_speech: Any) -> list[np.ndarray]:
     """Normalize one waveform or a sequence of waveforms to a list of checked float32 1-D arrays."""
     if isinstance(raw_speech, (np.ndarray, mx.array)):
-        return [_check_waveform(raw_speech, 0)]
+        return [check_waveform(raw_speech, 0)]
     if isinstance(raw_speech, (list, tuple)):
         if len(raw_speech) == 0:
             raise AudioInputError("no audio given: the list of waveforms is empty")
         first = raw_speech[0]
         if isinstance(first, (int, float, np.number)):
             # A plain list of samples is one waveform (as HF accepts list[float]).
-            return [_check_waveform(np.asarray(raw_speech), 0)]
-        return [_check_waveform(x, i) for i, x in enumerate(raw_speech)]
+            return [check_waveform(np.asarray(raw_speech), 0)]
+        return [check_waveform(x, i) for i, x in enumerate(raw_speech)]
     raise AudioInputError(f"expected a 1-D float array or a list of them, got {type(raw_speech).__name__}")
 
 
@@ -454,7 +379,7 @@ class MelFrontend:
 
 def _frames_per_block() -> int:
     """STFT frames per evaluated block on the current default device."""
-    if mx.default_device().type == mx.DeviceType.cpu:
+    if cpu_fast_paths():
         return MAX_FRAMES_PER_BLOCK_CPU
     return MAX_FRAMES_PER_BLOCK
 
@@ -645,6 +570,43 @@ class ClapFeatureExtractor:
             longer[int(draw.randint(0, len(longer)))] = True
         return feats, mx.array(np.array(longer, dtype=bool)[:, None])
 
+    def fusion_features(self, waves: Sequence[np.ndarray]) -> tuple[mx.array, mx.array]:
+        """The 4-channel fusion input with deterministic picks (the middle start of each third), for a
+        fused config only: the "fusion" long-audio mode."""
+        if self.config.truncation != "fusion":
+            raise ValueError(
+                "long_audio='fusion' needs a fused model (feature config truncation 'fusion'); "
+                f"this one uses {self.config.truncation!r}"
+            )
+
+        def middle(ranges: list[np.ndarray]) -> list[int]:
+            return [r[len(r) // 2] for r in ranges]
+
+        feats, longer = self._features(list(waves), "fusion", self.config.padding, middle, None)
+        return feats, mx.array(np.array(longer, dtype=bool)[:, None])
+
+    def window_features(self, clips: Sequence[np.ndarray]) -> tuple[mx.array, mx.array]:
+        """Model inputs for clips of at most one window (checked 1-D float32), one row each.
+
+        Short clips are filled with the config's padding; a fused config gets 4 copies of the HTK mel
+        with is_longer False (docs/numerics.md §3.3).
+        """
+        max_len = self.max_samples
+        segments = [pad_waveform(c, max_len, self.config.padding) for c in clips]
+        fused = self.config.truncation == "fusion"
+        fb = "htk" if fused else "slaney"
+        # Stack a few windows at a time: an hour of audio is 360 windows (690 MB as one float32 batch).
+        group = max(1, MAX_FRAMES_PER_BLOCK // self.chunk_frames)
+        parts = []
+        for i in range(0, len(segments), group):
+            parts.append(self.frontend.log_mel(segments[i : i + group], fb))
+            if len(segments) > group:
+                mx.eval(parts[-1])  # frees this group's waveforms before the next is stacked
+        mel = (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0))[:, None]
+        if fused:
+            mel = mx.repeat(mel, FUSION_CHANNELS, axis=1)
+        return mel, mx.zeros((mel.shape[0], 1), dtype=mx.bool_)
+
     def extract_for_embedding(
         self,
         waveforms: np.ndarray | Sequence[np.ndarray],
@@ -675,57 +637,23 @@ class ClapFeatureExtractor:
         waves = as_waveform_list(waveforms)
         if quantize_int16:
             waves = [_quantize(w) for w in waves]
-        fused = self.config.truncation == "fusion"
         n_items = len(waves)
         if long_audio == "reference":
             rng = np.random.RandomState(seed) if seed is not None else None
             feats, longer = self(waves, rng=rng)
             return feats, longer, np.arange(n_items, dtype=np.int64)
         if long_audio == "fusion":
-            if not fused:
-                raise ValueError(
-                    "long_audio='fusion' needs a fused model (feature config truncation 'fusion'); "
-                    f"this one uses {self.config.truncation!r}"
-                )
-
-            def picker(ranges):
-                return [r[len(r) // 2] for r in ranges]
-
-            feats, longer = self._features(waves, "fusion", self.config.padding, picker, None)
-            return feats, mx.array(np.array(longer, dtype=bool)[:, None]), np.arange(n_items, dtype=np.int64)
+            feats, longer = self.fusion_features(waves)
+            return feats, longer, np.arange(n_items, dtype=np.int64)
 
         max_len = self.max_samples
         segments: list[np.ndarray] = []
         owner: list[int] = []
         for i, w in enumerate(waves):
-            n = w.shape[0]
-            if n <= max_len:
-                starts = [None]
-            elif long_audio == "head":
-                starts = [0]
-            elif long_audio == "center":
-                starts = [(n - max_len) // 2]
-            else:
-                starts = list(range(0, n - max_len + 1, max_len))
-                if n % max_len:
-                    starts.append(n - max_len)
-            for s in starts:
-                segments.append(
-                    pad_waveform(w, max_len, self.config.padding) if s is None else w[s : s + max_len]
-                )
+            for clip in clip_windows(w, max_len, long_audio):
+                segments.append(clip)
                 owner.append(i)
-        # Stack a few windows at a time: an hour of audio is 360 windows (690 MB as one float32 batch).
-        fb = "htk" if fused else "slaney"
-        group = max(1, MAX_FRAMES_PER_BLOCK // self.chunk_frames)
-        parts = []
-        for i in range(0, len(segments), group):
-            parts.append(self.frontend.log_mel(segments[i : i + group], fb))
-            if len(segments) > group:
-                mx.eval(parts[-1])  # frees this group's waveforms before the next is stacked
-        mel = (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0))[:, None]
-        if fused:
-            mel = mx.repeat(mel, FUSION_CHANNELS, axis=1)
-        is_longer = mx.zeros((mel.shape[0], 1), dtype=mx.bool_)
+        mel, is_longer = self.window_features(segments)
         return mel, is_longer, np.array(owner, dtype=np.int64)
 
 

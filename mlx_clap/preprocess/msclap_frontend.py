@@ -1,14 +1,7 @@
-"""msclap's waveform handling and torchlibrosa log-mel frontend, in MLX and numpy.
+"""msclap's waveform handling before the model: channels to mono, the fill of short clips, random crops.
 
-Constants and their reference (docs/numerics.md §1.3, §2.1):
-- `N_FFT = 1024` window and FFT size (torchlibrosa `Spectrogram(n_fft=window_size)`; the 2022 yml's
-  `n_fft: 1028` is never read);
-- `HOP = 320` at 44.1 kHz: 7-s clips (308700 samples) give 965 frames, 5-s clips (220500) give 690;
-- periodic Hann window, reflect padding of 512 on each side, power spectrum, `melW` matmul,
-  `10*log10(max(mel, 1e-10))` with ref 1 and no top_db.
-
-The filterbank is taken from the checkpoint (`logmel_extractor.melW`) when it has one; otherwise
-`slaney_mel_filterbank` rebuilds librosa's default filterbank for the design rate the original uses.
+The log-mel itself is part of the msclap model (`models.msclap.logmel`, with the checkpoint's `melW`);
+`mlx_clap.dsp.slaney_mel_filterbank` rebuilds librosa's default filterbank when a checkpoint lacks it.
 
 Waveform fitting follows `CLAPWrapper.load_audio_into_tensor`: clips up to the clip length are tiled
 (`repeat`) and cut; longer clips are windowed deterministically by default, or randomly cropped with
@@ -21,76 +14,12 @@ import math
 import random
 from collections.abc import Sequence
 
-import mlx.core as mx
 import numpy as np
 
-N_FFT = 1024
-HOP = 320
-AMIN = 1e-10
+from mlx_clap.preprocess.windows import clip_windows
+
 LONG_AUDIO_MODES = ("windows-mean", "head", "center", "reference")
 STEREO_MODES = ("mean", "concat")
-
-
-def periodic_hann(n: int = N_FFT) -> np.ndarray:
-    """librosa `get_window('hann', n, fftbins=True)`: the periodic form, not `mx.hanning`'s symmetric one."""
-    k = np.arange(n, dtype=np.float64)
-    return (0.5 - 0.5 * np.cos(2.0 * np.pi * k / n)).astype(np.float32)
-
-
-def _hz_to_mel_slaney(f: np.ndarray) -> np.ndarray:
-    f = np.asarray(f, dtype=np.float64)
-    f_sp = 200.0 / 3
-    mels = f / f_sp
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = np.log(6.4) / 27.0
-    return np.where(f >= min_log_hz, min_log_mel + np.log(np.maximum(f, 1e-12) / min_log_hz) / logstep, mels)
-
-
-def _mel_to_hz_slaney(m: np.ndarray) -> np.ndarray:
-    m = np.asarray(m, dtype=np.float64)
-    f_sp = 200.0 / 3
-    freqs = f_sp * m
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = np.log(6.4) / 27.0
-    return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), freqs)
-
-
-def slaney_mel_filterbank(sr: float, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
-    """librosa.filters.mel defaults (Slaney scale, Slaney area norm) as a (n_fft//2+1, n_mels) float32 matrix.
-
-    Used only when a checkpoint lacks `melW`; the parity test compares it with librosa.
-    """
-    if fmax > sr / 2:
-        raise ValueError(f"fmax {fmax} Hz is above the Nyquist rate of the design rate {sr} Hz")
-    fftfreqs = np.fft.rfftfreq(n_fft, d=1.0 / sr)
-    mel_f = _mel_to_hz_slaney(np.linspace(_hz_to_mel_slaney(fmin), _hz_to_mel_slaney(fmax), n_mels + 2))
-    fdiff = np.diff(mel_f)
-    ramps = mel_f[:, None] - fftfreqs[None, :]
-    lower = -ramps[:-2] / fdiff[:-1, None]
-    upper = ramps[2:] / fdiff[1:, None]
-    weights = np.maximum(0.0, np.minimum(lower, upper))
-    weights *= (2.0 / (mel_f[2 : n_mels + 2] - mel_f[:n_mels]))[:, None]
-    return weights.T.astype(np.float32)
-
-
-def log_mel(waveforms: mx.array, mel_w: mx.array, hop: int = HOP, n_fft: int = N_FFT) -> mx.array:
-    """(B, N) float32 waveforms -> (B, T, n_mels) log-mel in dB, T = 1 + N // hop, torchlibrosa semantics."""
-    if waveforms.ndim != 2:
-        raise ValueError(f"log_mel wants (batch, samples), got shape {waveforms.shape}")
-    x = waveforms.astype(mx.float32)
-    pad = n_fft // 2
-    if x.shape[1] <= pad:
-        raise ValueError(f"log_mel: {x.shape[1]} samples is too short for reflect padding of {pad}")
-    x = mx.pad(x, [(0, 0), (pad, pad)], mode="reflect")
-    batch, length = x.shape
-    n_frames = 1 + (length - n_fft) // hop
-    frames = mx.as_strided(x, shape=(batch, n_frames, n_fft), strides=(length, hop, 1))
-    spec = mx.fft.rfft(frames * mx.array(periodic_hann(n_fft)), axis=-1)
-    power = mx.square(mx.real(spec)) + mx.square(mx.imag(spec))
-    mel = power @ mel_w.astype(mx.float32)
-    return 10.0 * mx.log10(mx.maximum(mel, AMIN))
 
 
 # ------------------------------------------------------------------------------------ waveform fitting
@@ -147,16 +76,10 @@ def fit_clip(
     n = wave.shape[0]
     if length >= n:
         return [repeat_to_length(wave, length)]
-    if long_audio == "head":
-        return [wave[:length]]
-    if long_audio == "center":
-        start = (n - length) // 2
-        return [wave[start : start + length]]
     if long_audio == "reference":
         start = (rng or random).randrange(n - length)
         return [wave[start : start + length]]
-    starts = sorted({min(i * length, n - length) for i in range(int(math.ceil(n / length)))})
-    return [wave[s : s + length] for s in starts]
+    return list(clip_windows(wave, length, long_audio))
 
 
 def prepare_batch(
@@ -181,3 +104,17 @@ def prepare_batch(
     if not clips:
         return np.zeros((0, length), np.float32), np.zeros((0,), np.int64)
     return np.stack(clips).astype(np.float32), np.array(owner, dtype=np.int64)
+
+
+def load_channels(path, sr: int) -> np.ndarray:
+    """(C, N) float32 at `sr` for msclap's channel-concatenation reference mode (soundfile + soxr)."""
+    import soundfile as sf
+    import soxr
+
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as exc:  # soundfile raises several types; report the file and the cause
+        raise ValueError(f"{path}: cannot decode ({exc})") from exc
+    if rate != sr:
+        data = soxr.resample(data, rate, sr, quality="HQ").astype(np.float32)
+    return np.ascontiguousarray(data.T)

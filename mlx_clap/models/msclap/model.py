@@ -17,30 +17,21 @@ Outputs. The towers (`get_audio_embeddings`, `get_text_embeddings`) return mscla
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
-from mlx_clap.ops import parallel as cpu_parallel
-from mlx_clap.models.clap import (
-    CPU_CLIPS_PER_BLOCK,
-    CPU_TEXTS_PER_BLOCK,
-    as_text_list,
-    l2_normalize,
-    pool_windows,
-    zero_shot_probabilities,
-)
+from mlx_clap.config import FORMAT_VERSION
+from mlx_clap.io import folder as fmt
+from mlx_clap.models.layers import l2_normalize
 from mlx_clap.models.msclap.cnn14 import Cnn14
 from mlx_clap.models.msclap.config import MsClapConfig
-from mlx_clap.preprocess.msclap_frontend import fit_clip, log_mel, prepare_batch, to_mono
-from mlx_clap.preprocess.msclap_tokenizer import MsClapTokenizer
-
-# msclap's README and examples prompt with "this is the sound of <class>".
-DEFAULT_TEMPLATE = "this is the sound of {}"
+from mlx_clap.models.msclap.logmel import log_mel
 
 
 class Projection(nn.Module):
@@ -172,8 +163,6 @@ class MsClapModel(nn.Module):
         self.audio_encoder = AudioEncoder(config)
         self.caption_encoder = TextEncoder(config)
         self.logit_scale = mx.array(np.log(1 / 0.07), dtype=mx.float32)
-        self._tokenizer: MsClapTokenizer | None = None
-        self.source_dir: Path | None = None
         self.eval()
 
     # ------------------------------------------------------------------------------------ tensors in
@@ -187,30 +176,6 @@ class MsClapModel(nn.Module):
                 "use embed_audio for any length"
             )
         return self.audio_encoder(waveforms)
-
-    def embed_audio_inputs(self, waveforms: mx.array) -> mx.array:
-        """Unit embeddings of (B, clip_samples) clips: `get_audio_features`, evaluated, on all CPU cores.
-
-        As `mlx_clap.models.clap.ClapModel.embed_audio_inputs` (`cpu_parallel.eval_batched`); it evaluates as it
-        goes, so it cannot run under `mx.compile`.
-        """
-        return cpu_parallel.eval_batched(
-            self.get_audio_features, [waveforms], CPU_CLIPS_PER_BLOCK, ready=[self.audio_encoder]
-        )
-
-    def embed_text_inputs(
-        self,
-        input_ids: mx.array,
-        attention_mask: mx.array | None = None,
-        token_type_ids: mx.array | None = None,
-    ) -> mx.array:
-        """Unit embeddings of token ids: `get_text_features`, evaluated, big batches on all CPU cores."""
-        return cpu_parallel.eval_batched(
-            self.get_text_features,
-            [input_ids, attention_mask, token_type_ids],
-            CPU_TEXTS_PER_BLOCK,
-            ready=[self.caption_encoder],
-        )
 
     def get_text_embeddings(
         self,
@@ -245,242 +210,68 @@ class MsClapModel(nn.Module):
         logits_per_audio = (a @ t.T) * scale
         return logits_per_audio, logits_per_audio.T
 
-    # ------------------------------------------------------------------------------ files and strings in
-    @property
-    def tokenizer(self) -> MsClapTokenizer:
-        if self._tokenizer is None:
-            raise RuntimeError(
-                "this msclap model has no tokenizer: its folder lacks tokenizer.json; convert it again "
-                "with the text model's tokenizer files (convert/msclap.py --tokenizer DIR)"
-            )
-        return self._tokenizer
-
     @property
     def embedding_dim(self) -> int:
         return self.config.d_proj
 
-    def embed_audio(
-        self,
-        inputs: Sequence[str | Path | np.ndarray] | str | Path | np.ndarray,
-        *,
-        batch_size: int = 8,
-        long_audio: str = "windows-mean",
-        seed: int | None = None,
-        stereo: str = "mean",
-        quantize_int16: bool = False,
-    ) -> np.ndarray:
-        """Unit audio embeddings (N, 1024) for files or arrays at 44.1 kHz ((N,) or (channels, N)).
-
-        Clips shorter than the model's 5/7 s are tiled as msclap does. Longer clips: `long_audio` is
-        "windows-mean" (default, deterministic: consecutive clip-length windows, mean of the unit
-        embeddings, renormalized), "head", "center", or "reference" (msclap's random crop, seedable with
-        `seed`). `stereo="concat"` reproduces msclap's channel concatenation (a reference mode; the
-        default averages channels). Files are decoded and resampled to 44.1 kHz by `mlx_clap.preprocess.audio`.
-        `quantize_int16` exists for API symmetry with the LAION models; msclap never applies it.
-        """
-        if isinstance(inputs, (str, Path, np.ndarray)):
-            inputs = [inputs]
-        waves = []
-        for item in inputs:
-            if isinstance(item, (str, Path)):
-                waves.append(self._load_file(item, stereo))
-            else:
-                waves.append(np.asarray(item))
-        return self.embed_waveforms(
-            waves,
-            batch_size=batch_size,
-            long_audio=long_audio,
-            seed=seed,
-            stereo=stereo,
-            quantize_int16=quantize_int16,
-        )
-
-    def _load_file(self, path: str | Path, stereo: str) -> np.ndarray:
-        from mlx_clap.preprocess.audio import load_audio
-
-        if stereo == "concat":
-            return _load_channels(path, self.config.sampling_rate)
-        return load_audio(path, self.config.sampling_rate).samples
-
-    def embed_waveforms(
-        self,
-        waveforms: Sequence[np.ndarray],
-        *,
-        batch_size: int = 8,
-        long_audio: str = "windows-mean",
-        seed: int | None = None,
-        stereo: str = "mean",
-        quantize_int16: bool = False,
-    ) -> np.ndarray:
-        """Unit embeddings (N, 1024) for decoded 44.1 kHz waveforms; see `embed_audio`."""
-        if quantize_int16:
-            raise ValueError("quantize_int16 is a LAION reference mode; msclap feeds float audio unchanged")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        clips, owner = prepare_batch(
-            list(waveforms), self.config.clip_samples, long_audio=long_audio, stereo=stereo, seed=seed
-        )
-        out = np.zeros((len(waveforms), self.embedding_dim), dtype=np.float32)
-        if not len(waveforms):
-            return out
-        rows = []
-        for r in range(0, clips.shape[0], batch_size):
-            emb = self.embed_audio_inputs(mx.array(clips[r : r + batch_size]))
-            rows.append(np.array(emb.astype(mx.float32)))
-        return pool_windows(np.concatenate(rows, axis=0), owner, len(waveforms))
-
-    def embed_windows(
-        self, blocks: Iterable[np.ndarray], *, batch_size: int = 8, quantize_int16: bool = False
-    ) -> np.ndarray:
-        """Unit "windows-mean" embedding (1024,) of one mono clip given as consecutive 1-D blocks at 44.1 kHz.
-
-        The same windows as `embed_audio(long_audio="windows-mean")` (`mlx_clap.models.clap.sliding_windows`),
-        embedded `batch_size` at a time, so memory stays bounded for any length (used by the CLI).
-        """
-        from mlx_clap.models.clap import sliding_windows
-
-        if quantize_int16:
-            raise ValueError("quantize_int16 is a LAION reference mode; msclap feeds float audio unchanged")
-        length = self.config.clip_samples
-        total = np.zeros(self.embedding_dim, dtype=np.float64)
-        group: list[np.ndarray] = []
-        seen = False
-
-        def flush() -> None:
-            nonlocal total
-            clips = np.stack([fit_clip(to_mono(w), length)[0] for w in group])
-            emb = self.embed_audio_inputs(mx.array(clips))
-            for row in np.array(emb.astype(mx.float32)).astype(np.float64):
-                total += row  # row by row, as pool_windows sums
-            group.clear()
-
-        for window in sliding_windows(blocks, length):
-            seen = True
-            group.append(window)
-            if len(group) == batch_size:
-                flush()
-        if group:
-            flush()
-        if not seen:
-            raise ValueError("audio is empty (0 samples)")
-        return (total / max(np.linalg.norm(total), 1e-12)).astype(np.float32)
-
-    def embed_text(self, texts: Sequence[str] | str, *, batch_size: int = 64) -> np.ndarray:
-        """Unit text embeddings (N, 1024), tokenized as msclap does (see `msclap.tokenizer`)."""
-        texts = as_text_list(texts)
-        out = np.zeros((len(texts), self.embedding_dim), dtype=np.float32)
-        tok = self.tokenizer
-        for start in range(0, len(texts), batch_size):
-            enc = tok(texts[start : start + batch_size])
-            emb = self.embed_text_inputs(
-                mx.array(enc["input_ids"]),
-                mx.array(enc["attention_mask"]),
-                mx.array(enc["token_type_ids"]) if "token_type_ids" in enc else None,
-            )
-            out[start : start + len(enc["input_ids"])] = np.array(emb.astype(mx.float32))
-        return out
-
-    def classify(
-        self,
-        audio: Sequence[str | Path | np.ndarray] | np.ndarray | str | Path,
-        labels: Sequence[str],
-        template: str | None = DEFAULT_TEMPLATE,
-        **embed_kwargs: Any,
-    ) -> np.ndarray:
-        """Zero-shot probabilities (N, len(labels)): softmax over labels of `logits_per_audio`.
-
-        `audio` is anything `embed_audio` takes, or an (N, 1024) array of audio embeddings.
-        """
-        return zero_shot_probabilities(self, audio, labels, template, **embed_kwargs)
-
     # ---------------------------------------------------------------------------------------- loading
     @staticmethod
     def from_pretrained(path: str | Path, dtype: Any = None) -> MsClapModel:
-        """Load a converted msclap folder (config.json + model.safetensors [+ tokenizer.json])."""
-        return load_msclap_folder(Path(path), dtype=dtype)
+        """Load a converted msclap folder (config.json + model.safetensors) with strict key/shape checks."""
+        folder = Path(path)
+        config = read_msclap_config(folder)
+        if not (folder / fmt.WEIGHTS_NAME).is_file():
+            raise fmt.WeightsError(f"{folder}: no {fmt.WEIGHTS_NAME}")
+        model = MsClapModel(config)
+        weights = fmt.read_safetensors(folder / fmt.WEIGHTS_NAME)
+        expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+        fmt.check_weights(expected, weights, folder / fmt.WEIGHTS_NAME)
+        model.load_weights(list(weights.items()), strict=True)
+        target = fmt.parse_dtype(dtype)
+        if target != mx.float32:
+            # The frontend stays float32: melW is only ever used in the fp32 log-mel.
+            mel_w = model.audio_encoder.base.logmel_extractor.melW
+            model.set_dtype(target)
+            model.audio_encoder.base.logmel_extractor.melW = mel_w
+        model.eval()
+        return model
 
 
-def _load_channels(path: str | Path, sr: int) -> np.ndarray:
-    """(C, N) float32 at `sr` for the channel-concatenation reference mode (soundfile + soxr)."""
-    import soundfile as sf
-    import soxr
-
+def is_msclap_folder(folder: str | Path) -> bool:
+    """True when `folder/config.json` is a converted msclap config (`"family": "msclap"`); never raises."""
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as exc:  # soundfile raises several types; report the file and the cause
-        raise ValueError(f"{path}: cannot decode ({exc})") from exc
-    if rate != sr:
-        data = soxr.resample(data, rate, sr, quality="HQ").astype(np.float32)
-    return np.ascontiguousarray(data.T)
+        data = json.loads((Path(folder) / fmt.CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("family") == "msclap"
 
 
-def load_msclap_folder(folder: Path, dtype: Any = None) -> MsClapModel:
-    """Load a converted msclap folder with strict key and shape checks."""
-    import json
-
-    from mlx.utils import tree_flatten
-
-    from mlx_clap.config import FORMAT_VERSION
-    from mlx_clap.io.folder import (
-        CONFIG_NAME,
-        WEIGHTS_NAME,
-        WeightsError,
-        _read_safetensors,
-        check_weights,
-        parse_dtype,
-    )
-
-    folder = Path(folder)
+def read_msclap_config(folder: Path) -> MsClapConfig:
+    """The `MsClapConfig` of a converted msclap folder, with family and format checks."""
+    path = Path(folder) / fmt.CONFIG_NAME
     try:
-        data = json.loads((folder / CONFIG_NAME).read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise WeightsError(f"{folder / CONFIG_NAME}: cannot read ({exc})") from exc
+        raise fmt.WeightsError(f"{path}: cannot read ({exc})") from exc
     if not isinstance(data, dict) or data.get("family") != "msclap":
-        raise WeightsError(f"{folder / CONFIG_NAME}: not a msclap config (family must be 'msclap')")
+        raise fmt.WeightsError(f"{path}: not a msclap config (family must be 'msclap')")
     version = data.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise WeightsError(f"{folder / CONFIG_NAME}: format_version {version!r} is not one mlx-clap reads")
-    if not (folder / WEIGHTS_NAME).is_file():
-        raise WeightsError(f"{folder}: no {WEIGHTS_NAME}")
+        raise fmt.WeightsError(f"{path}: format_version {version!r} is not one mlx-clap reads")
     try:
-        config = MsClapConfig.from_dict(data)
+        return MsClapConfig.from_dict(data)
     except ValueError as exc:
-        raise WeightsError(f"{folder / CONFIG_NAME}: {exc}") from exc
-    model = MsClapModel(config)
-    weights = _read_safetensors(folder / WEIGHTS_NAME)
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
-    check_weights(expected, weights, folder / WEIGHTS_NAME)
-    model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
-    target = parse_dtype(dtype)
-    if target != mx.float32:
-        # The frontend stays float32: melW is only ever used in the fp32 log-mel.
-        mel_w = model.audio_encoder.base.logmel_extractor.melW
-        model.set_dtype(target)
-        model.audio_encoder.base.logmel_extractor.melW = mel_w
-    model.eval()
-    model.source_dir = folder
-    try:
-        max_pos = config.gpt2.n_positions if config.is_gpt2 else config.bert.max_position_embeddings
-        model._tokenizer = MsClapTokenizer.from_folder(folder, config.text_model, config.text_len, max_pos)
-    except FileNotFoundError:
-        model._tokenizer = None
-    except Exception as exc:  # tokenizers raises its own types for a corrupt or foreign file
-        raise WeightsError(
-            f"{folder / 'tokenizer.json'}: cannot use it as the {config.text_model} tokenizer ({exc})"
-        ) from exc
-    return model
+        raise fmt.WeightsError(f"{path}: {exc}") from exc
 
 
 def save_msclap_folder(model: MsClapModel, folder: Path) -> None:
     """Write config.json and model.safetensors (float32) for an MLX MsClapModel."""
-    from mlx.utils import tree_flatten
     from safetensors.numpy import save
 
     from mlx_clap.io.files import atomic_write_bytes, atomic_write_json
-    from mlx_clap.io.folder import CONFIG_NAME, WEIGHTS_NAME
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     flat = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
-    atomic_write_bytes(folder / WEIGHTS_NAME, save(flat, metadata={"format": "mlx"}))
-    atomic_write_json(folder / CONFIG_NAME, model.config.to_dict())
+    atomic_write_bytes(folder / fmt.WEIGHTS_NAME, save(flat, metadata={"format": "mlx"}))
+    atomic_write_json(folder / fmt.CONFIG_NAME, model.config.to_dict())

@@ -1,0 +1,72 @@
+"""What several commands share: the --model option (one default-model rule) and loading it with a clear error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mlx_clap.settings import DEFAULT_MODEL
+
+MODEL_ENV = "MLX_CLAP_MODEL"
+
+model_option = click.option(
+    "--model",
+    "model_id",
+    default=DEFAULT_MODEL,
+    envvar=MODEL_ENV,
+    show_envvar=True,
+    show_default=True,
+    help="Model: a converted folder, a Hugging Face CLAP folder, a LAION .pt or a hub id.",
+)
+
+
+def load_model_or_exit(model_id: str, dtype: str = "float32") -> Any:
+    """mlx_clap.load with a user-facing error (offline, unknown id, broken folder)."""
+    from mlx_clap.loading import load
+
+    try:
+        return load(model_id, dtype=dtype)
+    except Exception as exc:
+        raise click.ClickException(f"cannot load model {model_id!r}: {exc}") from exc
+
+
+def weights_sha256(model: Any) -> str | None:
+    """sha256 of model.safetensors: from the converted folder's manifest when recorded, else hashed."""
+    from mlx_clap.io.files import sha256_file
+
+    folder = getattr(model, "source_dir", None)
+    if folder is None:
+        return None
+    folder = Path(folder)
+    try:
+        recorded = json.loads((folder / "manifest.json").read_text()).get("files", {}).get("model.safetensors")
+        if recorded:
+            return str(recorded)
+    except (OSError, ValueError, AttributeError):
+        pass
+    weights = folder / "model.safetensors"
+    return sha256_file(weights) if weights.is_file() else None
+
+
+def describe_model(model: Any) -> dict[str, Any]:
+    """A family-independent summary of a loaded model (for `info`)."""
+    fam = model.family
+    info: dict[str, Any] = {
+        "folder": str(model.source_dir) if model.source_dir else None,
+        "family": fam.name,
+        "source": getattr(model.config, "source", None),
+        "embedding_dim": model.embedding_dim,
+        "sampling_rate": fam.sampling_rate,
+        "clip_seconds": round(fam.clip_samples / fam.sampling_rate, 3),
+        "template": fam.default_template,
+    }
+    try:
+        fam.tokenizer  # noqa: B018
+        info["tokenizer"] = True
+    except RuntimeError:
+        info["tokenizer"] = False
+    info.update(fam.describe())
+    return info
