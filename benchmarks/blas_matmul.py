@@ -24,8 +24,9 @@ HERE = Path(__file__).resolve().parent
 CHILD = r"""
 import json, sys, time
 import numpy as np
-import mlx_clap
+from mlx_clap.ops.setup import prepare_cpu
 from mlx_clap.ops.blas import blas_info
+prepare_cpu()
 import mlx.core as mx
 sizes, repeats = json.loads(sys.argv[1]), int(sys.argv[2])
 out = {"blas": blas_info(), "rows": []}

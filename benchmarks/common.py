@@ -255,8 +255,13 @@ def environment(torch_device: str = "cpu") -> dict[str, Any]:
     import torch
     import transformers
 
-    from mlx_clap.ops import kernels as cpu_kernels, parallel as cpu_parallel
-    from mlx_clap.ops.blas import blas_info, get_num_threads, malloc_tuned
+    from mlx_clap import settings
+    from mlx_clap.ops import parallel as cpu_parallel
+    from mlx_clap.ops.blas import blas_info, get_num_threads
+    from mlx_clap.ops.malloc import malloc_tuned
+    from mlx_clap.ops.setup import prepare_cpu
+
+    prepare_cpu()  # what load() does; idempotent
 
     info: dict[str, Any] = {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -275,7 +280,8 @@ def environment(torch_device: str = "cpu") -> dict[str, Any]:
         "mlx_clap_cpu_threads": cpu_parallel.worker_count(),
         "malloc_tuned": malloc_tuned(),
         "mlx_enable_tf32": os.environ.get("MLX_ENABLE_TF32"),
-        "mlx_clap_cpu_kernels": cpu_kernels.ENABLED,
+        "mlx_clap_cpu_kernels": settings.current().use_cpu_kernels,
+        "mlx_clap_cpu_optimizations": settings.current().cpu_optimizations,
         "note": os.environ.get("MLX_CLAP_BENCH_NOTE"),
     }
     try:

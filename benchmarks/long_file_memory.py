@@ -46,8 +46,8 @@ def make_tiny_model(folder: Path) -> None:
     from fixtures import TINY_AUDIO, TINY_TEXT
 
     from mlx_clap.config import ClapAudioConfig, ClapConfig, ClapTextConfig
-    from mlx_clap.models.clap import ClapModel
     from mlx_clap.io.folder import save_converted
+    from mlx_clap.models.clap import ClapModel
 
     cfg = ClapConfig(
         audio_config=ClapAudioConfig.from_dict(TINY_AUDIO), text_config=ClapTextConfig.from_dict(TINY_TEXT)

@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         f"`python benchmarks/parity.py {cmd}` — {env['date_utc']}, "
         f"mlx {env['mlx']}, torch {env['torch']}, transformers {env['transformers']}, "
         f"BLAS: {env['mlx_clap_blas'].get('config') or env['mlx_clap_blas'].get('status')}, "
+        f"MLX_CLAP_CPU_OPTIMIZATIONS {'on' if env['mlx_clap_cpu_optimizations'] else 'off'}, "
         f"MLX_CLAP_CPU_KERNELS {'on' if env['mlx_clap_cpu_kernels'] else 'off'}, "
         f"MLX_ENABLE_TF32={env['mlx_enable_tf32']}.\n\n"
         "Model stages get the reference mel; `mel (frontend)` and `end to end unit` compare the "

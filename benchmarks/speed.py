@@ -23,7 +23,6 @@ Writes benchmarks/results/speed[-<tag>].json and .md.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import common  # noqa: E402  (sets sys.path, HF offline, the Linux CPU BLAS)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlx_clap.ops.parallel import on_cpu  # noqa: E402
+from mlx_clap.ops.device import cpu_fast_paths as on_cpu  # noqa: E402
 
 PARTS = ("audio", "text", "mel", "e2e", "stages")
 
@@ -393,12 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.threads:
-        from mlx_clap.ops.blas import set_num_threads
+        from mlx_clap import settings
+        from mlx_clap.ops.setup import prepare_cpu
 
         args.torch_threads = args.torch_threads or args.threads
-        set_num_threads(args.threads)
-        # MLX's own CPU worker threads (frontend blocks, embed_audio_inputs) get the same count.
-        os.environ["MLX_CLAP_CPU_THREADS"] = str(args.threads)
+        # MLX's own CPU worker threads (frontend blocks, embed_audio_inputs) and OpenBLAS get the same count.
+        prepare_cpu(settings.configure(cpu_threads=args.threads, blas_threads=args.threads))
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     if args.tf32 != "default":

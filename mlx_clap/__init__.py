@@ -23,7 +23,16 @@ if TYPE_CHECKING:
     from mlx_clap.models.msclap.model import MsClapModel
     from mlx_clap.pipeline import Embedder
 
-__all__ = ["load", "Embedder", "ClapModel", "MsClapModel", "embed_audio", "embed_text", "classify", "__version__"]
+__all__ = [
+    "load",
+    "Embedder",
+    "ClapModel",
+    "MsClapModel",
+    "embed_audio",
+    "embed_text",
+    "classify",
+    "__version__",
+]
 
 
 def load(source: str | Path | None = None, dtype: Any = None, revision: str | None = None) -> Embedder:

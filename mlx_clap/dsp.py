@@ -1,15 +1,20 @@
-"""Signal-processing constants shared by both frontends: the periodic Hann window and the mel filterbanks.
+"""Signal processing shared by both frontends: the periodic Hann window, the mel filterbanks, the STFT log-mel.
 
-Numpy only, float64, cached. The LAION frontend (`preprocess.features`), msclap's in-model log-mel
-(`models.msclap.logmel`) and the msclap converter (which rebuilds `melW` when a checkpoint lacks it) all
-use these, so there is one window and one Slaney filterbank in the package (docs/numerics.md §2).
+The window and filterbanks are numpy float64, cached. The LAION frontend (`preprocess.features`), msclap's
+in-model log-mel (`models.msclap.logmel`) and the msclap converter (which rebuilds `melW` when a checkpoint
+lacks it) all use these, so there is one window, one Slaney filterbank and one float32 STFT log-mel in the
+package (docs/numerics.md §2).
 """
 
 from __future__ import annotations
 
 import functools
 
+import mlx.core as mx
 import numpy as np
+
+# Floor of the power mel before the log (librosa/torchaudio `amin`, HF `mel_floor`): gives -100 dB.
+AMIN = 1e-10
 
 
 def hz_to_mel(freq: np.ndarray | float, mel_scale: str = "slaney") -> np.ndarray:
@@ -91,3 +96,23 @@ def slaney_mel_filterbank(sr: float, n_fft: int, n_mels: int, fmin: float, fmax:
     """librosa.filters.mel defaults (Slaney scale and area norm) as (n_fft//2+1, n_mels) float32: msclap's
     `melW`, rebuilt for a checkpoint that lacks it."""
     return mel_filterbank(sr, n_fft, n_mels, fmin, fmax, "slaney", "slaney").astype(np.float32)
+
+
+def stft_log_mel(
+    padded: mx.array, window: mx.array, fb: mx.array, hop: int, lo: int = 0, hi: int | None = None
+) -> mx.array:
+    """(B, L) reflect-padded float32 waveforms -> (B, 1 + (L - n_fft) // hop, n_mels) log-mel in dB.
+
+    Frames of `len(window)` at `hop`, windowed rfft, power re² + im², mel matmul, 10·log10(max(x, 1e-10))
+    (reference 1, no top_db: the floor is -100 dB). `fb` holds filterbank rows lo..hi-1 (the FFT bins
+    under some filter); the default is every bin.
+    """
+    n_fft = window.shape[0]
+    b, length = padded.shape
+    n_frames = 1 + (length - n_fft) // hop
+    frames = mx.as_strided(padded, (b, n_frames, n_fft), (length, hop, 1))
+    spec = mx.fft.rfft(frames * window, axis=-1)
+    if lo or hi is not None:
+        spec = spec[..., lo:hi]
+    power = mx.square(mx.real(spec)) + mx.square(mx.imag(spec))
+    return 10.0 * mx.log10(mx.maximum(power @ fb, AMIN))

@@ -63,9 +63,13 @@ def _load_folder(folder: Path, dtype: Any, label: str | None, revision: str | No
         raise fmt.WeightsError(
             f"{folder}: neither a converted mlx-clap folder nor a Hugging Face model folder (no config.json)"
         )
-    has_safetensors = (folder / fmt.WEIGHTS_NAME).is_file() or (folder / "model.safetensors.index.json").is_file()
+    has_safetensors = (folder / fmt.WEIGHTS_NAME).is_file() or (
+        folder / "model.safetensors.index.json"
+    ).is_file()
     if not has_safetensors:  # pytorch_model.bin only: a torch conversion, once, into the cache
-        dest = convert_to_cache(folder, revision=revision, name=(label or folder.name).replace("/", "--"), label=label)
+        dest = convert_to_cache(
+            folder, revision=revision, name=(label or folder.name).replace("/", "--"), label=label
+        )
         return _load_converted(dest, dtype)
     model = ClapModel.from_pretrained(folder, dtype=dtype)
     if label:

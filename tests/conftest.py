@@ -25,21 +25,48 @@ CORPUS_DIR = (REPO_ROOT / os.path.expanduser(_corpus)).resolve()
 
 
 # Reference implementations and other test-only packages (pip install -e '.[test]'; laion_clap and msclap
-# with --no-deps): in an environment without one, the tests that need it skip and say which, instead of
-# erroring. Test modules that import one at module level guard that import with pytest.importorskip; the
-# hooks below cover imports inside tests and fixtures. Only packages missing at session start count, so
-# with everything installed an import error (or a test that hides a module) still fails as before.
+# with --no-deps). In an environment without one, the tests that need it skip and say which, instead of
+# erroring: test modules that import one at module level guard that import with pytest.importorskip, and
+# the hooks below turn a ModuleNotFoundError for one, raised inside a test or fixture, into a skip.
+# Only packages missing at session start count (so a test that hides an installed module still fails),
+# and only where the import failed in test code or a third-party package: mlx_clap itself must never let
+# a ModuleNotFoundError for a test-only package out (it says which extra to install), so that still fails.
 TEST_ONLY_PACKAGES = (
     "torch", "transformers", "laion_clap", "msclap", "torchlibrosa", "librosa",
     "h5py", "sklearn", "ftfy", "regex", "usearch",
 )  # fmt: skip
 MISSING_TEST_PACKAGES = frozenset(n for n in TEST_ONLY_PACKAGES if importlib.util.find_spec(n) is None)
+_RUNTIME_DIRS = [Path(d).resolve() for d in importlib.util.find_spec("mlx_clap").submodule_search_locations]
+# Tests that need a missing package where the failure cannot show it (a CLI turns the error into an exit
+# status): node-id prefixes, skipped up front.
+NEEDS = {
+    "usearch": ("test_index.py::test_ann_", "test_cli_search.py::test_search_like_json_filters_and_clamp"),
+}
+
+
+def _install_hint(name: str) -> str:
+    return f"{name} is not installed (a test requirement: pip install -e '.[test]')"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name, prefixes in NEEDS.items():
+            node = item.nodeid.rsplit("/", 1)[-1]
+            if name in MISSING_TEST_PACKAGES and node.startswith(prefixes):
+                item.add_marker(pytest.mark.skip(reason=_install_hint(name)))
 
 
 def _skip_if_missing_test_package(exc: ModuleNotFoundError) -> None:
     root = (exc.name or "").partition(".")[0]
-    if root in MISSING_TEST_PACKAGES:
-        pytest.skip(f"{root} is not installed (a test requirement: pip install -e '.[test]'): {exc}")
+    if root not in MISSING_TEST_PACKAGES:
+        return
+    tb, where = exc.__traceback__, None
+    while tb is not None:  # the innermost frame that is not importlib's: the failing import statement
+        if not tb.tb_frame.f_code.co_filename.startswith("<"):
+            where = Path(tb.tb_frame.f_code.co_filename).resolve()
+        tb = tb.tb_next
+    if where is None or not any(where.is_relative_to(d) for d in _RUNTIME_DIRS):
+        pytest.skip(f"{_install_hint(root)}: {exc}")
 
 
 @pytest.hookimpl(wrapper=True)

@@ -1,4 +1,4 @@
-"""Zero-shot classification and batched text embedding through `ClapModel`.
+"""Zero-shot classification and batched text embedding through the `Embedder` of a `ClapModel`.
 
 - `classify` ranks labels as the dot products of known audio and text embeddings say, and its
   probabilities equal transformers' `ClapModel.forward` `logits_per_audio.softmax(-1)` computed on the
@@ -17,6 +17,8 @@ from mlx.utils import tree_flatten
 
 from mlx_clap.config import ClapAudioConfig, ClapConfig, ClapTextConfig
 from mlx_clap.models.clap import ClapModel
+from mlx_clap.pipeline import Embedder
+from mlx_clap.pipeline.laion import LaionFamily
 from mlx_clap.preprocess.tokenizer import load_tokenizer
 
 LABELS = ["dog", "cat meowing", "rain on a roof", "jazz", "a very long label " * 12, "siren", ""]
@@ -24,8 +26,8 @@ LABELS = ["dog", "cat meowing", "rain on a roof", "jazz", "a very long label " *
 LOGIT_SCALE_A, LOGIT_SCALE_T = 2.9, 3.4
 
 
-def make_model(bpe_folder, projection_dim: int = 16, **text_overrides) -> ClapModel:
-    """A tiny ClapModel, text side randomized, with the offline-trained tokenizer attached."""
+def make_model(bpe_folder, projection_dim: int = 16, **text_overrides) -> Embedder:
+    """A tiny ClapModel, text side randomized, wrapped with the offline-trained tokenizer."""
     cfg = ClapConfig(
         audio_config=ClapAudioConfig.from_dict(TINY_AUDIO),
         text_config=ClapTextConfig(**{**TINY_TEXT, **text_overrides}),
@@ -47,9 +49,8 @@ def make_model(bpe_folder, projection_dim: int = 16, **text_overrides) -> ClapMo
     m.load_weights(params, strict=False)
     m.logit_scale_a = mx.array(LOGIT_SCALE_A)
     m.logit_scale_t = mx.array(LOGIT_SCALE_T)
-    m._tokenizer = load_tokenizer(bpe_folder, cfg.text_config)
     m.eval()
-    return m
+    return Embedder(m, LaionFamily(m, tokenizer=load_tokenizer(bpe_folder, cfg.text_config)))
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +61,11 @@ def bpe_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model(bpe_folder) -> ClapModel:
+def model(bpe_folder) -> Embedder:
     return make_model(bpe_folder)
 
 
-def one_at_a_time(model: ClapModel, texts: list[str]) -> np.ndarray:
+def one_at_a_time(model: Embedder, texts: list[str]) -> np.ndarray:
     """Each text alone, padded to LAION's 77 columns: the layout LAION feeds the model."""
     rows = []
     for text in texts:
@@ -182,7 +183,7 @@ def test_embed_text_100k_strings_bounded(bpe_folder):
     texts = [f"{words[i % 8]} {i} " + "x " * (i % 7) for i in range(100_000)]
     texts[123] = " ".join(f"w{k}" for k in range(200))  # longer than 77 tokens: truncated
     shapes: list[tuple[int, int]] = []
-    tok = model._tokenizer
+    tok = model.family._tokenizer
 
     class Spy:
         def __call__(self, batch, *args, **kwargs):
@@ -191,14 +192,14 @@ def test_embed_text_100k_strings_bounded(bpe_folder):
             return ids, mask
 
     batch_size = 2048
-    model._tokenizer = Spy()
+    model.family._tokenizer = Spy()
     try:
         mx.clear_cache()
         mx.reset_peak_memory()
         out = model.embed_text(texts, batch_size=batch_size)
         peak = mx.get_peak_memory()
     finally:
-        model._tokenizer = tok
+        model.family._tokenizer = tok
     assert out.shape == (100_000, 8)
     assert len(shapes) == -(-100_000 // batch_size)
     assert max(b for b, _ in shapes) <= batch_size and max(w for _, w in shapes) == 77
@@ -215,18 +216,21 @@ def test_embed_text_100k_strings_bounded(bpe_folder):
 
 
 def test_converted_folder_carries_its_tokenizer(model, bpe_folder, tmp_path):
-    """save_converted + tokenizer files -> from_pretrained: same embeddings; foreign tokenizer: error."""
+    """save_converted + tokenizer files -> load: same embeddings; foreign tokenizer: error."""
     import shutil
 
-    from mlx_clap.preprocess.tokenizer import TokenizerError
+    from mlx_clap import load
     from mlx_clap.io.folder import save_converted
+    from mlx_clap.preprocess.tokenizer import TokenizerError
 
-    save_converted(model, tmp_path)
+    save_converted(model.model, tmp_path)
+    assert isinstance(ClapModel.from_pretrained(tmp_path), ClapModel)  # the bare module needs no tokenizer
     with pytest.raises(RuntimeError, match="no tokenizer"):
-        ClapModel.from_pretrained(tmp_path).tokenizer  # noqa: B018
+        load(tmp_path).tokenizer  # noqa: B018
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(bpe_folder / name, tmp_path / name)
-    loaded = ClapModel.from_pretrained(tmp_path)
+    loaded = load(tmp_path)
+    assert isinstance(loaded.model, ClapModel) and loaded.source_dir == tmp_path
     texts = ["This is a sound of dog.", "", "jazz"]
     assert np.abs(loaded.embed_text(texts) - model.embed_text(texts)).max() == 0.0
 
@@ -235,4 +239,4 @@ def test_converted_folder_carries_its_tokenizer(model, bpe_folder, tmp_path):
     (tmp_path / "vocab.json").unlink()
     RobertaTokenizer().save_pretrained(tmp_path)  # the 5-token placeholder, as tokenizer.json
     with pytest.raises(TokenizerError, match="5 tokens"):
-        ClapModel.from_pretrained(tmp_path)
+        load(tmp_path)

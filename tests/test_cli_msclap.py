@@ -39,7 +39,9 @@ def test_classify_uses_the_msclap_prompt(folder, tmp_path):  # noqa: F811
     path = tmp_path / "clip.wav"
     sf.write(path, signal(3.0, seed=3), 44100)
     labels = ["dog", "rain", "siren"]
-    r = CliRunner().invoke(main, ["classify", str(path), "--labels", ",".join(labels), "--model", str(folder), "--json"])
+    r = CliRunner().invoke(
+        main, ["classify", str(path), "--labels", ",".join(labels), "--model", str(folder), "--json"]
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["template"] == "this is the sound of {}"

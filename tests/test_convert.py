@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from mlx_clap.config import config_from_hf
 from mlx_clap.convert.common import hf_state_to_mlx, read_safetensors
-from mlx_clap.convert.hf import config_from_hf, convert_hf_folder
+from mlx_clap.convert.hf import convert_hf_folder
 from mlx_clap.convert.laion_pt import config_from_laion_state, laion_state_to_hf
 from mlx_clap.io.folder import WeightsError
 from mlx_clap.loading import load as load_model
@@ -206,9 +207,24 @@ def test_config_from_hf_ignores_unknown_keys_and_resolves_features():
 
 
 @pytest.mark.parametrize("raw", [{"model_type": "bert"}, {"architectures": ["X"]}, ["not", "a", "dict"]])
-def test_config_from_hf_rejects_other_families(raw):
-    with pytest.raises(WeightsError, match="CLAP"):
+def test_config_from_hf_rejects_other_families(raw, tmp_path):
+    # The config parser knows no files: a plain ValueError. The converter and the loader, which read
+    # config.json, turn it into a WeightsError naming that file.
+    with pytest.raises(ValueError, match="CLAP") as info:
         config_from_hf(raw)
+    assert not isinstance(info.value, WeightsError)
+    folder = tmp_path / "notclap"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(raw))
+    (folder / "model.safetensors").write_bytes(b"")  # never read: the config is rejected first
+    cfg_name = str(folder / "config.json")
+    with pytest.raises(WeightsError, match="CLAP") as info:
+        convert_hf_folder(folder, tmp_path / "out")
+    assert cfg_name in str(info.value)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(WeightsError, match="CLAP") as info:
+        load_model(folder)
+    assert cfg_name in str(info.value)
 
 
 # --------------------------------------------------------------------------------- tiny HF hub folders
@@ -407,21 +423,78 @@ def test_cli_convert_help_has_example():
 
 
 # -------------------------------------------------------------------------------------- load_model
-def test_load_model_converts_hf_folder_into_cache_once(tiny_hub, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_CLAP_CACHE", str(tmp_path / "cache"))
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """$MLX_CLAP_CACHE pointed at an empty test folder, in force now (settings are parsed once)."""
+    from mlx_clap import settings
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MLX_CLAP_CACHE", str(cache))
+    settings.reset()
+    assert settings.current().cache_dir == cache
+    yield cache
+    settings.reset()  # runs before monkeypatch restores the environment: the next test parses it anew
+
+
+def _assert_same_model(loaded, reference) -> None:
+    """Same parameters (bit for bit) and the same audio and text embeddings as the reference Embedder."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    ours = dict(tree_flatten(loaded.model.parameters()))
+    ref = dict(tree_flatten(reference.model.parameters()))
+    assert set(ours) == set(ref)
+    for key in ref:
+        np.testing.assert_array_equal(np.array(ours[key]), np.array(ref[key]), err_msg=key)
+    assert loaded.config.to_dict() == {**reference.config.to_dict(), "source": loaded.config.source}
+    rng = np.random.default_rng(3)
+    waves = [0.1 * rng.standard_normal(n).astype(np.float32) for n in (48_000, 600_000)]  # 1 s, 12.5 s
+    a = loaded.embed_audio(waves)
+    assert a.shape == (2, loaded.embedding_dim)
+    np.testing.assert_array_equal(a, reference.embed_audio(waves))
+    ids = mx.array(rng.integers(5, 1000, size=(3, 9)))
+    mask = mx.array((np.arange(9)[None] < np.array([[9], [4], [1]])).astype(np.int64))
+    np.testing.assert_array_equal(
+        np.array(loaded.embed_text_inputs(ids, mask)), np.array(reference.embed_text_inputs(ids, mask))
+    )
+
+
+def test_load_model_loads_safetensors_hf_folder_in_place(tiny_hub, tmp_path, cache_dir):
+    """A Hugging Face folder with model.safetensors loads where it is: nothing is written to the cache,
+    and the model equals the one `convert_hf_folder` writes."""
+    cache = cache_dir
     model = load_model(tiny_hub)
-    entries = list((tmp_path / "cache").iterdir())
-    assert len(entries) == 1 and entries[0].name.startswith("hub-")
-    stamp = (entries[0] / "model.safetensors").stat().st_mtime_ns
+    assert model.source_dir == tiny_hub
+    assert not cache.exists() or not any(cache.iterdir())
+    converted = load_model(convert_hf_folder(tiny_hub, tmp_path / "converted"))
+    _assert_same_model(model, converted)
     again = load_model(tiny_hub)
+    assert again.source_dir == tiny_hub
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_load_model_converts_bin_folder_into_cache_once(tiny_ref, tiny_hub, tmp_path, cache_dir):
+    """A folder with only pytorch_model.bin is converted (with torch) into the cache once, then loaded."""
+    cache = cache_dir
+    bin_folder = _bin_folder(tiny_ref, tmp_path / "bin")
+    model = load_model(bin_folder)
+    entries = list(cache.iterdir())
+    assert len(entries) == 1 and entries[0].name.startswith("bin-")
+    assert model.source_dir == entries[0]
+    manifest = json.loads((entries[0] / "manifest.json").read_text())
+    assert manifest["source"] == str(bin_folder.resolve())
+    assert set(manifest["source_files"]) == {"config.json", "pytorch_model.bin"}
+    stamp = (entries[0] / "model.safetensors").stat().st_mtime_ns
+    again = load_model(bin_folder)
     assert (entries[0] / "model.safetensors").stat().st_mtime_ns == stamp  # not converted again
     assert again.source_dir == model.source_dir == entries[0]
+    assert list(cache.iterdir()) == entries
+    _assert_same_model(model, load_model(convert_hf_folder(tiny_hub, tmp_path / "converted")))
 
 
-def test_load_model_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+def test_load_model_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch, cache_dir):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.setenv("MLX_CLAP_CACHE", str(tmp_path / "cache"))
     with pytest.raises(WeightsError) as info:
         load_model("laion/clap-htsat-unfused")
     msg = str(info.value)
@@ -440,9 +513,10 @@ def test_load_model_unknown_source(tmp_path):
         load_model(tmp_path / "w.npz")
 
 
-def test_load_model_hub_id_from_a_hub_cache_layout(tiny_hub, tmp_path, monkeypatch):
+def test_load_model_hub_id_from_a_hub_cache_layout(tiny_hub, tmp_path, monkeypatch, cache_dir):
     """The real hub path, offline: huggingface_hub resolves the id from a cache laid out as a download
-    leaves it (models--org--name/refs/main + snapshots/<commit>/), we convert once and load."""
+    leaves it (models--org--name/refs/main + snapshots/<commit>/); the safetensors snapshot loads in place
+    (nothing written to our cache), labelled with the hub id, equal to the explicitly converted folder."""
     import shutil
 
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -455,11 +529,13 @@ def test_load_model_hub_id_from_a_hub_cache_layout(tiny_hub, tmp_path, monkeypat
     # huggingface_hub reads its environment at import time: point its constants at the test cache.
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("MLX_CLAP_CACHE", str(tmp_path / "cache"))
+    cache = cache_dir
     model = load_model("laion/tiny-clap")
-    manifest = json.loads((model.source_dir / "manifest.json").read_text())
-    assert manifest["source"] == "laion/tiny-clap" and manifest["revision"] == commit
-    stamp = (model.source_dir / "model.safetensors").stat().st_mtime_ns
+    snapshot = repo / "snapshots" / commit
+    assert Path(model.source_dir).resolve() == snapshot.resolve()
+    assert model.config.source == "laion/tiny-clap"
+    assert not cache.exists() or not any(cache.iterdir())
+    _assert_same_model(model, load_model(convert_hf_folder(tiny_hub, tmp_path / "converted")))
     again = load_model("laion/tiny-clap")
     assert again.source_dir == model.source_dir
-    assert (again.source_dir / "model.safetensors").stat().st_mtime_ns == stamp  # converted once
+    assert not cache.exists() or not any(cache.iterdir())

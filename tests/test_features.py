@@ -381,7 +381,8 @@ def test_long_file_blocks_match_one_pass(monkeypatch):
 
 def _laion_folder() -> Path:
     spec = importlib.util.find_spec("laion_clap")
-    assert spec is not None and spec.submodule_search_locations, "laion_clap is not installed"
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("laion_clap is not installed: pip install --no-deps laion_clap==1.1.7")
     return Path(list(spec.submodule_search_locations)[0])
 
 

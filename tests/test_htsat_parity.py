@@ -315,14 +315,17 @@ def test_laion_pt_tiny_fused_no_clip_longer(laion_tiny_fused):
     laion_tiny_fused.check(log_mels(1, 4, seed=9), np.array([[False]]))
 
 
-def test_load_model_converts_laion_pt_into_cache_once(laion_tiny, tmp_path, monkeypatch):
+def test_load_model_converts_laion_pt_into_cache_once(laion_tiny, tmp_path, monkeypatch, request):
     import json
 
     from mlx.utils import tree_flatten
 
+    from mlx_clap import settings
     from mlx_clap.loading import load as load_model
 
     monkeypatch.setenv("MLX_CLAP_CACHE", str(tmp_path))
+    settings.reset()  # settings are parsed once: read $MLX_CLAP_CACHE anew (and again after this test)
+    request.addfinalizer(settings.reset)
     model = load_model(laion_tiny.pt)
     assert model.source_dir.parent == tmp_path and model.source_dir.name.startswith("laion-")
     manifest = json.loads((model.source_dir / "manifest.json").read_text())
@@ -332,4 +335,8 @@ def test_load_model_converts_laion_pt_into_cache_once(laion_tiny, tmp_path, monk
     assert ours.keys() == ref.keys()
     for key, value in ref.items():
         np.testing.assert_array_equal(np.array(ours[key]), np.array(value), err_msg=key)
-    assert load_model(laion_tiny.pt).source_dir == model.source_dir
+    stamp = (model.source_dir / "model.safetensors").stat().st_mtime_ns
+    again = load_model(laion_tiny.pt)
+    assert again.source_dir == model.source_dir
+    assert (again.source_dir / "model.safetensors").stat().st_mtime_ns == stamp  # not converted again
+    assert list(tmp_path.iterdir()) == [model.source_dir]

@@ -20,9 +20,9 @@ from msclap_reference import train_bert_files, train_gpt2_files
 
 import mlx_clap
 from mlx_clap.config import ClapAudioConfig
+from mlx_clap.io.folder import WeightsError
 from mlx_clap.models.msclap.config import BertTextConfig, Cnn14Config, GPT2TextConfig, MsClapConfig
 from mlx_clap.models.msclap.model import MsClapModel, save_msclap_folder
-from mlx_clap.io.folder import WeightsError
 
 SR = 44100
 
@@ -82,7 +82,11 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def test_load_gives_a_msclap_model(model, folder):
-    assert isinstance(model, MsClapModel)
+    from mlx_clap.pipeline import Embedder
+    from mlx_clap.pipeline.msclap import MsClapFamily
+
+    assert isinstance(model, Embedder) and isinstance(model.model, MsClapModel)
+    assert isinstance(model.family, MsClapFamily) and model.family.name == "msclap"
     assert model.embedding_dim == 16
     assert model.source_dir == folder
     assert MsClapConfig.from_dict(json.loads((folder / "config.json").read_text())) == model.config
@@ -111,6 +115,48 @@ def test_long_audio_modes(model):
     np.testing.assert_allclose(model.embed_audio(wave, long_audio="reference", seed=7), crop, atol=1e-6)
 
 
+def test_reference_mode_draws_one_stream_per_call(model, monkeypatch):
+    # msclap's `random.randrange(N - length)` per long clip, from one stream for the whole call (in clip
+    # order, short clips draw nothing), however the clips are batched: not re-seeded per batch.
+    n = model.config.clip_samples
+    waves = [signal(1.7 * n / SR, seed=11), signal(0.5, seed=12), signal(2.2 * n / SR, seed=13)]
+    rng = random.Random(7)
+    clips = []
+    for wave in waves:
+        if wave.size <= n:
+            clips.append(np.tile(wave, -(-n // wave.size))[:n])
+        else:
+            start = rng.randrange(wave.size - n)
+            clips.append(wave[start : start + n])
+    clips = np.stack(clips)
+    expected = np.array(model.get_audio_features(mx.array(clips)))
+
+    fed: list[np.ndarray] = []  # the clips the family hands to the model, batch by batch
+    whole_inputs = model.family.whole_inputs
+
+    def spy(*args, **kwargs):
+        inputs, owner = whole_inputs(*args, **kwargs)
+        fed.append(np.array(inputs[0]))
+        return inputs, owner
+
+    monkeypatch.setattr(model.family, "whole_inputs", spy)
+    for batch_size in (1, 2, 3):
+        fed.clear()
+        got = model.embed_audio(waves, long_audio="reference", seed=7, batch_size=batch_size)
+        assert len(fed) == -(-len(waves) // batch_size)
+        np.testing.assert_array_equal(np.concatenate(fed), clips, err_msg=f"batch_size {batch_size}")
+        np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=f"batch_size {batch_size}")
+    # Re-seeded per batch, the third clip would be cropped with the first draw: another window.
+    first = random.Random(7).randrange(waves[2].size - n)
+    assert np.abs(clips[2] - waves[2][first : first + n]).max() > 0.1
+    # Without a seed: Python's global `random`, one stream too (replayable with random.seed).
+    fed.clear()
+    random.seed(7)
+    unseeded = model.embed_audio(waves, long_audio="reference", batch_size=1)
+    np.testing.assert_array_equal(np.concatenate(fed), clips)
+    np.testing.assert_allclose(unseeded, expected, atol=1e-6)
+
+
 def test_streaming_windows_equal_embed_audio(model):
     n = model.config.clip_samples
     wave = signal(2.5 * n / SR, seed=9)
@@ -137,6 +183,7 @@ def test_stereo_and_batching(model):
 
 def test_audio_file_input(model, tmp_path):
     import soundfile as sf
+
     wave = signal(1.0, seed=4)
     path = tmp_path / "clip.wav"
     sf.write(path, wave, SR, subtype="FLOAT")
@@ -218,33 +265,38 @@ def test_folder_without_tokenizer(folder, tmp_path):
 
 
 def test_corrupt_folders(folder, tmp_path):
+    import re
     import shutil
-
-    from mlx_clap.models.msclap.model import load_msclap_folder
 
     bad = tmp_path / "bad"
     shutil.copytree(folder, bad)
+    config_file, weights_file = re.escape(str(bad / "config.json")), re.escape(str(bad / "model.safetensors"))
+
+    def refused(match: str) -> None:
+        # The bare module (MsClapModel.from_pretrained) and the public load() give the same error.
+        with pytest.raises(WeightsError, match=match):
+            MsClapModel.from_pretrained(bad)
+        with pytest.raises(WeightsError, match=match):
+            mlx_clap.load(bad)
+
     cfg = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**cfg, "format_version": 99}))
-    with pytest.raises(WeightsError, match="format_version"):
-        load_msclap_folder(bad)
+    refused(f"{config_file}: format_version 99")
     (bad / "config.json").write_text(json.dumps({**cfg, "version": "2031"}))
-    with pytest.raises(WeightsError, match="2031"):
-        load_msclap_folder(bad)
+    refused(f"{config_file}: .*2031")
     (bad / "config.json").write_text(json.dumps({**cfg, "d_proj": 32}))
-    with pytest.raises(WeightsError, match="shape"):
-        load_msclap_folder(bad)
+    refused(f"{weights_file}: weights do not match the model config: .*shape")
     (bad / "config.json").write_text(json.dumps(cfg))
     (bad / "tokenizer.json").write_text("{not json")
-    with pytest.raises(WeightsError, match="tokenizer.json"):
-        load_msclap_folder(bad)
+    # The tokenizer is the family adapter's (the module loads without it); load() names the file.
+    assert isinstance(MsClapModel.from_pretrained(bad), MsClapModel)
+    with pytest.raises(WeightsError, match=f"{re.escape(str(bad / 'tokenizer.json'))}: cannot use it"):
+        mlx_clap.load(bad)
     (bad / "tokenizer.json").unlink()
     (bad / "model.safetensors").write_bytes(b"\x00" * 16)
-    with pytest.raises(WeightsError, match="safetensors"):
-        load_msclap_folder(bad)
+    refused(f"{weights_file}: cannot read safetensors")
     (bad / "model.safetensors").unlink()
-    with pytest.raises(WeightsError, match="model.safetensors"):
-        load_msclap_folder(bad)
+    refused(f"{re.escape(str(bad))}: no model.safetensors")
 
 
 def test_runtime_does_not_import_torch(folder):

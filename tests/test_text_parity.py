@@ -226,12 +226,14 @@ def test_half_precision_close_to_fp32_reference(tiny, dtype):
 
 
 def test_hub_folder_through_converter_end_to_end(tiny, tmp_path):
-    """HF hub folder (weights + tokenizer) -> convert/hf.py -> ClapModel.from_pretrained -> embed_text
-    equals HF's tokenizer + `ClapModel.get_text_features` (unit vectors), LAION policy (77)."""
+    """HF hub folder (weights + tokenizer) -> convert/hf.py -> mlx_clap.load -> embed_text equals HF's
+    tokenizer + `ClapModel.get_text_features` (unit vectors), LAION policy (77); the hub folder loaded in
+    place gives the same vectors."""
     from fixtures import TOKENIZER_TEXTS, train_bpe_files
     from reference_models import save_hub_folder
     from transformers import RobertaTokenizer
 
+    from mlx_clap import load
     from mlx_clap.convert.hf import convert_hf_folder
     from mlx_clap.models.clap import ClapModel
 
@@ -241,7 +243,8 @@ def test_hub_folder_through_converter_end_to_end(tiny, tmp_path):
     hf_tok = RobertaTokenizer.from_pretrained(str(tmp_path / "bpe"))
     assert len(hf_tok) == cfg.vocab_size, "reference tokenizer did not load the files"
     hf_tok.save_pretrained(hub)  # tokenizer.json, as on the hub
-    model = ClapModel.from_pretrained(convert_hf_folder(hub, tmp_path / "converted"))
+    model = load(convert_hf_folder(hub, tmp_path / "converted"))
+    assert isinstance(model.model, ClapModel)
     assert model.config.text_config.layer_norm_eps == cfg.layer_norm_eps
 
     batch = hf_tok(TOKENIZER_TEXTS, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
@@ -259,3 +262,8 @@ def test_hub_folder_through_converter_end_to_end(tiny, tmp_path):
     ours_hf = model.embed_text(TOKENIZER_TEXTS, batch_size=4, policy="hf")
     assert np.abs(ours_hf - ref_hf).max() <= 1e-5
     assert np.abs(ours_hf[-1] - ours[-1]).max() > 1e-3  # truncation changed the long text's vector
+
+    in_place = load(hub)  # safetensors + tokenizer.json read where they are
+    assert in_place.source_dir == hub
+    assert np.abs(in_place.embed_text(TOKENIZER_TEXTS, batch_size=4) - ours).max() == 0.0
+    assert np.abs(in_place.embed_text(TOKENIZER_TEXTS, batch_size=4, policy="hf") - ours_hf).max() == 0.0

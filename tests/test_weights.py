@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from mlx_clap.io.folder import WeightsError
+from mlx_clap.io.folder import WeightsError, read_config
 from mlx_clap.loading import load as load_model
 from mlx_clap.models.clap import KEEP_FLOAT32
 
@@ -90,7 +90,6 @@ def test_missing_safetensors(folder):
         (lambda c: c.update(model_type="bert"), "model_type 'bert' is not a CLAP model"),
         (lambda c: c.update(family="whisper"), "model family 'whisper' is not supported"),
         (lambda c: c.update(format_version=99), "format_version 99"),
-        (lambda c: c.pop("format_version"), "not a converted mlx-clap folder"),
     ],
 )
 def test_config_for_another_family_or_format(folder, edit, message):
@@ -99,11 +98,43 @@ def test_config_for_another_family_or_format(folder, edit, message):
         load_converted(folder)
 
 
+# The MLX-layout 4-d tensors of a converted folder, as the sanitizer of an HF folder would transpose them.
+PATCH_CONV = "audio_model.audio_encoder.patch_embed.proj.weight"
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda c: c.pop("format_version"), id="no-format-version"),
+        pytest.param(lambda c: c.pop("feature_config"), id="no-feature-config"),
+    ],
+)
+def test_converted_folder_without_format_tags(folder, edit):
+    # Without its format tags the folder is not a converted one: the format reader refuses, naming the
+    # fix; `load()` then takes it as a Hugging Face folder, whose torch-layout sanitizing cannot fit the
+    # MLX-layout weights: the error names the weights file and the mismatching tensor.
+    _edit_config(folder, edit)
+    with pytest.raises(WeightsError, match="not a converted mlx-clap folder.*run `mlx-clap convert` first"):
+        read_config(folder)
+    with pytest.raises(
+        WeightsError,
+        match=rf"model/model.safetensors: weights do not match the model config: .*{PATCH_CONV}: shape",
+    ):
+        load_converted(folder)
+
+
 def test_hf_config_is_not_a_converted_folder(folder):
-    # A plain transformers config.json (no format_version): load_converted refuses, naming the fix.
+    # A plain transformers config.json (no format_version): not a converted folder (the format reader
+    # names the fix); loaded as a Hugging Face folder, its default architecture does not fit these
+    # weights, and the error names the weights file and the missing and misshapen tensors.
     (folder / "config.json").write_text(json.dumps({"model_type": "clap", "audio_config": {}}))
     with pytest.raises(WeightsError, match="run `mlx-clap convert` first"):
+        read_config(folder)
+    with pytest.raises(WeightsError) as info:
         load_converted(folder)
+    msg = str(info.value)
+    assert msg.startswith(f"{folder / 'model.safetensors'}: weights do not match the model config")
+    assert "missing keys: " in msg and f"{QUERY}: shape (8, 8) in file, model wants (96, 96)" in msg
 
 
 def test_non_clap_hf_folder_through_load_model(tmp_path, monkeypatch):

@@ -42,7 +42,9 @@ def weights_sha256(model: Any) -> str | None:
         return None
     folder = Path(folder)
     try:
-        recorded = json.loads((folder / "manifest.json").read_text()).get("files", {}).get("model.safetensors")
+        recorded = (
+            json.loads((folder / "manifest.json").read_text()).get("files", {}).get("model.safetensors")
+        )
         if recorded:
             return str(recorded)
     except (OSError, ValueError, AttributeError):

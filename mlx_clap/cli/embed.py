@@ -19,6 +19,8 @@ from typing import Any
 
 import click
 
+from mlx_clap.cli.common import load_model_or_exit, model_option, weights_sha256
+from mlx_clap.cli.writers import JsonlWriter, JsonWriter, StoreWriter
 from mlx_clap.preprocess.decode_ahead import (
     DECODE_BUDGET_BYTES,
     Decoded,
@@ -28,8 +30,6 @@ from mlx_clap.preprocess.decode_ahead import (
     discover,
     stat_key,
 )
-from mlx_clap.cli.common import load_model_or_exit, model_option, weights_sha256
-from mlx_clap.cli.writers import JsonlWriter, JsonWriter, StoreWriter
 
 LONG_AUDIO_CHOICES = ("windows-mean", "head", "center", "fusion", "reference")
 
@@ -562,11 +562,15 @@ def info(model_id: str, as_json: bool) -> None:
             click.echo(f"family:   {m['family']} ({kind}), {m['embedding_dim']}-d")
             click.echo(f"audio:    {m['audio']}")
             click.echo(f"text:     {m['text']}; tokenizer {'present' if m['tokenizer'] else 'missing'}")
-            click.echo(f"input:    {m['sampling_rate']} Hz, {m['clip_seconds']} s clips; prompt {m['template']!r}")
+            click.echo(
+                f"input:    {m['sampling_rate']} Hz, {m['clip_seconds']} s clips; prompt {m['template']!r}"
+            )
         click.echo(f"device:   {report['device']} (metal: {report['metal']})")
         cpu = report["cpu"]
         if cpu["fast_paths"]:
-            click.echo(f"cpu:      {cpu['workers']} worker threads; BLAS {cpu['blas']}; malloc tuned {cpu['malloc_tuned']}")
+            click.echo(
+                f"cpu:      {cpu['workers']} worker threads; BLAS {cpu['blas']}; malloc tuned {cpu['malloc_tuned']}"
+            )
         else:
             click.echo("cpu:      CPU-only paths off (the code Metal and CUDA run)")
         click.echo("settings: " + ", ".join(f"{k}={v}" for k, v in report["settings"].items()))

@@ -330,7 +330,7 @@ def parse_labels(labels: str | None, labels_file: Path | None) -> list[str]:
     "--template",
     default=None,
     help='Prompt around each label; "{}" marks the label ("" uses the bare label). '
-    "Default: the model's own (LAION \"This is a sound of {}.\", msclap \"this is the sound of {}\").",
+    'Default: the model\'s own (LAION "This is a sound of {}.", msclap "this is the sound of {}").',
 )
 @click.option("--model", help=f"Model folder or hub id [default: ${MODEL_ENV} or {DEFAULT_MODEL}].")
 @click.option("--top", type=int, default=3, show_default=True, help="Labels shown per file.")

@@ -149,5 +149,3 @@ class JsonlWriter:
 
     def error(self, path: str, cause: str) -> None:
         pass  # reported on stderr only
-
-

@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from mlx_clap.version import __version__
 from mlx_clap.config import config_from_hf
+from mlx_clap.convert.common import hf_state_to_mlx, read_safetensors, sha256_file, to_numpy, torch_state_dict
 from mlx_clap.io.folder import WeightsError, save_converted_arrays
 from mlx_clap.models.clap import ClapModel
-
-from mlx_clap.convert.common import hf_state_to_mlx, read_safetensors, sha256_file, to_numpy, torch_state_dict
+from mlx_clap.version import __version__
 
 CONVERTER = "mlx_clap.convert.hf"
 CONVERTER_VERSION = f"mlx-clap {__version__} ({CONVERTER} 1)"

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_clap.version import __version__
 from mlx_clap.config import ClapAudioConfig, ClapConfig, ClapTextConfig, FeatureConfig
+from mlx_clap.convert.common import hf_state_to_mlx, sha256_file, to_numpy, torch_state_dict
 from mlx_clap.io.folder import WeightsError, save_converted_arrays
 from mlx_clap.models.clap import ClapModel
-
-from mlx_clap.convert.common import hf_state_to_mlx, sha256_file, to_numpy, torch_state_dict
+from mlx_clap.version import __version__
 
 log = logging.getLogger(__name__)
 

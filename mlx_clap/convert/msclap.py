@@ -28,16 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from mlx_clap.version import __version__
-from mlx_clap.io.files import atomic_write_json, publish_folder
-from mlx_clap.models.msclap.config import MsClapConfig
-from mlx_clap.dsp import periodic_hann, slaney_mel_filterbank
-from mlx_clap.models.msclap.logmel import N_FFT
-from mlx_clap.preprocess.msclap_tokenizer import GPT2_PAD, TOKENIZER_NAME
-from mlx_clap.io.folder import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME, WeightsError
-
 from mlx_clap.convert.common import sha256_file, to_numpy, torch_state_dict
 from mlx_clap.convert.laion_pt import RENAMES as LAION_TO_HF_RENAMES
+from mlx_clap.dsp import periodic_hann, slaney_mel_filterbank
+from mlx_clap.io.files import atomic_write_json, publish_folder
+from mlx_clap.io.folder import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME, WeightsError
+from mlx_clap.models.msclap.config import MsClapConfig
+from mlx_clap.models.msclap.logmel import N_FFT
+from mlx_clap.preprocess.msclap_tokenizer import GPT2_PAD, TOKENIZER_NAME
+from mlx_clap.version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -70,12 +70,19 @@ def publish_folder(tmp: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def sha256_file(path: Path, block: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in blocks (the one hashing loop of the package)."""
+def sha256_file(path: Path, limit: int | None = None, block: int = 1 << 22) -> str:
+    """Hex sha256 of a file (of its first `limit` bytes when given), read in blocks: the one hashing loop
+    of the package."""
     import hashlib
 
     digest = hashlib.sha256()
+    left = limit
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(block), b""):
+        while left is None or left > 0:
+            chunk = fh.read(block if left is None else min(left, block))
+            if not chunk:
+                break
             digest.update(chunk)
+            if left is not None:
+                left -= len(chunk)
     return digest.hexdigest()

@@ -58,7 +58,11 @@ def download_hub(repo_id: str, revision: str | None = None) -> Path:
                 snapshot_download(repo_id, revision=revision, allow_patterns=patterns + ["pytorch_model.bin"])
             )
     except Exception as exc:  # offline, unknown repo, network errors: all end the same way for the user
-        why = "HF_HUB_OFFLINE is set, so the hub is not contacted" if hub_offline() else f"{type(exc).__name__}: {exc}"
+        why = (
+            "HF_HUB_OFFLINE is set, so the hub is not contacted"
+            if hub_offline()
+            else f"{type(exc).__name__}: {exc}"
+        )
         raise WeightsError(
             f"{repo_id}: could not download it from the Hugging Face hub ({why}). Without the network, copy "
             "the model folder to this machine and pass it with --model /path/to/folder (or "

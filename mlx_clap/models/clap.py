@@ -97,7 +97,9 @@ class ClapModel(nn.Module):
             if key.endswith(DROPPED_SUFFIXES):
                 continue
             if not mx.issubdtype(value.dtype, mx.floating):
-                raise fmt.WeightsError(f"tensor {key} has dtype {value.dtype}; only float weights are expected")
+                raise fmt.WeightsError(
+                    f"tensor {key} has dtype {value.dtype}; only float weights are expected"
+                )
             if value.ndim == 4:
                 value = value.transpose(0, 2, 3, 1)
             elif key.startswith("logit_scale") and value.size == 1:
@@ -138,7 +140,11 @@ class ClapModel(nn.Module):
         fmt.check_weights(ClapModel.parameter_shapes(config), weights, files[0])
         arrays = []
         for key, arr in weights.items():
-            if target != mx.float32 and mx.issubdtype(arr.dtype, mx.floating) and not key.startswith(KEEP_FLOAT32):
+            if (
+                target != mx.float32
+                and mx.issubdtype(arr.dtype, mx.floating)
+                and not key.startswith(KEEP_FLOAT32)
+            ):
                 arr = arr.astype(target)
             elif arr.dtype != mx.float32 and (target == mx.float32 or key.startswith(KEEP_FLOAT32)):
                 arr = arr.astype(mx.float32)  # bf16/f16 hub files load as float32 unless asked otherwise

@@ -135,7 +135,7 @@ def _setup(settings: Settings) -> BlasInfo:
     failures = []
     for path, source in candidates:
         try:
-            info = _rebind(libmlx, slots, path, source)
+            info = _rebind(libmlx, slots, path, source, settings)
         except OSError as exc:
             failures.append(f"{path}: {exc}")
             continue
@@ -181,7 +181,7 @@ def _candidates(choice: str) -> list[tuple[Path, str]]:
     return found
 
 
-def _rebind(libmlx: Path, slots: dict[str, int], path: Path, source: str) -> BlasInfo | None:
+def _rebind(libmlx: Path, slots: dict[str, int], path: Path, source: str, settings: Settings) -> BlasInfo | None:
     """Point libmlx's GOT slots at `path`'s gemms; verify; restore and return None when results are wrong."""
     lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
     prefix = next((p for p in ("", "scipy_") if hasattr(lib, f"{p}cblas_sgemm")), None)
@@ -199,7 +199,7 @@ def _rebind(libmlx: Path, slots: dict[str, int], path: Path, source: str) -> Bla
         _write_pointer(address, ctypes.cast(target, ctypes.c_void_p).value or 0, relro, bias)
         rebound.append(name)
     _keepalive.append(lib)
-    _set_threads(lib, prefix)
+    _set_threads(lib, prefix, settings)
     if not _matmul_ok():
         for address, value in _original.items():
             _write_pointer(address, value, relro, bias)
@@ -241,9 +241,9 @@ def get_num_threads() -> int | None:
     return int(fn())
 
 
-def _set_threads(lib: ctypes.CDLL, prefix: str) -> None:
+def _set_threads(lib: ctypes.CDLL, prefix: str, settings: Settings) -> None:
     """Apply MLX_CLAP_BLAS_THREADS (OpenBLAS itself reads OPENBLAS_NUM_THREADS at load)."""
-    value = _settings.current().blas_threads
+    value = settings.blas_threads
     fn = getattr(lib, f"{prefix}openblas_set_num_threads", None)
     if value is not None and fn is not None:
         fn.argtypes = [ctypes.c_int]

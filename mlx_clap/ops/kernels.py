@@ -64,7 +64,6 @@ _mx_gelu = nn.gelu
 _mx_sdpa = mx.fast.scaled_dot_product_attention
 
 
-
 # Clamping through the int32 bit pattern: MLX's float minimum/maximum/where check for NaN per element and
 # compile to branches, which mispredict when clamped and unclamped values mix (a stage-1 GELU or masked
 # softmax: 18 ms instead of 2 ms for 3 M values); an integer minimum on the magnitude bits is branch-free.

@@ -16,7 +16,7 @@ _malloc_tuned = False
 
 
 def tune_malloc(trim_threshold: int = 1 << 30) -> bool:
-    """Keep freed memory in glibc's heap so MLX's CPU intermediates stop page-faulting (opt-in).
+    """Keep freed memory in glibc's heap so MLX's CPU intermediates stop page-faulting.
 
     MLX allocates every intermediate of a lazy graph afresh; glibc serves blocks over its mmap threshold
     (128 KB to 32 MB) with mmap and unmaps them on free, so every call faults and zero-fills them again

@@ -19,10 +19,9 @@ def prepare_cpu(settings: _settings.Settings | None = None) -> dict[str, object]
     """
     s = settings if settings is not None else _settings.current()
     if cpu_fast_paths(s):
-        if s.use_blas:
-            blas.setup_blas(s)
-            if s.blas_threads is not None:
-                blas.set_num_threads(s.blas_threads)
+        blas.setup_blas(s)  # records "off" when MLX_CLAP_BLAS=off
+        if s.use_blas and s.blas_threads is not None:
+            blas.set_num_threads(s.blas_threads)
         if s.use_malloc_tuning:
             malloc.tune_malloc()
     return {"blas": blas.blas_info(), "malloc_tuned": malloc.malloc_tuned()}

@@ -47,7 +47,9 @@ class Family(Protocol):
     def prepare_waveform(self, wave: Any, index: int, **options: Any) -> np.ndarray: ...
     def window_inputs(self, clips: list[np.ndarray]) -> list[mx.array | None]: ...
     def random_source(self, seed: int | None) -> Any: ...
-    def whole_inputs(self, waves: list[np.ndarray], mode: str, rng: Any) -> tuple[list[mx.array | None], np.ndarray]: ...
+    def whole_inputs(
+        self, waves: list[np.ndarray], mode: str, rng: Any
+    ) -> tuple[list[mx.array | None], np.ndarray]: ...
     def audio_features(self, *inputs: mx.array | None) -> mx.array: ...
     def text_inputs(self, texts: list[str], **options: Any) -> list[mx.array | None]: ...
     def text_features(self, *inputs: mx.array | None) -> mx.array: ...
@@ -166,7 +168,8 @@ class Embedder:
         if isinstance(inputs, (str, Path, np.ndarray)):
             inputs = [inputs]
         waves = [
-            self.family.load_file(item, **options) if isinstance(item, (str, Path)) else item for item in inputs
+            self.family.load_file(item, **options) if isinstance(item, (str, Path)) else item
+            for item in inputs
         ]
         return self.embed_waveforms(waves, batch_size=batch_size, long_audio=long_audio, seed=seed, **options)
 
@@ -217,7 +220,9 @@ class Embedder:
                 acc.add(self._rows(inputs, batch_size), owner_rows + start)
         return acc.result()
 
-    def embed_windows(self, blocks: Iterable[np.ndarray], *, batch_size: int = 8, **options: Any) -> np.ndarray:
+    def embed_windows(
+        self, blocks: Iterable[np.ndarray], *, batch_size: int = 8, **options: Any
+    ) -> np.ndarray:
         """Unit "windows-mean" embedding (D,) of one mono clip given as consecutive 1-D blocks.
 
         The same windows as `embed_audio(long_audio="windows-mean")`, embedded `batch_size` at a time, so

@@ -64,7 +64,9 @@ class LaionFamily:
     def check_options(self, options: dict[str, Any]) -> None:
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
-            raise TypeError(f"unknown option(s) for a LAION model: {', '.join(unknown)} (known: {', '.join(OPTIONS)})")
+            raise TypeError(
+                f"unknown option(s) for a LAION model: {', '.join(unknown)} (known: {', '.join(OPTIONS)})"
+            )
 
     def load_file(self, path: str | Path, **options: Any) -> np.ndarray:
         from mlx_clap.preprocess.audio import load_audio
@@ -85,7 +87,7 @@ class LaionFamily:
     def whole_inputs(
         self, waves: list[np.ndarray], mode: str, rng: np.random.RandomState | None
     ) -> tuple[list[mx.array | None], np.ndarray]:
-        """"reference": the config's own truncation and its random draws; "fusion": deterministic picks
+        """ "reference": the config's own truncation and its random draws; "fusion": deterministic picks
         (the middle start of each third), for a fused config only."""
         fx = self.feature_extractor
         owner = np.arange(len(waves), dtype=np.int64)

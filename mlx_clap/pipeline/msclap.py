@@ -90,8 +90,10 @@ class MsClapFamily:
         """`random.Random(seed)`, or Python's global `random` module as msclap draws."""
         return random.Random(seed) if seed is not None else random
 
-    def whole_inputs(self, waves: list[np.ndarray], mode: str, rng: Any) -> tuple[list[mx.array | None], np.ndarray]:
-        """"reference": msclap's `random.randrange(N - length)` crop of each long clip."""
+    def whole_inputs(
+        self, waves: list[np.ndarray], mode: str, rng: Any
+    ) -> tuple[list[mx.array | None], np.ndarray]:
+        """ "reference": msclap's `random.randrange(N - length)` crop of each long clip."""
         n = self.clip_samples
         clips = []
         for wave in waves:
@@ -111,7 +113,10 @@ class MsClapFamily:
         return [mx.array(enc["input_ids"]), mx.array(enc["attention_mask"]), types]
 
     def text_features(
-        self, input_ids: mx.array, attention_mask: mx.array | None = None, token_type_ids: mx.array | None = None
+        self,
+        input_ids: mx.array,
+        attention_mask: mx.array | None = None,
+        token_type_ids: mx.array | None = None,
     ) -> mx.array:
         return self.model.get_text_features(input_ids, attention_mask, token_type_ids)
 

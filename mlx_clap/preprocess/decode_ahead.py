@@ -206,5 +206,3 @@ def decode_file(
     if budget is not None:
         budget.release(held)
     return Decoded(file, key, None, error=error)
-
-

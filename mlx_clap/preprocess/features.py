@@ -35,13 +35,11 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_clap.config import FeatureConfig
-from mlx_clap.dsp import hz_to_mel, mel_filterbank, mel_to_hz, periodic_hann
+from mlx_clap.dsp import AMIN, hz_to_mel, mel_filterbank, mel_to_hz, periodic_hann, stft_log_mel
 from mlx_clap.ops import parallel as cpu_parallel
 from mlx_clap.ops.device import cpu_fast_paths
 from mlx_clap.preprocess.windows import clip_windows
 
-# Floor of the power mel before the log (librosa/torchaudio `amin`, HF `mel_floor`): gives -100 dB.
-AMIN = 1e-10
 # Fused inputs stack 4 channels: the shrunk whole clip, then front, middle and back chunks.
 FUSION_CHANNELS = 4
 # Frames per STFT graph before the work is cut into blocks, so a long file (an hour is 360k frames, i.e.
@@ -254,9 +252,7 @@ class MelFrontend:
 
     def _core32(self, segment: mx.array, window: mx.array, fb: mx.array, lo: int, hi: int) -> mx.array:
         # segment: (B, L), already reflect-padded; fb holds rows lo..hi-1 of the filterbank.
-        spec = mx.fft.rfft(self._frames(segment) * window, axis=-1)[..., lo:hi]
-        power = mx.square(mx.real(spec)) + mx.square(mx.imag(spec))
-        return 10.0 * mx.log10(mx.maximum(power @ fb, AMIN))
+        return stft_log_mel(segment, window, fb, self.hop, lo, hi)
 
     def _four_step_matrices(self, lo: int, hi: int) -> dict[str, Any]:
         """Float64 matrices of the n = p*q four-step DFT that yields bins lo..hi-1."""

@@ -70,7 +70,7 @@ class WindowMean:
         self.counts = np.zeros(n_items, dtype=np.int64)
 
     def add(self, rows: np.ndarray, owner: np.ndarray | list[int]) -> None:
-        for row, item in zip(np.asarray(rows, dtype=np.float64), owner):
+        for row, item in zip(np.asarray(rows, dtype=np.float64), owner, strict=True):
             self.sums[item] += row
             self.counts[item] += 1
 

@@ -314,35 +314,25 @@ def _require_usearch():
 def store_fingerprint(store: StoreLike) -> dict[str, Any]:
     """What the saved ANN graph was built from: row count, dim, manifest digest and a digest of
     `items.jsonl` (whose byte length also lets an append-only change be recognised)."""
+    from mlx_clap.io.files import sha256_file
+
     items_path = Path(store.path) / "items.jsonl"
-    digest = hashlib.sha256()
-    size = 0
-    if items_path.is_file():
-        with open(items_path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-                size += len(chunk)
+    size = items_path.stat().st_size if items_path.is_file() else 0
+    items_sha = sha256_file(items_path) if items_path.is_file() else hashlib.sha256(b"").hexdigest()
     manifest = hashlib.sha256(json.dumps(store.manifest, sort_keys=True).encode()).hexdigest()
     return {
         "rows": len(store),
         "dim": store.dim,
         "manifest_sha256": manifest,
         "items_bytes": size,
-        "items_sha256": digest.hexdigest(),
+        "items_sha256": items_sha,
     }
 
 
 def _items_prefix_sha(store: StoreLike, nbytes: int) -> str:
-    digest = hashlib.sha256()
-    left = nbytes
-    with open(Path(store.path) / "items.jsonl", "rb") as fh:
-        while left > 0:
-            chunk = fh.read(min(left, 1 << 20))
-            if not chunk:
-                break
-            digest.update(chunk)
-            left -= len(chunk)
-    return digest.hexdigest()
+    from mlx_clap.io.files import sha256_file
+
+    return sha256_file(Path(store.path) / "items.jsonl", limit=nbytes)
 
 
 def _restore(Index: Any, path: Path) -> Any:

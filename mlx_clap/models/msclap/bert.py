@@ -11,8 +11,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_clap.models.roberta import ClapTextEncoder
 from mlx_clap.models.msclap.config import BertTextConfig
+from mlx_clap.models.roberta import ClapTextEncoder
 
 MASK_VALUE = -3.4028234663852886e38
 

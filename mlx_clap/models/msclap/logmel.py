@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlx_clap.dsp import periodic_hann
+from mlx_clap.dsp import AMIN, periodic_hann, stft_log_mel
 
 N_FFT = 1024
 HOP = 320
-AMIN = 1e-10
 
 
 def log_mel(waveforms: mx.array, mel_w: mx.array, hop: int = HOP, n_fft: int = N_FFT) -> mx.array:
@@ -27,10 +26,4 @@ def log_mel(waveforms: mx.array, mel_w: mx.array, hop: int = HOP, n_fft: int = N
     if x.shape[1] <= pad:
         raise ValueError(f"log_mel: {x.shape[1]} samples is too short for reflect padding of {pad}")
     x = mx.pad(x, [(0, 0), (pad, pad)], mode="reflect")
-    batch, length = x.shape
-    n_frames = 1 + (length - n_fft) // hop
-    frames = mx.as_strided(x, shape=(batch, n_frames, n_fft), strides=(length, hop, 1))
-    spec = mx.fft.rfft(frames * mx.array(periodic_hann(n_fft)), axis=-1)
-    power = mx.square(mx.real(spec)) + mx.square(mx.imag(spec))
-    mel = power @ mel_w.astype(mx.float32)
-    return 10.0 * mx.log10(mx.maximum(mel, AMIN))
+    return stft_log_mel(x, mx.array(periodic_hann(n_fft)), mel_w.astype(mx.float32), hop)

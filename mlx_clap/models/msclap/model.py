@@ -2,7 +2,7 @@
 
 Attribute names equal msclap's `models.clap.CLAP` state-dict keys (`audio_encoder.base.*`,
 `audio_encoder.projection.*`, `caption_encoder.base.*`, `caption_encoder.projection.*`, `logit_scale`),
-with three layout exceptions handled by `convert/msclap.py`:
+with three layout exceptions handled by `mlx_clap/convert/msclap.py`:
 - HTSAT lives at `audio_encoder.base.htsat` with the HF names of `mlx_clap.models.htsat.ClapAudioEncoder`
   (msclap uses LAION's names there);
 - the filterbank is `audio_encoder.base.logmel_extractor.melW` for both versions (msclap 2023 has it at
@@ -10,9 +10,10 @@ with three layout exceptions handled by `convert/msclap.py`:
 - unused heads (`fc_audioset`, `tscam_conv`, `head`, BERT's pooler) are dropped.
 
 Outputs. The towers (`get_audio_embeddings`, `get_text_embeddings`) return msclap's **un-normalized**
-1024-d projections, as `CLAPWrapper.get_*_embeddings` does. The public helpers (`embed_audio`,
-`embed_text`, `get_*_features`) return **L2-normalized** vectors, like the LAION models, and
-`logits` normalizes its inputs and scales by the single `exp(logit_scale)`, as `compute_similarity`.
+1024-d projections, as `CLAPWrapper.get_*_embeddings` does. `get_*_features` (and the pipeline's
+`embed_audio` / `embed_text` built on them, `mlx_clap.pipeline.msclap`) return **L2-normalized** vectors,
+like the LAION models, and `logits` normalizes its inputs and scales by the single `exp(logit_scale)`, as
+`compute_similarity`. Files, windows, tokens and prompts are the pipeline's; this module is the model.
 """
 
 from __future__ import annotations
