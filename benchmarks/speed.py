@@ -221,7 +221,7 @@ class Bench:
         wdt = enc.patch_embed.proj.weight.dtype
 
         def mlx_once() -> list[float]:
-            from mlx_clap.models.htsat import _layer_norm
+            from mlx_clap.models.layers import layer_norm as _layer_norm
 
             marks = [time.perf_counter()]
             h = enc.mel_to_image(xm).astype(wdt)
@@ -391,13 +391,14 @@ def main(argv: list[str] | None = None) -> int:
         mx.set_default_device(getattr(mx, args.mlx_device))
     import torch
 
-    if args.threads:
-        from mlx_clap import settings
-        from mlx_clap.ops.setup import prepare_cpu
+    from mlx_clap import settings
+    from mlx_clap.ops.setup import prepare_cpu
 
+    if args.threads:
         args.torch_threads = args.torch_threads or args.threads
         # MLX's own CPU worker threads (frontend blocks, embed_audio_inputs) and OpenBLAS get the same count.
-        prepare_cpu(settings.configure(cpu_threads=args.threads, blas_threads=args.threads))
+        settings.configure(cpu_threads=args.threads, blas_threads=args.threads)
+    prepare_cpu()  # as load() does, before the matmul rate is measured
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     if args.tf32 != "default":
