@@ -35,11 +35,20 @@ __all__ = [
 ]
 
 
-def load(source: str | Path | None = None, dtype: Any = None, revision: str | None = None) -> Embedder:
-    """Load a model (default `$MLX_CLAP_MODEL`, else laion/clap-htsat-unfused); see `mlx_clap.loading.load`."""
+def load(
+    source: str | Path | None = None,
+    dtype: Any = None,
+    revision: str | None = None,
+    trust_pickle: bool = False,
+) -> Embedder:
+    """Load a model (default `$MLX_CLAP_MODEL`, else laion/clap-htsat-unfused); see `mlx_clap.loading.load`.
+
+    `trust_pickle=True` allows a pickled checkpoint that holds more than tensors (released LAION `.pt`
+    files) to be fully unpickled, which can run code from the file: only for files you trust.
+    """
     from mlx_clap.loading import load as _load
 
-    return _load(source, dtype=dtype, revision=revision)
+    return _load(source, dtype=dtype, revision=revision, trust_pickle=trust_pickle)
 
 
 def embed_audio(model: Embedder, inputs: Any, **kwargs: Any) -> Any:

@@ -38,6 +38,60 @@ def _to_dict(obj) -> dict[str, Any]:
     return dict(sorted(out.items()))
 
 
+# ------------------------------------------------------------------ validation
+# Bounds are generous (every released LAION, HF and msclap model sits far inside them) but finite, so a
+# hostile or damaged config.json is refused by name before any array is sized by it.
+MAX_WIDTH = 8192
+MAX_DEPTH = 64
+MAX_STAGES = 8
+MAX_VOCAB = 1_000_000
+MAX_POSITIONS = 65536
+MIN_RATE, MAX_RATE = 8000, 192000
+
+
+def check_int(where: str, value: Any, low: int, high: int) -> int:
+    """`value` as an int in [low, high]; a ValueError naming the field otherwise (bools are not ints)."""
+    if type(value) is not int:
+        raise ValueError(f"{where} must be an integer, not {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{where} = {value} is out of range (allowed {low}..{high})")
+    return value
+
+
+def check_float(where: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
+    """`value` as a finite number in [low, high] ((low, high] with `low_open`)."""
+    if type(value) not in (int, float) or value != value:
+        raise ValueError(f"{where} must be a number, not {value!r}")
+    if value > high or value < low or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{where} = {value} is out of range (allowed {bracket}{low}, {high}])")
+    return float(value)
+
+
+def check_bool(where: str, value: Any) -> bool:
+    if type(value) is not bool:
+        raise ValueError(f"{where} must be true or false, not {value!r}")
+    return value
+
+
+def check_choice(where: str, value: Any, choices: tuple) -> Any:
+    if value not in choices:
+        raise ValueError(f"{where} = {value!r} is not one of {', '.join(repr(c) for c in choices)}")
+    return value
+
+
+def check_int_list(where: str, value: Any, low: int, high: int, length: tuple[int, int]) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not length[0] <= len(value) <= length[1]:
+        raise ValueError(f"{where} must be a list of {length[0]}..{length[1]} integers, not {value!r}")
+    return tuple(check_int(f"{where}[{i}]", v, low, high) for i, v in enumerate(value))
+
+
+def check_heads(where: str, width: int, heads: int) -> None:
+    """Attention splits the width evenly across heads."""
+    if width % heads:
+        raise ValueError(f"{where} = {heads} does not divide the width {width}")
+
+
 @dataclass
 class FeatureConfig:
     """Mel frontend settings, named as in the hub `preprocessor_config.json` (docs/numerics.md §1.1, §2)."""
@@ -59,6 +113,21 @@ class FeatureConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
+
+    def validate(self, prefix: str = "feature_config") -> None:
+        """ValueError naming the first field outside its type or sane bounds."""
+        p = prefix + "."
+        check_int(p + "feature_size", self.feature_size, 1, 1024)
+        check_int(p + "sampling_rate", self.sampling_rate, MIN_RATE, MAX_RATE)
+        check_int(p + "fft_window_size", self.fft_window_size, 16, 65536)
+        check_int(p + "hop_length", self.hop_length, 1, self.fft_window_size)
+        check_float(p + "frequency_min", self.frequency_min, 0.0, self.sampling_rate / 2)
+        check_float(p + "frequency_max", self.frequency_max, self.frequency_min, self.sampling_rate / 2, True)
+        check_float(p + "max_length_s", self.max_length_s, 0.0, 600.0, low_open=True)
+        check_choice(p + "padding", self.padding, ("repeatpad", "repeat", "pad"))
+        check_choice(p + "truncation", self.truncation, ("rand_trunc", "fusion"))
+        if self.top_db is not None:
+            check_float(p + "top_db", self.top_db, 0.0, 1000.0, low_open=True)
 
     @property
     def nb_max_samples(self) -> int:
@@ -98,6 +167,46 @@ class ClapAudioConfig:
     def from_dict(cls, data: dict[str, Any] | None) -> ClapAudioConfig:
         return _from_dict(cls, data)
 
+    def validate(self, prefix: str = "audio_config") -> None:
+        """ValueError naming the first field outside its type or sane bounds (HTSAT's shape rules too)."""
+        p = prefix + "."
+        check_int(p + "window_size", self.window_size, 1, 64)
+        check_int(p + "num_mel_bins", self.num_mel_bins, 1, 1024)
+        check_int(p + "spec_size", self.spec_size, 1, 4096)
+        check_int(p + "patch_size", self.patch_size, 1, 64)
+        stride = (
+            self.patch_stride if isinstance(self.patch_stride, (list, tuple)) else (self.patch_stride,) * 2
+        )
+        check_int_list(p + "patch_stride", stride, 1, 64, (2, 2))
+        depths = check_int_list(p + "depths", self.depths, 1, MAX_DEPTH, (1, MAX_STAGES))
+        heads = check_int_list(p + "num_attention_heads", self.num_attention_heads, 1, 1024, (1, MAX_STAGES))
+        if len(heads) != len(depths):
+            raise ValueError(f"{p}num_attention_heads has {len(heads)} entries but depths has {len(depths)}")
+        embed = check_int(p + "patch_embeds_hidden_size", self.patch_embeds_hidden_size, 1, MAX_WIDTH)
+        # Swin doubles the width at every stage; the last stage's width feeds the projection.
+        if embed * 2 ** (len(depths) - 1) > MAX_WIDTH:
+            raise ValueError(
+                f"{p}patch_embeds_hidden_size {embed} doubled over {len(depths)} stages exceeds {MAX_WIDTH}"
+            )
+        for i, h in enumerate(heads):
+            check_heads(f"{p}num_attention_heads[{i}]", embed * 2**i, h)
+        check_int(p + "hidden_size", self.hidden_size, 1, MAX_WIDTH)
+        if self.hidden_size != embed * 2 ** (len(depths) - 1):
+            raise ValueError(
+                f"{p}hidden_size = {self.hidden_size} is not the last stage's width "
+                f"{embed * 2 ** (len(depths) - 1)} (patch_embeds_hidden_size * 2^(stages-1))"
+            )
+        check_int(p + "projection_dim", self.projection_dim, 1, MAX_WIDTH)
+        check_bool(p + "enable_fusion", self.enable_fusion)
+        check_choice(p + "fusion_type", self.fusion_type, (None, "aff_2d"))
+        check_int(p + "patch_embed_input_channels", self.patch_embed_input_channels, 1, 16)
+        check_bool(p + "flatten_patch_embeds", self.flatten_patch_embeds)
+        check_bool(p + "enable_patch_layer_norm", self.enable_patch_layer_norm)
+        check_float(p + "mlp_ratio", self.mlp_ratio, 0.0, 16.0, low_open=True)
+        check_int(p + "aff_block_r", self.aff_block_r, 1, 1024)
+        check_bool(p + "qkv_bias", self.qkv_bias)
+        check_float(p + "layer_norm_eps", self.layer_norm_eps, 0.0, 1.0, low_open=True)
+
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
 
@@ -128,6 +237,26 @@ class ClapTextConfig:
     def from_dict(cls, data: dict[str, Any] | None) -> ClapTextConfig:
         return _from_dict(cls, data)
 
+    def validate(self, prefix: str = "text_config") -> None:
+        """ValueError naming the first field outside its type or sane bounds."""
+        p = prefix + "."
+        vocab = check_int(p + "vocab_size", self.vocab_size, 1, MAX_VOCAB)
+        width = check_int(p + "hidden_size", self.hidden_size, 1, MAX_WIDTH)
+        check_int(p + "num_hidden_layers", self.num_hidden_layers, 1, MAX_DEPTH)
+        check_heads(
+            p + "num_attention_heads",
+            width,
+            check_int(p + "num_attention_heads", self.num_attention_heads, 1, width),
+        )
+        check_int(p + "intermediate_size", self.intermediate_size, 1, 4 * MAX_WIDTH)
+        positions = check_int(p + "max_position_embeddings", self.max_position_embeddings, 1, MAX_POSITIONS)
+        check_int(p + "type_vocab_size", self.type_vocab_size, 1, 1024)
+        check_float(p + "layer_norm_eps", self.layer_norm_eps, 0.0, 1.0, low_open=True)
+        check_int(p + "projection_dim", self.projection_dim, 1, MAX_WIDTH)
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            check_int(p + name, getattr(self, name), 0, vocab - 1)
+        check_int(p + "max_length", self.max_length, 1, positions)
+
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
 
@@ -155,7 +284,27 @@ class ClapConfig:
         cfg.audio_config = ClapAudioConfig.from_dict(data.get("audio_config"))
         cfg.text_config = ClapTextConfig.from_dict(data.get("text_config"))
         cfg.feature_config = FeatureConfig.from_dict(data.get("feature_config"))
+        cfg.validate()
         return cfg
+
+    def validate(self) -> None:
+        """ValueError naming the first field (as `audio_config.depths[2]`) outside its type or bounds.
+
+        Called before a model is built from the config, so a config.json asking for millions of layers
+        is refused instead of allocating gigabytes.
+        """
+        for name, cls in (
+            ("audio_config", ClapAudioConfig),
+            ("text_config", ClapTextConfig),
+            ("feature_config", FeatureConfig),
+        ):
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(f"{name} must be a JSON object")
+        self.audio_config.validate()
+        self.text_config.validate()
+        self.feature_config.validate()
+        check_int("projection_dim", self.projection_dim, 1, MAX_WIDTH)
+        check_float("logit_scale_init_value", self.logit_scale_init_value, 0.0, 1e6, low_open=True)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
@@ -193,4 +342,5 @@ def config_from_hf(
     config.audio_config, config.text_config = audio, text
     config.feature_config = feature_config_from_hf(preprocessor, audio.enable_fusion)
     config.family, config.source = "laion", source
+    config.validate()
     return config

@@ -36,14 +36,6 @@ REBINDABLE = _LIBMLX is not None and set(blas._got_slots(_LIBMLX, blas.REBOUND_S
 )
 
 
-@pytest.fixture(autouse=True)
-def _fresh_settings():
-    """Parse MLX_CLAP_* anew around each test (also done by tests/conftest.py; kept here so a test that
-    changes the environment or calls settings.configure cannot leak into the next one either way)."""
-    settings.reset()
-    yield
-    settings.reset()
-
 
 needs_linux = pytest.mark.skipif(
     not REBINDABLE,

@@ -70,6 +70,9 @@ def test_search_like_json_filters_and_clamp(vec_store):
     assert len(lines) == 20 and all("rain_" in ln for ln in lines)
     assert "note: k=50 is more than the 20 candidate rows" in r.stderr
     r = run(["search", store.path, "--like", "/sounds/dog_03.wav", "--contains", "dog_1", "--backend", "ann"])
+    assert r.exit_code == 1 and "mlx-clap index" in r.output  # a search never builds an index unasked
+    assert run(["index", store.path]).exit_code == 0
+    r = run(["search", store.path, "--like", "/sounds/dog_03.wav", "--contains", "dog_1", "--backend", "ann"])
     assert r.exit_code == 0 and len(r.stdout.strip().splitlines()) == 10
 
 

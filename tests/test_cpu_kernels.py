@@ -20,14 +20,6 @@ from mlx_clap.ops.device import cpu_kernels_on
 _erf64 = np.vectorize(math.erf)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_settings():
-    """Parse MLX_CLAP_* anew around each test (also done by tests/conftest.py; kept here so a test that
-    changes the environment or calls settings.configure cannot leak into the next one either way)."""
-    settings.reset()
-    yield
-    settings.reset()
-
 
 @pytest.fixture(autouse=True)
 def _cpu():

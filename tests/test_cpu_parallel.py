@@ -39,14 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 THREADS_VAR = "MLX_CLAP_CPU_THREADS"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_settings():
-    """Parse MLX_CLAP_* anew around each test (also done by tests/conftest.py; kept here so a test that
-    changes the environment or calls settings.configure cannot leak into the next one either way)."""
-    settings.reset()
-    yield
-    settings.reset()
-
 
 @pytest.fixture
 def threads(monkeypatch):

@@ -5,9 +5,59 @@ Each subcommand module is imported only when that command runs, so `mlx-clap --h
 
 from __future__ import annotations
 
-import importlib
+import os
+import signal
+import sys
+from typing import Any
 
-import click
+from mlx_clap.cli.output import INTERRUPTED_MESSAGE, INTERRUPTED_STATUS, exit_interrupted
+
+_IN_COMMAND = False  # set while the command itself runs (LazyGroup.invoke)
+
+
+def _in_import(frame: Any) -> bool:
+    """Whether Python is importing a module (the import machinery is on the stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """Ctrl-C in the command: KeyboardInterrupt, so it can keep what it wrote and say so (embed), then
+    LazyGroup.invoke exits with 130. Before or after it, or during an import: leave at once.
+
+    An exception raised inside an import can surface as something else (MLX's extension turns it into
+    "ImportError: Encountered an error while initializing the extension"), hence no exception there.
+    One handler for the whole process, switched by a flag: installing handlers while the command runs
+    would leave moments where a Ctrl-C meets the wrong one."""
+    if _IN_COMMAND and not _in_import(frame):
+        raise KeyboardInterrupt
+    exit_interrupted(INTERRUPTED_MESSAGE if _IN_COMMAND else "interrupted")
+
+
+def _started_as_command() -> bool:
+    """True when this process is `mlx-clap` / `python -m mlx_clap.cli`, not a program importing us
+    (while `-m` imports the package, sys.argv[0] is "-m"; later it is the __main__.py path)."""
+    arg0 = sys.argv[0] if sys.argv else ""
+    return os.path.basename(arg0) in ("mlx-clap", "-m") or arg0.endswith(os.path.join("cli", "__main__.py"))
+
+
+_COMMAND_PROCESS = _started_as_command()
+
+
+def _is_command_process() -> bool:
+    return _COMMAND_PROCESS
+
+
+# Installed before the heavy imports, so a Ctrl-C during them gives status 130 and no traceback.
+if _COMMAND_PROCESS and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _on_sigint)
+
+import importlib  # noqa: E402
+
+import click  # noqa: E402
 
 # command name -> (module, attribute)
 COMMANDS = {
@@ -19,10 +69,59 @@ COMMANDS = {
     "dedupe": ("mlx_clap.cli.search", "dedupe"),
     "cluster": ("mlx_clap.cli.search", "cluster"),
     "classify": ("mlx_clap.cli.search", "classify"),
+    "index": ("mlx_clap.cli.index", "index"),
+    "check": ("mlx_clap.cli.check", "check"),
 }
 
 
 class LazyGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> object:
+        """Run the command; in the `mlx-clap` process a Ctrl-C anywhere in it exits with status 130 and
+        one clean message.
+
+        The exit goes through os._exit (mlx_clap.cli.output.exit_interrupted): a normal interpreter
+        exit with MLX threads alive can abort with SIGABRT.
+        """
+        global _IN_COMMAND
+        try:
+            _IN_COMMAND = True
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            _IN_COMMAND = False  # a second Ctrl-C now only repeats the clean exit
+            if not _COMMAND_PROCESS:
+                raise  # called from Python (tests, scripts): leave the process to its owner
+            exit_interrupted()
+        except SystemExit as exc:
+            _IN_COMMAND = False
+            if exc.code == INTERRUPTED_STATUS and _COMMAND_PROCESS:  # the command printed why already
+                exit_interrupted(None)
+            raise
+        finally:
+            _IN_COMMAND = False
+        return None
+
+    def main(self, *args: object, **kwargs: object) -> object:
+        """As click's main; in the `mlx-clap` process itself the exit then skips interpreter teardown.
+
+        Python's finalization puts the default SIGINT handler back (a Ctrl-C there kills the process
+        with a traceback-less -2) and tears down MLX's threads (which can abort); the output is flushed
+        and the process leaves through os._exit with the command's status instead.
+        """
+        if not _is_command_process():
+            return super().main(*args, **kwargs)  # type: ignore[arg-type]
+        try:
+            super().main(*args, **kwargs)  # type: ignore[arg-type]
+            code: object = 0
+        except SystemExit as exc:
+            code = exc.code
+        except KeyboardInterrupt:  # only reachable under a handler other than ours
+            exit_interrupted()
+        if code is not None and not isinstance(code, int):
+            sys.stderr.write(f"{code}\n")
+            code = 1
+        exit_interrupted(None, status=code or 0)
+        return None
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
 

@@ -22,13 +22,24 @@ model_option = click.option(
     help="Model: a converted folder, a Hugging Face CLAP folder, a LAION .pt or a hub id.",
 )
 
+# Reusable on every command that takes --model: pickled checkpoints are read with torch's weights-only
+# unpickler unless the user opts in here (a released LAION .pt needs it; it can run code from the file).
+trust_pickle_option = click.option(
+    "--trust-pickle",
+    "trust_pickle",
+    is_flag=True,
+    help="Allow a pickled checkpoint (LAION .pt, pytorch_model.bin, msclap .pth) that holds more than "
+    "tensors to be fully unpickled. Unpickling can run code from the file: use it only for files from a "
+    "source you trust.",
+)
 
-def load_model_or_exit(model_id: str, dtype: str = "float32") -> Any:
+
+def load_model_or_exit(model_id: str, dtype: str = "float32", trust_pickle: bool = False) -> Any:
     """mlx_clap.load with a user-facing error (offline, unknown id, broken folder)."""
     from mlx_clap.loading import load
 
     try:
-        return load(model_id, dtype=dtype)
+        return load(model_id, dtype=dtype, trust_pickle=trust_pickle)
     except Exception as exc:
         raise click.ClickException(f"cannot load model {model_id!r}: {exc}") from exc
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from mlx_clap.io.folder import MANIFEST_NAME, WeightsError
+from mlx_clap.io.folder import MANIFEST_NAME, WeightsError, check_replaceable
 from mlx_clap.io.hub import HUB_ID, download_hub
 from mlx_clap.loading import PT_SUFFIXES
 
@@ -30,7 +30,17 @@ from mlx_clap.loading import PT_SUFFIXES
     help="Checkpoint family of a .pt/.pth file; auto takes msclap only for Microsoft's CLAP_weights_*.pth "
     "files, LAION otherwise.",
 )
-@click.option("--force", is_flag=True, help="Replace DEST if it already holds files.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace DEST if it is an earlier mlx-clap converted folder (other non-empty folders are refused).",
+)
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Allow a .pt/.pth/pytorch_model.bin that pickles more than tensors (released LAION .pt files do) "
+    "to be fully unpickled. Unpickling can run code from the file: only for files from a trusted source.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest of the converted folder as JSON.")
 def convert(
     source: str,
@@ -39,30 +49,42 @@ def convert(
     tokenizer: Path | None,
     family: str,
     force: bool,
+    trust_pickle: bool,
     as_json: bool,
 ) -> None:
     """Convert SOURCE into an mlx-clap folder DEST (config.json, model.safetensors, tokenizer, manifest).
 
     SOURCE is a Hugging Face CLAP model folder (config.json + model.safetensors, or pytorch_model.bin
     with torch installed), a hub id such as laion/clap-htsat-unfused, or an original LAION checkpoint
-    (.pt, needs torch). The safetensors path needs no torch.
+    (.pt, needs torch). The safetensors path needs no torch. An already converted folder needs no
+    conversion: pass it to --model as it is.
+
+    Pickled checkpoints are read with torch's weights-only unpickler, which cannot run code. Released
+    LAION .pt files pickle numpy scalars and training arguments too, so they need --trust-pickle: give
+    it only for a file from a source you trust. A --tokenizer must fit the model (its vocabulary size
+    equal to the model's word-embedding rows). --force replaces DEST only when DEST is empty or an
+    earlier mlx-clap converted folder; the new folder is swapped in whole.
 
     \b
     Examples:
       mlx-clap convert laion/clap-htsat-fused weights/clap-htsat-fused
       mlx-clap convert ~/models/clap-htsat-unfused weights/clap-htsat-unfused
-      mlx-clap convert 630k-audioset-best.pt weights/630k-audioset-best --tokenizer ~/roberta-base
+      mlx-clap convert 630k-audioset-best.pt weights/630k --tokenizer ~/roberta-base --trust-pickle
       mlx-clap convert CLAP_weights_2023.pth weights/msclap-2023 --tokenizer ~/gpt2
     """
-    if dest.exists() and any(dest.iterdir()) and not force:
-        raise click.ClickException(f"{dest}: folder exists and is not empty (use --force to replace it)")
+    check_dest(dest, force)
     path = Path(source).expanduser()
     try:
         if path.is_dir():
             from mlx_clap.convert.hf import convert_hf_folder
 
             out = convert_hf_folder(
-                path, dest, source_name=str(path), revision=revision, tokenizer_dir=tokenizer
+                path,
+                dest,
+                source_name=str(path),
+                revision=revision,
+                tokenizer_dir=tokenizer,
+                trust_pickle=trust_pickle,
             )
         elif path.is_file():
             if path.suffix not in PT_SUFFIXES:
@@ -72,17 +94,26 @@ def convert(
             if family == "msclap":
                 from mlx_clap.convert.msclap import convert_msclap
 
-                out = convert_msclap(path, dest, tokenizer=tokenizer, source_name=str(path))
+                out = convert_msclap(
+                    path, dest, tokenizer=tokenizer, source_name=str(path), trust_pickle=trust_pickle
+                )
             else:
                 from mlx_clap.convert.laion_pt import convert_laion_pt
 
-                out = convert_laion_pt(path, dest, source_name=str(path), tokenizer_dir=tokenizer)
+                out = convert_laion_pt(
+                    path, dest, source_name=str(path), tokenizer_dir=tokenizer, trust_pickle=trust_pickle
+                )
         elif HUB_ID.match(source):
             from mlx_clap.convert.hf import convert_hf_folder
 
             snapshot = download_hub(source, revision=revision)
             out = convert_hf_folder(
-                snapshot, dest, source_name=source, revision=snapshot.name, tokenizer_dir=tokenizer
+                snapshot,
+                dest,
+                source_name=source,
+                revision=snapshot.name,
+                tokenizer_dir=tokenizer,
+                trust_pickle=trust_pickle,
             )
         else:
             raise WeightsError(f"{source}: no such file or folder, and not a hub id of the form org/name")
@@ -95,6 +126,23 @@ def convert(
     tok = ", ".join(manifest.get("tokenizer_files", [])) or "none (text embedding needs tokenizer files)"
     click.echo(f"converted {source} -> {out}")
     click.echo(f"  tokenizer: {tok}")
+
+
+def check_dest(dest: Path, force: bool) -> None:
+    """DEST must be new or empty; with --force it may also be an earlier mlx-clap converted folder,
+    never any other folder (a typo such as `--force ~` must not delete a home directory)."""
+    if dest.exists() and not dest.is_dir():
+        raise click.ClickException(f"{dest}: exists and is not a folder")
+    if not dest.exists() or not any(dest.iterdir()):
+        return
+    if not force:
+        raise click.ClickException(
+            f"{dest}: folder exists and is not empty (use --force to replace an earlier converted folder)"
+        )
+    try:
+        check_replaceable(dest)
+    except WeightsError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def _looks_like_msclap(path: Path) -> bool:

@@ -19,9 +19,16 @@ from typing import Any
 
 import click
 
-from mlx_clap.cli.common import load_model_or_exit, model_option, weights_sha256
-from mlx_clap.cli.writers import JsonlWriter, JsonWriter, StoreWriter
+from mlx_clap.cli.common import (
+    load_model_or_exit,
+    model_option,
+    trust_pickle_option,
+    weights_sha256,
+)
+from mlx_clap.cli.output import INTERRUPTED_MESSAGE, INTERRUPTED_STATUS, printable
+from mlx_clap.cli.writers import ERRORS_NAME, JsonlWriter, JsonWriter, StoreWriter
 from mlx_clap.preprocess.decode_ahead import (
+    AUDIO_SUFFIXES,
     DECODE_BUDGET_BYTES,
     Decoded,
     InputFile,
@@ -38,10 +45,14 @@ LONG_AUDIO_CHOICES = ("windows-mean", "head", "center", "fusion", "reference")
 def build_manifest(model, model_id: str, settings: dict, store_dtype: str | None) -> dict:
     from mlx_clap.version import __version__
 
+    # A local model is recorded by its absolute path, so the store can be searched from any folder;
+    # hub ids are recorded as typed.
+    local = Path(model_id).expanduser()
+    recorded = str(local.resolve()) if local.exists() else model_id
     return {
         "tool": "mlx-clap embed",
         "mlx_clap_version": __version__,
-        "model": model_id,
+        "model": recorded,
         "model_source": model.config.source or (str(model.source_dir) if model.source_dir else None),
         "weights_sha256": weights_sha256(model),
         "embedding_dim": int(model.embedding_dim),
@@ -51,7 +62,186 @@ def build_manifest(model, model_id: str, settings: dict, store_dtype: str | None
     }
 
 
+# ------------------------------------------------------------------------------- inputs and errors
+# Probing every file's header costs about a millisecond each; past this many files a sample of them
+# gives bytes per audio second and the rest are estimated from their size.
+PROBE_ALL_FILES = 2000
+PROBE_SAMPLE = 200
+DEFAULT_BYTES_PER_SECOND = 16000.0  # 128 kbit/s, when nothing could be probed
+
+
+def probe_seconds(path: Path) -> float | None:
+    """A file's duration from its header (soundfile, else PyAV container metadata); None if unknown."""
+    try:
+        import soundfile
+
+        info = soundfile.info(str(path))
+        if info.frames > 0 and info.samplerate > 0:
+            return float(info.frames) / float(info.samplerate)
+    except Exception:
+        pass
+    try:
+        import av
+
+        with av.open(str(path)) as container:
+            if container.duration:
+                return float(container.duration) / 1_000_000.0  # av.time_base: microseconds
+    except Exception:
+        pass
+    return None
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def estimate_seconds(files: list[InputFile]) -> list[float]:
+    """Audio seconds per file, for a progress bar that moves with the work rather than the file count.
+
+    Durations come from the headers when there are few files (or for a sample of many), the others
+    from their size at the sampled bytes per second.
+    """
+    n = len(files)
+    probe_idx = range(n) if n <= PROBE_ALL_FILES else range(0, n, max(1, n // PROBE_SAMPLE))
+    known: dict[int, float] = {}
+    for i in probe_idx:
+        sec = probe_seconds(files[i].path)
+        if sec is not None:
+            known[i] = sec
+    sizes = {i: _size(files[i].path) for i in known}
+    probed_bytes = sum(sizes.values())
+    probed_secs = sum(known.values())
+    rate = probed_bytes / probed_secs if probed_bytes > 0 and probed_secs > 0 else DEFAULT_BYTES_PER_SECOND
+    return [known[i] if i in known else _size(f.path) / rate for i, f in enumerate(files)]
+
+
+IGNORED_NOTES = {
+    "hidden": "hidden files and folders (name starting with '.')",
+    "not_audio_name": "files without an audio extension",
+    "symlinked_folders": "symbolic links to folders (not followed)",
+    "subfolders": "sub-folders (no --recursive)",
+}
+
+
+def count_ignored(paths: tuple[str, ...], recursive: bool) -> dict[str, int]:
+    """What folder discovery passes over without a word, by kind (the rules of `discover`)."""
+    counts = dict.fromkeys(IGNORED_NOTES, 0)
+    for raw in paths:
+        top = Path(os.path.abspath(os.path.expanduser(raw)))
+        if not top.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(top) if recursive else [_listing(top)]:
+            for d in list(dirnames):
+                if d.startswith("."):
+                    counts["hidden"] += 1
+                elif os.path.islink(os.path.join(dirpath, d)):
+                    counts["symlinked_folders"] += 1  # os.walk lists them but does not descend
+                elif not recursive:
+                    counts["subfolders"] += 1
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for f in filenames:
+                if f.startswith("."):
+                    counts["hidden"] += 1
+                elif Path(f).suffix.lower() not in AUDIO_SUFFIXES:
+                    counts["not_audio_name"] += 1
+    return {k: v for k, v in counts.items() if v}
+
+
+def _listing(folder: Path) -> tuple[str, list[str], list[str]]:
+    dirs, files = [], []
+    try:
+        for entry in os.scandir(folder):
+            (dirs if entry.is_dir() else files).append(entry.name)
+    except OSError:
+        pass
+    return str(folder), dirs, files
+
+
+def describe_ignored(ignored: dict[str, int]) -> str:
+    """One line for the summary, with how to include what was passed over."""
+    parts = [f"{n} {IGNORED_NOTES[k]}" for k, n in ignored.items()]
+    how = "name a file or folder on the command line to include it (files named there are always tried)"
+    if ignored.get("subfolders"):
+        how = "add --recursive for sub-folders; " + how
+    return "not considered: " + ", ".join(parts) + "; " + how
+
+
+def current_errors(old: list[dict], new: list[dict], succeeded: set[str]) -> list[dict]:
+    """The failures that describe the output now: this run's (last per path), then earlier ones of
+    files that still exist and were neither embedded since nor tried again in this run."""
+    latest: dict[str, dict] = {}
+    for rec in new:
+        latest[str(rec.get("path"))] = rec
+    kept: dict[str, dict] = {}
+    for rec in old:
+        path = str(rec.get("path"))
+        # A file deleted since has nothing left to retry (and a mistyped argument was never a file).
+        if path not in succeeded and path not in latest and os.path.lexists(path):
+            kept[path] = rec
+    return list(kept.values()) + list(latest.values())
+
+
+def read_error_log(path: Path) -> list[dict]:
+    """The records of an errors.jsonl (torn or foreign lines skipped)."""
+    out: list[dict] = []
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "path" in rec:
+            out.append(rec)
+    return out
+
+
+def rewrite_error_log(path: Path, records: list[dict]) -> None:
+    """Replace the error log atomically with `records` (removed when there are none)."""
+    from mlx_clap.io.files import atomic_write_bytes
+    from mlx_clap.search.store import json_line
+
+    if not records:
+        path.unlink(missing_ok=True)
+        return
+    atomic_write_bytes(path, "".join(json_line(r) for r in records).encode("utf-8"))
+
+
 # --------------------------------------------------------------------------------------- the runner
+class _CountingBlocks:
+    """A long file's block feed that reports each block's samples as the model takes it."""
+
+    def __init__(self, feed: Any, on_samples: Any):
+        self.feed = feed
+        self.on_samples = on_samples
+
+    def __iter__(self):
+        for block in self.feed:
+            # The model embeds a batch of windows before it asks for more, so this tracks embedding.
+            self.on_samples(int(getattr(block, "size", 0)))
+            yield block
+
+    def cancel(self) -> None:
+        self.feed.cancel()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.feed, name)
+
+
+def _cancel_feed(future: Future) -> None:
+    """Stop the decoder thread of a file decoded but never embedded (interrupted run)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    d = future.result()
+    if d.blocks is not None:
+        d.blocks.cancel()
+
+
 class EmbedRun:
     """Decode ahead in threads, embed in order, write, and count."""
 
@@ -70,14 +260,23 @@ class EmbedRun:
         self.bar = None
         self.t0 = time.perf_counter()
         self.budget = MemoryBudget(DECODE_BUDGET_BYTES)
+        self.embedded_paths: set[str] = set()
+        # Progress is counted in audio seconds (estimated per file up front), so long files move the
+        # bar as their windows are embedded and the ETA means something.
+        self.estimates: dict[str, float] = {}
+        self.advanced: dict[str, float] = {}
+        self.files_total = 0
+        self.files_done = 0
 
-    def fail(self, path: str, cause: str) -> None:
-        self.failures.append({"path": path, "error": cause})
-        msg = f"error: {path}: {cause}"
-        if self.bar is not None:
-            self.bar.write(msg, file=sys.stderr)
-        else:
-            click.echo(msg, err=True)
+    def fail(self, path: str, cause: str, echo: bool = True) -> None:
+        self.failures.append({"path": path, "error": cause, "time": time.time()})
+        if echo:
+            msg = f"error: {printable(path)}: {printable(cause)}"
+            if self.bar is not None:
+                self.bar.write(msg, file=sys.stderr)
+            else:
+                click.echo(msg, err=True)
+        self._finish_file(path)
         try:
             self.writer.error(path, cause)
         except OSError as exc:  # the error log itself failing must not stop the run
@@ -109,14 +308,34 @@ class EmbedRun:
             self.writer.write([self._record(decoded[i]) for i in good], vectors[good])
         for i in good:
             self.audio_seconds += decoded[i].stream.duration_s
+            self.embedded_paths.add(decoded[i].key[0])
+            self._finish_file(decoded[i].key[0])
         self.embedded += len(good)
         self._tick(len(decoded))
 
+    def _advance(self, path: str, seconds: float) -> None:
+        """Move the bar by `seconds` of `path`, never past that file's estimate until it is done."""
+        room = self.estimates.get(path, 0.0) - self.advanced.get(path, 0.0)
+        step = min(seconds, room)
+        if step > 0 and self.bar is not None:
+            self.advanced[path] = self.advanced.get(path, 0.0) + step
+            self.bar.update(step)
+
+    def _finish_file(self, path: str) -> None:
+        if path not in self.estimates or self.advanced.get(path) == -1.0:
+            return  # not one of this run's files (an argument that does not exist), or counted already
+        self._advance(path, self.estimates[path])
+        self.advanced[path] = -1.0
+        self.files_done += 1
+
     def _tick(self, n: int) -> None:
+        """Refresh the bar's note (files done, speed); the bar itself moves in _advance."""
         if self.bar is not None:
-            self.bar.update(n)
             elapsed = max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.set_postfix_str(f"{self.audio_seconds / elapsed:.1f}x realtime", refresh=False)
+            self.bar.set_postfix_str(
+                f"{self.files_done}/{self.files_total} files, {self.audio_seconds / elapsed:.1f}x realtime",
+                refresh=False,
+            )
 
     def _embed_batch(self, batch: list[Decoded]) -> None:
         if not batch:
@@ -174,6 +393,9 @@ class EmbedRun:
             self.fail(d.key[0], f"cannot embed: {exc}")
             self._tick(1)
             return
+        except BaseException:  # Ctrl-C: stop the decoder thread so it lets go of the file first
+            d.blocks.cancel()
+            raise
         self._emit([d], vec[None, :].astype(np.float32))
 
     def _embed_streaming_and_release(self, d: Decoded) -> None:
@@ -188,9 +410,20 @@ class EmbedRun:
         sr = self.model.config.feature_config.sampling_rate
         # Models without embed_windows (other families) get whole waveforms.
         stream_long = self.settings["long_audio"] == "windows-mean" and hasattr(self.model, "embed_windows")
+        # head / center: decoders read only the one window embedded, whatever the file's length.
+        family = getattr(self.model, "family", None)
+        window = None
+        if self.settings["long_audio"] in ("head", "center") and family is not None:
+            window = (self.settings["long_audio"], int(family.clip_samples))
+        self.files_total = len(files)
+        estimates = estimate_seconds(files) if not self.quiet else [0.0] * len(files)
+        self.estimates = {str(f.path): sec for f, sec in zip(files, estimates, strict=True)}
         self.bar = tqdm(
-            total=len(files),
-            unit="file",
+            total=max(sum(estimates), 1e-3),  # tqdm needs a positive total for the percentage
+            unit="s",
+            desc="audio",
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s "
+            "[{elapsed}<{remaining}{postfix}]",
             disable=self.quiet,
             file=sys.stderr,
             dynamic_ncols=True,
@@ -210,7 +443,9 @@ class EmbedRun:
                         f = next(todo, None)
                         if f is None:
                             return
-                        pending.append(pool.submit(decode_file, f, sr, stream_long, submitted, self.budget))
+                        pending.append(
+                            pool.submit(decode_file, f, sr, stream_long, submitted, self.budget, window)
+                        )
                         submitted += 1
 
                 refill()
@@ -225,6 +460,7 @@ class EmbedRun:
                         self._tick(1)
                     elif d.blocks is not None:
                         self._embed_batch(batch)  # keep rows in input order
+                        d.blocks = _CountingBlocks(d.blocks, lambda n, p=d.key[0]: self._advance(p, n / sr))
                         self._embed_streaming_and_release(d)
                     else:
                         batch.append(d)
@@ -237,6 +473,8 @@ class EmbedRun:
             except BaseException:
                 for f in pending:
                     f.cancel()
+                    # A decode still running may hand back a block feed: stop it as it does.
+                    f.add_done_callback(_cancel_feed)
                 self.budget.close()
                 raise
             finally:
@@ -267,6 +505,7 @@ class EmbedRun:
 @click.argument("paths", nargs=-1, required=True)
 @click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders of folder arguments.")
 @model_option
+@trust_pickle_option
 @click.option("--out", "out", type=click.Path(path_type=Path), help="Output folder (store or json formats).")
 @click.option(
     "--format",
@@ -288,9 +527,11 @@ class EmbedRun:
     default="windows-mean",
     show_default=True,
     help="Audio longer than 10 s: windows-mean (deterministic: consecutive 10-s windows, mean of their unit "
-    "embeddings, renormalized; streams, any length in bounded memory), head / center (one 10-s crop), "
-    "fusion (fused models, deterministic chunks), reference (the model's own random rand_trunc/fusion "
-    "crops as LAION/HF do it; use --seed).",
+    "embeddings, renormalized; streams, any length in bounded memory), head / center (one 10-s crop; "
+    "only that window is read: the first, or the middle by seeking, so any length in bounded memory), "
+    "fusion (fused models, deterministic chunks; decodes the whole file), reference (the model's own "
+    "random rand_trunc/fusion crops as LAION/HF do it; use --seed; decodes the whole file). "
+    "Example: mlx-clap embed long.mp3 --long-audio center --format jsonl",
 )
 @click.option("--seed", type=int, default=None, help="Seed for --long-audio reference (per file).")
 @click.option(
@@ -320,8 +561,8 @@ class EmbedRun:
 @click.option(
     "--summary-json",
     is_flag=True,
-    help="Print a JSON summary (counts, failures, seconds, realtime factor) at the end: on stdout, "
-    "or on stderr with --format jsonl.",
+    help="Print a JSON summary (counts, failures, errors_file, not_considered, seconds, realtime factor) "
+    "at the end: on stdout, or on stderr with --format jsonl.",
 )
 def embed(
     paths: tuple[str, ...],
@@ -339,12 +580,29 @@ def embed(
     workers: int,
     quiet: bool,
     summary_json: bool,
+    trust_pickle: bool = False,
 ) -> None:
     """Embed audio files (WAV, FLAC, MP3, OGG, Opus, M4A/AAC, AIFF, ...) into CLAP vectors.
 
     Reruns skip files already embedded with the same model and settings (same path, size and mtime).
-    Files that cannot be decoded are reported on stderr and in errors.jsonl; the run goes on and exits
-    with status 1 at the end.
+    Files that cannot be decoded are reported on stderr; the run goes on and exits with status 1 at
+    the end. With --out, OUT/errors.jsonl is rewritten at the end of every run to list the failures
+    that stand: this run's, plus earlier ones of files still there and not embedded since (the last
+    line names it). Arguments that do not exist are reported before the model loads. Files that
+    decode only in part (a header declaring more audio than the file holds, damaged data the decoder
+    skipped) are embedded with "warnings" in their record and in --summary-json; the decoders' own
+    messages are not printed.
+
+    Inside folders, files are picked by audio extension; hidden files and folders, other files,
+    symbolic links to folders and (without --recursive) sub-folders are passed over and counted in
+    the summary ("not_considered" in --summary-json); name one on the command line to include it.
+    The progress bar counts audio seconds (from the file headers), so long files move it as their
+    10-s windows are embedded. --format json cannot write into an embedding store's folder.
+    Ctrl-C stops with status 130, keeping what was written; rerun the same command to resume.
+    One run at a time per store: a second embed on an --out in use fails at once, naming the PID
+    that holds it (a killed run holds nothing). --overwrite builds the new store beside the old one
+    (or a half-made one) and swaps it in; a folder holding other files is never removed. A store
+    whose files are symbolic links is refused. `mlx-clap check OUT` verifies the stored vectors.
 
     \b
     Examples:
@@ -362,13 +620,14 @@ def embed(
     if seed is not None and long_audio != "reference":
         click.echo("note: --seed only matters with --long-audio reference", err=True)
     files, missing = discover(paths, recursive)
-    if not files and not missing:
-        raise click.ClickException(
-            "no audio files found in "
-            + ", ".join(paths)
-            + (" (add --recursive for sub-folders)" if not recursive else "")
-        )
-    model = load_model_or_exit(model_id, dtype)
+    ignored = count_ignored(paths, recursive)
+    # Inputs are checked before the model loads: loading may take a while or need the network, and a
+    # typo must neither wait for it nor leave an empty store behind.
+    check_inputs(paths, files, missing, ignored)
+    check_out(out, fmt)
+    for path, cause in missing:
+        click.echo(f"error: {printable(path)}: {printable(cause)}", err=True)
+    model = load_model_or_exit(model_id, dtype, trust_pickle=trust_pickle)
     fused = model.config.feature_config.truncation == "fusion"
     if long_audio == "fusion" and not fused:
         raise click.UsageError("--long-audio fusion needs a fused model (e.g. laion/clap-htsat-fused)")
@@ -403,9 +662,12 @@ def embed(
             skipped += 1
         else:
             todo.append(f)
+    error_log = out / ERRORS_NAME if fmt in ("store", "json") else None
+    old_errors = read_error_log(error_log) if error_log is not None else []
+    skipped_paths = {str(f.path) for f in files} - {str(f.path) for f in todo}
     run = EmbedRun(model, writer, settings, batch_size, workers, quiet, meta)
     for path, cause in missing:
-        run.fail(path, cause)
+        run.fail(path, cause, echo=False)  # printed above, before the model loaded
     if not quiet and skipped:
         click.echo(f"{skipped} file(s) already embedded with these settings: skipped", err=True)
     interrupted = False
@@ -413,36 +675,88 @@ def embed(
         run.run(todo)
     except KeyboardInterrupt:
         interrupted = True
-        click.echo("interrupted: what was written is kept; rerun the same command to resume", err=True)
+        click.echo(INTERRUPTED_MESSAGE, err=True)
     except (OSError, StoreError) as exc:  # the output cannot be written (disk full, permissions, ...)
         raise click.ClickException(
             f"cannot write the output ({exc}); what was written before is kept: "
             "fix the cause and rerun the same command to resume"
         ) from exc
+    errors_file = None
+    if error_log is not None:
+        succeeded = run.embedded_paths | skipped_paths
+        if fmt == "store":
+            succeeded |= {str(it["path"]) for it in writer.store.items}
+        records = current_errors(old_errors, run.failures, succeeded)
+        try:
+            rewrite_error_log(error_log, records)
+            errors_file = str(error_log) if records else None
+        except OSError as exc:
+            click.echo(f"error: cannot rewrite {printable(error_log)} ({exc})", err=True)
     summary = run.summary(len(files) + len(missing), skipped, str(out) if out else None, fmt)
+    summary["errors_file"] = errors_file
+    summary["not_considered"] = ignored
     if summary_json:
         click.echo(json.dumps(summary), err=(fmt == "jsonl"))
     elif not quiet:
-        click.echo(
-            f"embedded {summary['embedded']}, skipped {skipped}, failed {summary['failed']} "
-            f"in {summary['seconds']:.1f} s ({summary['realtime_factor'] or 0:.1f}x realtime)",
-            err=True,
-        )
+        click.echo(final_line(summary, errors_file), err=True)
+    if ignored and not quiet and not summary_json:
+        click.echo(f"note: {describe_ignored(ignored)}", err=True)
     if interrupted:
-        sys.exit(130)
+        sys.exit(INTERRUPTED_STATUS)  # the group leaves through os._exit (mlx_clap.cli.__init__)
     if run.failures:
         sys.exit(1)
+
+
+def check_inputs(
+    paths: tuple[str, ...], files: list[InputFile], missing: list[tuple[str, str]], ignored: dict[str, int]
+) -> None:
+    """ClickException when the arguments name no file to embed (each bad argument and why)."""
+    if files:
+        return
+    causes = [f"{printable(p)}: {printable(c)}" for p, c in missing]
+    if not causes:
+        causes = ["no audio files found in " + ", ".join(printable(p) for p in paths)]
+    extra = f" ({describe_ignored(ignored)})" if ignored else ""
+    raise click.ClickException("nothing to embed: " + "; ".join(causes) + extra)
+
+
+def check_out(out: Path | None, fmt: str) -> None:
+    """Refuse --format json into an embedding store: its one-JSON-per-file tree would be mixed into it."""
+    from mlx_clap.search.store import MANIFEST_NAME
+
+    if fmt == "json" and out is not None and (out / MANIFEST_NAME).is_file():
+        raise click.ClickException(
+            f"{printable(out)}: is an embedding store; --format json writes one JSON file per audio file "
+            "and would scatter them into it. Choose another --out for JSON, or drop --format json to add "
+            "to the store."
+        )
+
+
+def final_line(summary: dict, errors_file: str | None) -> str:
+    """The last line of a run: counts, speed, and where the failures are listed."""
+    line = (
+        f"embedded {summary['embedded']}, skipped {summary['skipped']}, failed {summary['failed']} "
+        f"in {summary['seconds']:.1f} s ({summary['realtime_factor'] or 0:.1f}x realtime)"
+    )
+    if errors_file:
+        line += f"; failures listed in {printable(errors_file)}"
+    elif summary["failed"]:
+        line += "; failures listed above"
+    return line
 
 
 @click.command("embed-text")
 @click.argument("texts", nargs=-1, required=True)
 @model_option
+@trust_pickle_option
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "npy"]), default="jsonl", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Output file (needed for npy; jsonl: stdout).")
 @click.option(
     "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True
 )
-def embed_text(texts: tuple[str, ...], model_id: str, fmt: str, out: Path | None, dtype: str) -> None:
+def embed_text(
+    texts: tuple[str, ...], model_id: str, fmt: str, out: Path | None, dtype: str, trust_pickle: bool = False
+) -> None:
     """Embed text prompts into the same space as the audio.
 
     \b
@@ -457,7 +771,7 @@ def embed_text(texts: tuple[str, ...], model_id: str, fmt: str, out: Path | None
 
     if fmt == "npy" and out is None:
         raise click.UsageError("--format npy needs --out FILE")
-    model = load_model_or_exit(model_id, dtype)
+    model = load_model_or_exit(model_id, dtype, trust_pickle=trust_pickle)
     try:
         vectors = model.embed_text(list(texts))
     except (RuntimeError, ValueError, TypeError) as exc:
@@ -507,8 +821,9 @@ def _versions() -> dict:
 
 @click.command()
 @model_option
+@trust_pickle_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info(model_id: str, as_json: bool) -> None:
+def info(model_id: str, as_json: bool, trust_pickle: bool = False) -> None:
     """Show the model (family and architecture), the compute device, the settings and library versions.
 
     Exits with status 1 when the model cannot be loaded (the cause is printed).
@@ -536,7 +851,7 @@ def info(model_id: str, as_json: bool) -> None:
     try:
         from mlx_clap.loading import load
 
-        model_info.update(describe_model(load(model_id)))
+        model_info.update(describe_model(load(model_id, trust_pickle=trust_pickle)))
     except Exception as exc:
         model_info["error"] = str(exc)
     report["model"] = model_info
@@ -553,11 +868,11 @@ def info(model_id: str, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2, default=str))
     else:
         m = report["model"]
-        click.echo(f"model:    {m['id']}")
+        click.echo(f"model:    {printable(m['id'])}")
         if "error" in m:
-            click.echo(f"          not loadable: {m['error']}")
+            click.echo(f"          not loadable: {printable(m['error'])}")
         else:
-            click.echo(f"folder:   {m['folder']}")
+            click.echo(f"folder:   {printable(m['folder'])}")
             kind = "fused" if m.get("fused") else "unfused"
             click.echo(f"family:   {m['family']} ({kind}), {m['embedding_dim']}-d")
             click.echo(f"audio:    {m['audio']}")

@@ -7,7 +7,7 @@ when they do not; every file is written atomically.
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,40 +50,69 @@ def _mismatch_error(out: Path, diffs: list[str]) -> click.ClickException:
     )
 
 
+def _store_leftovers(out: Path) -> bool:
+    """True for a folder holding nothing but store files (a half-made store): --overwrite may replace it."""
+    from mlx_clap.search.store import is_store_entry
+
+    return out.is_dir() and all(is_store_entry(p.name) for p in out.iterdir())
+
+
 class StoreWriter:
+    """The store in --out, held under its writer lock for the whole run (a second `embed` on the same
+    --out fails at once, naming this PID). --overwrite builds the new store beside the old one and swaps
+    it in, so it works on a half-made store too."""
+
     def __init__(self, out: Path, manifest: dict, dim: int, dtype: str, overwrite: bool):
-        from mlx_clap.search.store import ITEMS_NAME, MANIFEST_NAME, SHARDS_DIR, EmbeddingStore, StoreError
+        from mlx_clap.search.store import MANIFEST_NAME, EmbeddingStore, StoreBusyError, StoreError
 
         self.out = out
-        if overwrite and (out / MANIFEST_NAME).exists():
-            # The manifest goes first, so a half-removed folder is never taken for a store.
-            (out / MANIFEST_NAME).unlink()
-            for name in (ITEMS_NAME, ERRORS_NAME):
-                (out / name).unlink(missing_ok=True)
-            shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
-        if (out / MANIFEST_NAME).exists():
-            try:
+        try:
+            if overwrite and out.is_dir() and any(out.iterdir()):
+                self.store = self._replace(out, manifest, dim, dtype)
+            elif (out / MANIFEST_NAME).exists():
                 self.store = EmbeddingStore.open(out)
-            except StoreError as exc:
-                raise click.ClickException(
-                    f"{exc}. Use --overwrite to start fresh, or another --out."
-                ) from exc
-            diffs = _settings_diff(self.store.manifest, manifest)
-            if diffs:
-                raise _mismatch_error(out, diffs)
-        else:
-            if out.exists() and (not out.is_dir() or any(out.iterdir())):
-                raise click.ClickException(
-                    f"{out}: exists and is not an embedding store; choose a new or empty folder for --out"
-                )
-            self.store = EmbeddingStore.create(out, manifest, dim=dim, dtype=dtype)
+                self.store.hold()
+                diffs = _settings_diff(self.store.manifest, manifest)
+                if diffs:
+                    self.store.close()
+                    raise _mismatch_error(out, diffs)
+            else:
+                if out.exists() and (not out.is_dir() or any(out.iterdir())):
+                    raise click.ClickException(
+                        f"{out}: exists and is not an embedding store; choose a new or empty folder for --out"
+                        + (
+                            " (it holds only store files: --overwrite replaces them)"
+                            if _store_leftovers(out)
+                            else ""
+                        )
+                    )
+                self.store = EmbeddingStore.create(out, manifest, dim=dim, dtype=dtype)
+                self.store.hold()
+        except StoreBusyError as exc:  # --overwrite would not help: another run is writing it
+            raise click.ClickException(str(exc)) from exc
+        except StoreError as exc:
+            raise click.ClickException(f"{exc}. Use --overwrite to start fresh, or another --out.") from exc
+        except OSError as exc:
+            raise click.ClickException(f"{out}: cannot write the store ({exc})") from exc
         self.done = self.store.done_keys()
+
+    @staticmethod
+    def _replace(out: Path, manifest: dict, dim: int, dtype: str):
+        from mlx_clap.search.store import EmbeddingStore
+
+        # Built beside --out and swapped in, under the old store's lock (a run still writing it wins).
+        store = EmbeddingStore.create(out, manifest, dim=dim, dtype=dtype, replace=True)
+        store.hold()
+        return store
 
     def write(self, records: list[dict], vectors) -> None:
         self.store.append([r["item"] for r in records], vectors)
 
     def error(self, path: str, cause: str) -> None:
         self.store.record_error(path, cause)
+
+    def close(self) -> None:
+        self.store.close()
 
 
 class JsonWriter:
@@ -109,10 +138,25 @@ class JsonWriter:
     def target(self, file: InputFile) -> Path:
         return self.out / file.rel.parent / (file.rel.name + ".json")
 
+    def safe_target(self, file: InputFile) -> Path:
+        """The target, refused (OSError naming it) when it resolves outside --out, as through a
+        symlinked subfolder: nothing is ever written outside the output folder."""
+        t = self.target(file)
+        root = os.path.realpath(self.out)
+        where = os.path.realpath(t.parent)
+        if os.path.commonpath([root, where]) != root:
+            raise OSError(
+                f"{t}: resolves outside --out {self.out} (a symbolic link on the way?); refusing to write it"
+            )
+        return t
+
     def is_done(self, file: InputFile, key: tuple) -> bool:
+        try:
+            t = self.safe_target(file)  # checked before the run, so a bad tree stops it before any work
+        except OSError as exc:
+            raise click.ClickException(str(exc)) from exc
         if self.overwrite:
             return False
-        t = self.target(file)
         if not t.is_file():
             return False
         try:
@@ -124,7 +168,7 @@ class JsonWriter:
     def write(self, records: list[dict], vectors) -> None:
         for rec, vec in zip(records, vectors, strict=True):
             obj = {**rec["item"], **rec["meta"], "embedding": [float(x) for x in vec]}
-            _atomic_json(self.target(rec["file"]), obj)
+            _atomic_json(self.safe_target(rec["file"]), obj)
 
     def error(self, path: str, cause: str) -> None:
         from mlx_clap.search.store import append_lines

@@ -6,15 +6,13 @@ Torch-free: the HF safetensors path needs only numpy. Pickled checkpoints (LAION
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mlx_clap.io.files import sha256_file
-from mlx_clap.io.folder import WeightsError
+from mlx_clap.io.folder import WeightsError, parse_safetensors_header
 
 _ST_DTYPES = {
     "F64": np.float64,
@@ -40,19 +38,13 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         data = path.read_bytes()
     except OSError as exc:
         raise WeightsError(f"{path}: cannot read ({exc})") from exc
-    try:
-        (header_len,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + header_len])
-    except (struct.error, ValueError) as exc:
-        raise WeightsError(f"{path}: not a safetensors file (bad header: {exc})") from exc
-    body = memoryview(data)[8 + header_len :]
+    header, start = parse_safetensors_header(path, data, len(data))
+    body = memoryview(data)[start:]
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         begin, end = info["data_offsets"]
-        if end > len(body):
-            raise WeightsError(f"{path}: tensor {name} runs past the end of the file; the file is truncated")
         raw = body[begin:end]
         if info["dtype"] == "BF16":
             bits = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16
@@ -66,12 +58,24 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def torch_state_dict(path: Path, what: str, weights_only: bool = True) -> Any:
+TRUST_HINT = (
+    "pass --trust-pickle (mlx-clap) or trust_pickle=True (mlx_clap.load and the converters) only if the "
+    "file comes from a source you trust: unpickling it can run arbitrary code"
+)
+
+
+def torch_state_dict(
+    path: Path, what: str, weights_only: bool | None = None, *, trust_pickle: bool = False
+) -> Any:
     """torch.load a pickled checkpoint (needs the optional torch extra); returns the loaded object.
 
-    `weights_only=False` is for the LAION `.pt` files, which also pickle numpy scalars and the training
-    arguments; only load those from a source you trust.
+    The file is always read with torch's `weights_only=True` unpickler first, which builds tensors and
+    plain containers only and so cannot run code. Released LAION `.pt` files also pickle numpy scalars and
+    the training arguments, which that unpickler refuses; they are then read with the full unpickler only
+    when the caller opts in with `trust_pickle=True` (`weights_only=False` is the older spelling of the
+    same opt-in), else refused with a WeightsError that says how to opt in.
     """
+    trusted = trust_pickle or weights_only is False
     try:
         import torch
     except ImportError as exc:
@@ -80,11 +84,62 @@ def torch_state_dict(path: Path, what: str, weights_only: bool = True) -> Any:
             "install it with `pip install 'mlx-clap[convert]'` (or convert a folder with model.safetensors)"
         ) from exc
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=weights_only)
+        return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt pickles
+        if not _needs_full_unpickler(exc):
+            raise WeightsError(
+                f"{path}: cannot load the {what} checkpoint ({type(exc).__name__}: {exc})"
+            ) from exc
+        if not trusted:
+            raise WeightsError(
+                f"{path}: the {what} checkpoint cannot be read with torch's safe weights-only unpickler "
+                f"({_unpickler_cause(exc)}); it pickles Python objects besides tensors (released LAION .pt "
+                f"files hold numpy scalars and training arguments), and reading those can execute code "
+                f"from the file, so it was refused. To convert it anyway, {TRUST_HINT}."
+            ) from exc
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:
         raise WeightsError(
             f"{path}: cannot load the {what} checkpoint ({type(exc).__name__}: {exc})"
         ) from exc
+
+
+def _unpickler_cause(exc: BaseException) -> str:
+    """The one useful line of torch's long weights-only message (what it refused)."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    text = text.split("Check the documentation", 1)[0].split("Please use", 1)[0]
+    text = " ".join(text.split()).rstrip(". ")
+    return text[:240] or type(exc).__name__
+
+
+def _needs_full_unpickler(exc: BaseException) -> bool:
+    """Whether torch's weights-only unpickler refused a global (the file is a valid but richer pickle),
+    as opposed to a corrupt or truncated file (which stays a plain "cannot load" error)."""
+    import pickle
+
+    # A corrupt file fails with e.g. "Unsupported operand"; only a refused global means "valid, but richer".
+    return isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc)
+
+
+def check_tokenizer_fits(folder: Path, text_config: Any) -> None:
+    """Refuse tokenizer files that do not fit the model's text tower (`ClapTextConfig`).
+
+    The same check loading runs (vocabulary size equal to the word-embedding rows, RoBERTa's special
+    ids), done at convert time: otherwise the conversion succeeds and text embedding fails much later.
+    A folder without tokenizer files passes (the converted folder then has none, as its manifest says).
+    """
+    from mlx_clap.preprocess.tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        load_tokenizer(folder, text_config)
+    except TokenizerError as exc:
+        raise WeightsError(f"{folder}: the tokenizer does not fit this model: {exc}") from exc
+    except (OSError, RuntimeError) as exc:
+        raise WeightsError(f"{folder}: cannot read the tokenizer files ({exc})") from exc
 
 
 def to_numpy(tensors: dict) -> dict[str, np.ndarray]:
@@ -121,4 +176,12 @@ def _c_float32(arr: np.ndarray) -> np.ndarray:
     return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
 
 
-__all__ = ["hf_state_to_mlx", "read_safetensors", "sha256_file", "to_numpy", "torch_state_dict"]
+__all__ = [
+    "TRUST_HINT",
+    "check_tokenizer_fits",
+    "hf_state_to_mlx",
+    "read_safetensors",
+    "sha256_file",
+    "to_numpy",
+    "torch_state_dict",
+]

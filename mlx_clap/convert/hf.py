@@ -15,8 +15,15 @@ from typing import Any
 import numpy as np
 
 from mlx_clap.config import config_from_hf
-from mlx_clap.convert.common import hf_state_to_mlx, read_safetensors, sha256_file, to_numpy, torch_state_dict
-from mlx_clap.io.folder import WeightsError, save_converted_arrays
+from mlx_clap.convert.common import (
+    check_tokenizer_fits,
+    hf_state_to_mlx,
+    read_safetensors,
+    sha256_file,
+    to_numpy,
+    torch_state_dict,
+)
+from mlx_clap.io.folder import WeightsError, already_converted_problem, save_converted_arrays
 from mlx_clap.models.clap import ClapModel
 from mlx_clap.version import __version__
 
@@ -33,7 +40,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         raise WeightsError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def read_hf_weights(folder: Path) -> tuple[dict[str, np.ndarray], list[Path]]:
+def read_hf_weights(folder: Path, trust_pickle: bool = False) -> tuple[dict[str, np.ndarray], list[Path]]:
     """The state dict of an HF folder as numpy, and the files it came from.
 
     Prefers model.safetensors (or a sharded index); falls back to pytorch_model.bin through torch.
@@ -50,7 +57,7 @@ def read_hf_weights(folder: Path) -> tuple[dict[str, np.ndarray], list[Path]]:
                 raise WeightsError(f"{index}: shard {f.name} is missing")
     elif (folder / "pytorch_model.bin").is_file():
         path = folder / "pytorch_model.bin"
-        state = torch_state_dict(path, "pytorch_model.bin")
+        state = torch_state_dict(path, "pytorch_model.bin", trust_pickle=trust_pickle)
         return to_numpy(state), [path]
     else:
         raise WeightsError(f"{folder}: no model.safetensors or pytorch_model.bin to convert")
@@ -67,14 +74,20 @@ def convert_hf_folder(
     source_name: str | None = None,
     revision: str | None = None,
     tokenizer_dir: str | Path | None = None,
+    trust_pickle: bool = False,
 ) -> Path:
     """Convert an HF CLAP folder into `dest` (replaced if it exists); returns `dest`.
 
-    Tokenizer files are copied from `tokenizer_dir` when given, else from the source folder.
+    Tokenizer files are copied from `tokenizer_dir` when given, else from the source folder; their
+    vocabulary must fit the model's embedding table. `trust_pickle=True` allows a `pytorch_model.bin`
+    that pickles more than tensors (full unpickling can run code: trusted files only).
     """
     src = Path(src)
     if not src.is_dir():
         raise WeightsError(f"{src}: not a folder")
+    problem = already_converted_problem(src)
+    if problem:
+        raise WeightsError(problem)
     cfg = _read_json(src / "config.json")
     if cfg is None:
         raise WeightsError(f"{src}: no config.json (not a Hugging Face model folder)")
@@ -82,8 +95,11 @@ def convert_hf_folder(
         config = config_from_hf(cfg, _read_json(src / "preprocessor_config.json"), source_name or str(src))
     except (TypeError, ValueError) as exc:
         raise WeightsError(f"{src / 'config.json'}: {exc}") from exc
-    state, files = read_hf_weights(src)
-    weights = hf_state_to_mlx(state)
+    state, files = read_hf_weights(src, trust_pickle=trust_pickle)
+    try:
+        weights = hf_state_to_mlx(state)
+    except WeightsError as exc:
+        raise WeightsError(f"{files[0]}: {exc}") from exc
     sources = [src / "config.json", *files]
     if (src / "preprocessor_config.json").is_file():
         sources.append(src / "preprocessor_config.json")
@@ -96,6 +112,7 @@ def convert_hf_folder(
         "source_files": {p.name: sha256_file(p) for p in sources},
     }
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else src
+    check_tokenizer_fits(tok, config.text_config)
     return save_converted_arrays(
         Path(dest), config, weights, manifest, tokenizer_dir=tok, expected=ClapModel.parameter_shapes(config)
     )
@@ -110,9 +127,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("src", type=Path)
     parser.add_argument("dest", type=Path)
     parser.add_argument("--revision", default=None, help="revision to record in the manifest")
+    parser.add_argument(
+        "--trust-pickle", action="store_true", help="allow full unpickling (can run code): trusted files only"
+    )
     args = parser.parse_args(argv)
     try:
-        out = convert_hf_folder(args.src, args.dest, revision=args.revision)
+        out = convert_hf_folder(args.src, args.dest, revision=args.revision, trust_pickle=args.trust_pickle)
     except WeightsError as exc:
         sys.exit(f"error: {exc}")
     print(f"converted {args.src} -> {out}")

@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from mlx_clap.config import ClapAudioConfig, ClapConfig, ClapTextConfig, FeatureConfig
-from mlx_clap.convert.common import hf_state_to_mlx, sha256_file, to_numpy, torch_state_dict
+from mlx_clap.convert.common import (
+    check_tokenizer_fits,
+    hf_state_to_mlx,
+    sha256_file,
+    to_numpy,
+    torch_state_dict,
+)
 from mlx_clap.io.folder import WeightsError, save_converted_arrays
 from mlx_clap.models.clap import ClapModel
 from mlx_clap.version import __version__
@@ -129,7 +135,7 @@ def config_from_laion_state(state: dict[str, np.ndarray], source: str = "") -> C
     feature = FeatureConfig(
         truncation="fusion" if fused else "rand_trunc", frequency_min=50.0, frequency_max=14000.0
     )
-    return ClapConfig(
+    config = ClapConfig(
         audio_config=audio,
         text_config=text,
         feature_config=feature,
@@ -137,11 +143,20 @@ def config_from_laion_state(state: dict[str, np.ndarray], source: str = "") -> C
         family="laion",
         source=source,
     )
+    try:
+        config.validate()  # sizes read off the tensors, checked before a model is built from them
+    except ValueError as exc:
+        raise WeightsError(f"the architecture read off the tensors is not a sane CLAP model: {exc}") from exc
+    return config
 
 
-def read_laion_state(path: Path) -> dict[str, np.ndarray]:
-    """torch.load the checkpoint, take `state_dict`, strip `module.`, return numpy arrays."""
-    ckpt = torch_state_dict(path, "LAION .pt", weights_only=False)
+def read_laion_state(path: Path, trust_pickle: bool = False) -> dict[str, np.ndarray]:
+    """torch.load the checkpoint, take `state_dict`, strip `module.`, return numpy arrays.
+
+    Read with torch's weights-only unpickler; released files that pickle more (numpy scalars, training
+    arguments) need `trust_pickle=True` (see `torch_state_dict`).
+    """
+    ckpt = torch_state_dict(path, "LAION .pt", trust_pickle=trust_pickle)
     if isinstance(ckpt, dict) and "state_dict" not in ckpt and isinstance(ckpt.get("model"), dict):
         raise WeightsError(
             f"{path}: this looks like a Microsoft msclap checkpoint ({{'model': ...}}), not LAION-CLAP; "
@@ -160,8 +175,12 @@ def convert_laion_pt(
     *,
     source_name: str | None = None,
     tokenizer_dir: str | Path | None = None,
+    trust_pickle: bool = False,
 ) -> Path:
     """Convert a LAION `.pt` into `dest` (replaced if it exists); returns `dest`.
+
+    `trust_pickle=True` lets a checkpoint that pickles more than tensors be read with the full
+    unpickler, which can run code from the file: only for files from a trusted source.
 
     LAION checkpoints carry no tokenizer. Pass `tokenizer_dir` (a folder with roberta-base's
     tokenizer.json or vocab.json + merges.txt) to copy one in; otherwise the folder gets none (recorded
@@ -170,12 +189,12 @@ def convert_laion_pt(
     src = Path(src)
     if not src.is_file():
         raise WeightsError(f"{src}: no such checkpoint file")
-    hf_state = laion_state_to_hf(read_laion_state(src))
+    hf_state = laion_state_to_hf(read_laion_state(src, trust_pickle=trust_pickle))
     try:
         config = config_from_laion_state(hf_state, source_name or str(src))
+        weights = hf_state_to_mlx(hf_state)
     except WeightsError as exc:
         raise WeightsError(f"{src}: {exc}") from exc
-    weights = hf_state_to_mlx(hf_state)
     notes = []
     if tokenizer_dir is None:
         log.warning(
@@ -198,6 +217,8 @@ def convert_laion_pt(
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else None
     if tok is not None and not any((tok / n).is_file() for n in ("tokenizer.json", "vocab.json")):
         raise WeightsError(f"{tok}: no tokenizer.json or vocab.json + merges.txt to copy")
+    if tok is not None:
+        check_tokenizer_fits(tok, config.text_config)
     return save_converted_arrays(
         Path(dest), config, weights, manifest, tokenizer_dir=tok, expected=ClapModel.parameter_shapes(config)
     )
@@ -212,10 +233,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("dest", type=Path)
     parser.add_argument("--tokenizer", type=Path, default=None, help="folder with roberta-base's tokenizer")
+    parser.add_argument(
+        "--trust-pickle", action="store_true", help="allow full unpickling (can run code): trusted files only"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        out = convert_laion_pt(args.checkpoint, args.dest, tokenizer_dir=args.tokenizer)
+        out = convert_laion_pt(
+            args.checkpoint, args.dest, tokenizer_dir=args.tokenizer, trust_pickle=args.trust_pickle
+        )
     except WeightsError as exc:
         sys.exit(f"error: {exc}")
     print(f"converted {args.checkpoint} -> {out}")

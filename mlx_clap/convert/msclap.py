@@ -32,7 +32,7 @@ from mlx_clap.convert.common import sha256_file, to_numpy, torch_state_dict
 from mlx_clap.convert.laion_pt import RENAMES as LAION_TO_HF_RENAMES
 from mlx_clap.dsp import periodic_hann, slaney_mel_filterbank
 from mlx_clap.io.files import atomic_write_json, publish_folder
-from mlx_clap.io.folder import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME, WeightsError
+from mlx_clap.io.folder import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME, WeightsError, check_replaceable
 from mlx_clap.models.msclap.config import MsClapConfig
 from mlx_clap.models.msclap.logmel import N_FFT
 from mlx_clap.preprocess.msclap_tokenizer import GPT2_PAD, TOKENIZER_NAME
@@ -221,6 +221,7 @@ def config_from_state(version: str, weights: dict[str, np.ndarray], source: str)
         emb = weights.get("caption_encoder.base.embeddings.word_embeddings.weight")
         if emb is not None:
             config.bert.vocab_size = int(emb.shape[0])
+    config.validate()  # the sizes read off the tensors must be sane before a model is built from them
     return config
 
 
@@ -290,8 +291,9 @@ def write_tokenizer_json(src: Path, text_model: str, dest: Path, vocab_size: int
 # ------------------------------------------------------------------------------------------- convert
 
 
-def read_msclap_state(path: Path) -> dict[str, np.ndarray]:
-    ckpt = torch_state_dict(path, "msclap .pth")
+def read_msclap_state(path: Path, trust_pickle: bool = False) -> dict[str, np.ndarray]:
+    """torch.load (weights-only unless `trust_pickle`) the `{'model': ...}` checkpoint as numpy arrays."""
+    ckpt = torch_state_dict(path, "msclap .pth", trust_pickle=trust_pickle)
     state = ckpt.get("model") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise WeightsError(
@@ -308,8 +310,12 @@ def convert_msclap(
     tokenizer: str | Path | None | bool = None,
     allow_unexpected: bool = False,
     source_name: str | None = None,
+    trust_pickle: bool = False,
 ) -> Path:
     """Convert `src` (.pth) into the folder `dest` (replaced if it exists); returns `dest`.
+
+    `trust_pickle=True` allows a checkpoint that pickles more than tensors (full unpickling can run code
+    from the file: trusted files only).
 
     `tokenizer`: a folder with the text model's tokenizer files, None to look in the hub cache, or False
     to write no tokenizer (text embedding then raises a clear error).
@@ -318,16 +324,17 @@ def convert_msclap(
     dest = Path(dest)
     if not src.is_file():
         raise WeightsError(f"{src}: no such checkpoint file")
-    state = read_msclap_state(src)
+    state = read_msclap_state(src, trust_pickle=trust_pickle)
     try:
         version = detect_version(state)
         check_stft_kernels(state)
         weights, dropped = msclap_state_to_mlx(state)
         config = config_from_state(version, weights, source_name or src.name)
         weights, notes, unexpected = reconcile(weights, config, allow_unexpected)
-    except WeightsError as exc:
+    except (WeightsError, ValueError) as exc:
         raise WeightsError(f"{src}: {exc}") from exc
     tok_dir = None if tokenizer is False else resolve_tokenizer_dir(config.text_model, tokenizer or None)
+    check_replaceable(dest)  # only our own earlier output (or nothing) is ever replaced
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
@@ -371,11 +378,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", type=Path, default=None, help="folder with the text model's tokenizer")
     parser.add_argument("--no-tokenizer", action="store_true", help="convert the weights only")
     parser.add_argument("--allow-unexpected", action="store_true", help="ignore (and list) unknown tensors")
+    parser.add_argument(
+        "--trust-pickle", action="store_true", help="allow full unpickling (can run code): trusted files only"
+    )
     args = parser.parse_args(argv)
     tok: Path | None | bool = False if args.no_tokenizer else args.tokenizer
     try:
         out = convert_msclap(
-            args.checkpoint, args.dest, tokenizer=tok, allow_unexpected=args.allow_unexpected
+            args.checkpoint,
+            args.dest,
+            tokenizer=tok,
+            allow_unexpected=args.allow_unexpected,
+            trust_pickle=args.trust_pickle,
         )
     except WeightsError as exc:
         raise SystemExit(f"error: {exc}") from exc

@@ -58,17 +58,32 @@ def download_hub(repo_id: str, revision: str | None = None) -> Path:
                 snapshot_download(repo_id, revision=revision, allow_patterns=patterns + ["pytorch_model.bin"])
             )
     except Exception as exc:  # offline, unknown repo, network errors: all end the same way for the user
-        why = (
-            "HF_HUB_OFFLINE is set, so the hub is not contacted"
-            if hub_offline()
-            else f"{type(exc).__name__}: {exc}"
-        )
-        raise WeightsError(
-            f"{repo_id}: could not download it from the Hugging Face hub ({why}). Without the network, copy "
-            "the model folder to this machine and pass it with --model /path/to/folder (or "
-            "`mlx-clap convert /path/to/folder converted/` once, then --model converted/)."
-        ) from exc
+        raise WeightsError(offline_message(repo_id, exc)) from exc
     return folder
 
 
-__all__ = ["HUB_ID", "cache_dir_for", "cache_root", "download_hub", "fingerprint", "hub_offline"]
+def offline_message(repo_id: str, exc: BaseException | None = None) -> str:
+    """Why a hub id could not be fetched, and the one exact next step (no overlapping hints)."""
+    name = repo_id.rsplit("/", 1)[-1]
+    if hub_offline():
+        why = "HF_HUB_OFFLINE is set, so the hub is not contacted and the model is not in its cache"
+    else:
+        # huggingface_hub's own message can run to several lines with its own advice: keep the first.
+        first = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else ""
+        why = f"{type(exc).__name__}: {first}" if exc is not None else "unknown error"
+    return (
+        f"{repo_id}: could not download it from the Hugging Face hub ({why}). Next: on a machine with "
+        f"network run `hf download {repo_id} --local-dir {name}`, copy the {name}/ folder here, then "
+        f"run `mlx-clap convert {name} converted/` and pass `--model converted/`."
+    )
+
+
+__all__ = [
+    "HUB_ID",
+    "cache_dir_for",
+    "cache_root",
+    "download_hub",
+    "fingerprint",
+    "hub_offline",
+    "offline_message",
+]

@@ -126,6 +126,7 @@ class ClapModel(nn.Module):
             config = fmt.read_config(folder)
             files = [folder / fmt.WEIGHTS_NAME]
             weights = fmt.read_safetensors(files[0])
+            fmt.check_float_weights(weights, files[0])  # converters write float32 only
         else:
             config = read_hf_config(folder)
             files = fmt.hf_safetensors_files(folder)

@@ -9,7 +9,8 @@ text becomes token arrays, and what the model does with them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -167,11 +168,71 @@ class Embedder:
         self.family.check_options(options)
         if isinstance(inputs, (str, Path, np.ndarray)):
             inputs = [inputs]
+        inputs = list(inputs)
+        self._check_call(batch_size, long_audio)
+        # Paths in a windowed mode are streamed (msclap's stereo="concat" needs the channels: decoded).
+        if long_audio in WINDOWED_MODES and options.get("stereo", "mean") != "concat":
+            if any(isinstance(item, (str, Path)) for item in inputs):
+                return self._embed_streamed(inputs, batch_size, long_audio, options)
         waves = [
             self.family.load_file(item, **options) if isinstance(item, (str, Path)) else item
             for item in inputs
         ]
         return self.embed_waveforms(waves, batch_size=batch_size, long_audio=long_audio, seed=seed, **options)
+
+    def _check_call(self, batch_size: int, long_audio: str) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if long_audio not in self.family.long_audio_modes:
+            raise ValueError(f"long_audio must be one of {self.family.long_audio_modes}, not {long_audio!r}")
+
+    def _embed_streamed(
+        self, inputs: list[Any], batch_size: int, long_audio: str, options: dict[str, Any]
+    ) -> np.ndarray:
+        """`embed_audio` for a windowed mode, reading each path in bounded memory.
+
+        "head" / "center" read only their window (`AudioStream.read_window`); "windows-mean" streams a
+        file longer than `batch_size` windows through `embed_windows`. Short clips and arrays are pooled
+        into shared `embed_waveforms` calls as before, so the vectors are those of the decoded arrays.
+        """
+        from mlx_clap.preprocess.audio import AudioStream
+
+        fam = self.family
+        out = np.zeros((len(inputs), self.embedding_dim), dtype=np.float32)
+        idx: list[int] = []
+        waves: list[np.ndarray] = []
+        held = 0
+
+        def flush() -> None:
+            nonlocal held
+            if waves:
+                vecs = self.embed_waveforms(waves, batch_size=batch_size, long_audio=long_audio, **options)
+                out[idx] = vecs
+            idx.clear()
+            waves.clear()
+            held = 0
+
+        for i, item in enumerate(inputs):
+            if not isinstance(item, (str, Path)):
+                fam.prepare_waveform(item, i, **options)  # a bad array is named by its place in `inputs`
+                idx.append(i)
+                waves.append(item)
+                continue
+            stream = AudioStream(item, fam.sampling_rate)
+            if long_audio != "windows-mean":
+                wave = stream.read_window(fam.clip_samples, long_audio)
+            else:
+                wave, rest = _head_or_stream(stream, batch_size * fam.clip_samples)
+                if rest is not None:
+                    out[i] = self.embed_windows(rest, batch_size=batch_size, **options)
+                    continue
+            idx.append(i)
+            waves.append(wave)
+            held += wave.size
+            if held >= batch_size * fam.clip_samples:  # keep a bounded number of clips waiting
+                flush()
+        flush()
+        return out
 
     def embed_waveforms(
         self,
@@ -185,10 +246,7 @@ class Embedder:
         """Unit embeddings (N, D) for decoded waveforms at the model's rate; see `embed_audio`."""
         fam = self.family
         fam.check_options(options)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if long_audio not in fam.long_audio_modes:
-            raise ValueError(f"long_audio must be one of {fam.long_audio_modes}, not {long_audio!r}")
+        self._check_call(batch_size, long_audio)
         waveforms = list(waveforms)
         if len(waveforms) and isinstance(waveforms[0], (int, float, np.number)):
             waveforms = [np.asarray(waveforms)]  # a plain list of samples is one waveform
@@ -290,6 +348,19 @@ class Embedder:
         prompts = [template.format(label) if template else label for label in labels]
         logits_per_audio, _ = self.logits(audio_emb, self.embed_text(prompts))
         return np.array(mx.softmax(logits_per_audio, axis=-1))
+
+
+def _head_or_stream(stream: Any, limit: int) -> tuple[np.ndarray | None, Iterator[np.ndarray] | None]:
+    """(whole clip, None) when `stream` ends within `limit` samples, else (None, all its blocks)."""
+    it = iter(stream)
+    head: list[np.ndarray] = []
+    n = 0
+    for block in it:
+        head.append(block)
+        n += block.size
+        if n > limit:
+            return None, itertools.chain(head, it)
+    return (np.concatenate(head) if len(head) != 1 else head[0]), None
 
 
 def embedder_for(model: Any, source_dir: Path | None = None) -> Embedder:

@@ -10,7 +10,15 @@ Pipeline, as LAION's file API does it with `librosa.load(path, sr=48000)` (docs/
 4. fix the length to ceil(n * (sr / source_rate)) in float64, exactly as `librosa.resample` does.
 
 Files are read in blocks, so decoding a 2-hour file holds one block of source audio at a time;
-`AudioStream` yields the 48 kHz blocks for callers that do not want the whole waveform either.
+`AudioStream` yields the 48 kHz blocks for callers that do not want the whole waveform either, and
+`AudioStream.read_window` reads just the one window a "head" / "center" crop needs (the first window's
+samples; for the middle, a seek where the container's frame count can be trusted, otherwise a two-pass
+streaming scan), so memory is a few windows whatever the file's length.
+
+Honesty about the source: a file whose header declares clearly more audio than decodes (a truncated
+download, a recording still being written), a decoder that had to resync over damaged data, and the
+decoder's own stderr lines (libmpg123 writes "Note: Trying to resync..." straight to fd 2) all become
+`AudioStream.warnings` of that file; nothing the decoders print reaches the terminal unattributed.
 """
 
 from __future__ import annotations
@@ -20,8 +28,12 @@ import math
 import os
 import re
 import stat
+import struct
+import tempfile
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +43,13 @@ DEFAULT_SR = 48000
 BLOCK_FRAMES = 1 << 18
 # Output samples held back so the final length can be fixed without revisiting emitted blocks.
 _HOLDBACK = 64
+# Decoded audio this much short of the declared length is reported: MP3 encoder delay and padding and
+# container rounding stay well inside it, a cut-off download or a recording still being written does not.
+SHORT_FRACTION = 0.01
+SHORT_SECONDS = 0.25
+# "center" reads from a seek point this far before the window so soxr's filter has settled by then
+# (HQ's filter support is a few ms; the resampled samples then equal a full decode's to float rounding).
+_SEEK_MARGIN_S = 0.25
 
 
 class AudioDecodeError(ValueError):
@@ -51,6 +70,7 @@ class DecodedAudio:
     duration_s: float  # of the source: decoded source frames / source rate
     channels: int
     source_rate: int
+    warnings: list[str] = field(default_factory=list)  # e.g. "decoded 12.0 s of the 60.0 s ..."
 
 
 def target_length(n_source: int, source_rate: int, sr: int) -> int:
@@ -103,12 +123,132 @@ def _downmix(block: np.ndarray) -> np.ndarray:
     return np.mean(block.T, axis=0, dtype=np.float32)
 
 
+# ------------------------------------------------------------------------- decoder stderr capture
+# libmpg123 (inside libsndfile) prints to the process's fd 2 itself. fd 2 is process-wide, so the
+# redirection is held under one lock, and only while a libsndfile call runs: decoding stays on worker
+# threads, and what another thread printed meanwhile is passed on to the real stderr afterwards.
+_STDERR_LOCK = threading.Lock()
+_capture_file = None  # one reusable temporary file, only touched under the lock
+# Lines in libmpg123's own formats: "Note: ...", "Warning: ...", "[src/libmpg123/x.c:f():12] error: ...".
+_DECODER_LINE = re.compile(r"^(Note: |Warning: |Error: |\[[^\]]*(mpg123|\.c:)[^\]]*\] )")
+_DECODER_MEANING = (
+    ("Xing stream size off", "the MP3's Xing header declares another stream size than the file holds: "
+     "the file may be truncated or still being written"),
+    ("resync", "damaged MP3 data: the decoder had to resync and skipped bytes"),
+    ("Illegal Audio-MPEG-Header", "damaged MP3 data: the decoder had to resync and skipped bytes"),
+    ("Skipped", "damaged MP3 data: the decoder had to resync and skipped bytes"),
+)  # fmt: skip
+
+
+@contextmanager
+def decoder_stderr(sink: list[str]) -> Iterator[None]:
+    """Run the body with fd 2 captured; decoder lines become warnings in `sink`, the rest is passed on."""
+    global _capture_file
+    import sys
+
+    with _STDERR_LOCK:
+        try:
+            sys.stderr.flush()
+        except (AttributeError, ValueError, OSError):
+            pass
+        try:
+            if _capture_file is None:
+                _capture_file = tempfile.TemporaryFile()
+            saved = os.dup(2)
+        except OSError:  # no fd 2 to capture (a closed stderr) or no temporary file: decode anyway
+            yield
+            return
+        os.dup2(_capture_file.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            _capture_file.seek(0)
+            data = _capture_file.read()
+            _capture_file.seek(0)
+            _capture_file.truncate()
+            if data:
+                _route_stderr(data, sink)
+
+
+def _route_stderr(data: bytes, sink: list[str]) -> None:
+    other = []
+    for raw in data.splitlines(keepends=True):
+        line = raw.decode("utf-8", errors="replace").strip()
+        if line and _DECODER_LINE.match(line):
+            _add_warning(sink, _decoder_warning(line))
+        else:
+            other.append(raw)
+    if other:  # not the decoder's (e.g. a progress bar drawn meanwhile): it goes where it was meant to
+        try:
+            os.write(2, b"".join(other))
+        except OSError:
+            pass
+
+
+def _decoder_warning(line: str) -> str:
+    for needle, meaning in _DECODER_MEANING:
+        if needle in line:
+            return meaning
+    return "decoder: " + re.sub(r"^(\[[^\]]*\] |Note: |Warning: |Error: )", "", line).strip()
+
+
+def _add_warning(sink: list[str], text: str) -> None:
+    if text not in sink:  # one line per cause, however often the decoder repeats it
+        sink.append(text)
+
+
+# ---------------------------------------------------------------------------- declared lengths
+def declared_pcm_frames(path: str | os.PathLike) -> int | None:
+    """Frames a WAV (RIFF) or AIFF header declares, from its data chunk / COMM chunk; None otherwise.
+
+    libsndfile clamps its frame count to the bytes present, so this is the only way to see that a header
+    promises more audio than the file holds. An unfinished recording's placeholder size (0xFFFFFFFF)
+    counts as a claim too: it is not a size the data can have.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return None
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] in (b"WAVE",):
+        return _riff_frames(head)
+    if len(head) >= 12 and head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return _aiff_frames(head)
+    return None
+
+
+def _riff_frames(head: bytes) -> int | None:
+    pos, align = 12, 0
+    while pos + 8 <= len(head):
+        cid, size = head[pos : pos + 4], struct.unpack("<I", head[pos + 4 : pos + 8])[0]
+        if cid == b"fmt " and pos + 22 <= len(head):
+            align = struct.unpack("<H", head[pos + 20 : pos + 22])[0]
+        elif cid == b"data":
+            return size // align if align else None
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def _aiff_frames(head: bytes) -> int | None:
+    pos = 12
+    while pos + 8 <= len(head):
+        cid, size = head[pos : pos + 4], struct.unpack(">I", head[pos + 4 : pos + 8])[0]
+        if cid == b"COMM" and pos + 14 <= len(head):
+            return struct.unpack(">I", head[pos + 10 : pos + 14])[0]
+        pos += 8 + size + (size & 1)
+    return None
+
+
 class AudioStream:
     """Iterate a file as mono float32 blocks at `sr`; metadata is filled in as decoding proceeds.
 
     After a full iteration, `source_frames`, `source_rate`, `channels` and `n_samples` are final and the
     blocks together hold exactly `target_length(source_frames, source_rate, sr)` samples. Errors raise
-    AudioDecodeError; with `check_finite` NaN/Inf samples are an error.
+    AudioDecodeError; with `check_finite` NaN/Inf samples are an error. `read_window` reads only the
+    one window a "head" or "center" crop takes. `warnings` collects what the file's decoding revealed
+    (declared length not reached, damaged data skipped, the decoder's own messages).
     """
 
     def __init__(
@@ -116,7 +256,7 @@ class AudioStream:
         path: str | os.PathLike,
         sr: int = DEFAULT_SR,
         block_frames: int = BLOCK_FRAMES,
-        check_finite=True,
+        check_finite: bool = True,
     ):
         self.path = check_path(path)
         self.sr = int(sr)
@@ -130,19 +270,51 @@ class AudioStream:
         self.warnings: list[str] = []  # e.g. damaged packets skipped in a truncated file
         # Frame count from the header when the decoder gives one (a hint: MP3 headers can be wrong).
         self.expected_frames: int | None = None
+        # What the header or container claims (WAV data chunk, AIFF COMM, FLAC STREAMINFO, MP3 Xing,
+        # container duration): decoding clearly less than this is reported as a warning.
+        self.declared_frames: int | None = None
+        self.complete = False  # every source frame decoded (or, for a seek, the count verified)
+        self._short_reported = False
+        self._capture_reads = False  # libsndfile's MP3 reader (libmpg123) prints to fd 2
 
     # ---------------------------------------------------------------------------------- decoders
-    def _soundfile_blocks(self) -> Iterator[np.ndarray]:
+    def _sf_open(self):
         import soundfile as sf
 
-        with sf.SoundFile(str(self.path)) as f:
-            self.source_rate, self.channels, self.decoder = int(f.samplerate), int(f.channels), "soundfile"
-            self.expected_frames = int(f.frames) if f.frames > 0 else None
-            self._check_format()
-            while True:
-                block = f.read(self.block_frames, dtype="float32", always_2d=True)
+        with decoder_stderr(self.warnings):
+            return sf.SoundFile(str(self.path))
+
+    def _sf_call(self, fn, *args, **kwargs):
+        if not self._capture_reads:
+            return fn(*args, **kwargs)
+        with decoder_stderr(self.warnings):
+            return fn(*args, **kwargs)
+
+    def _soundfile_meta(self, f) -> None:
+        self.source_rate, self.channels, self.decoder = int(f.samplerate), int(f.channels), "soundfile"
+        self.expected_frames = int(f.frames) if f.frames > 0 else None
+        self._capture_reads = str(f.format).upper() == "MP3"
+        self._check_format()
+        header = declared_pcm_frames(self.path) if str(f.format).upper() in ("WAV", "AIFF") else None
+        self.declared_frames = header if header is not None else self.expected_frames
+        if header is not None:
+            # libsndfile already clamped f.frames to the bytes present: the shortfall is known now, before
+            # any decoding, so a "head" read of a cut-off file is reported too.
+            self._check_short(int(f.frames))
+
+    def _soundfile_blocks(self, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        with self._sf_open() as f:
+            self._soundfile_meta(f)
+            if start:
+                self._sf_call(f.seek, start)
+            left = None if stop is None else stop - start
+            while left is None or left > 0:
+                n = self.block_frames if left is None else min(self.block_frames, left)
+                block = self._sf_call(f.read, n, dtype="float32", always_2d=True)
                 if block.shape[0] == 0:
                     return
+                if left is not None:
+                    left -= block.shape[0]
                 yield block
 
     def _pyav_blocks(self) -> Iterator[np.ndarray]:
@@ -156,6 +328,7 @@ class AudioStream:
             self.channels = int(stream.codec_context.channels or 0)
             self.decoder = "pyav"
             self._check_format()
+            self.declared_frames = _container_frames(container, stream, self.source_rate)
             # Samples before the stream's start time (encoder priming the decoder did not already drop
             # through the container's skip-samples side data) are not part of the audio.
             start = stream.start_time if stream.start_time is not None else None
@@ -207,8 +380,9 @@ class AudioStream:
                 if not seen_audio:
                     assert last_error is not None
                     raise last_error
-                self.warnings.append(
-                    f"skipped {bad_packets} damaged packet(s): {_describe(last_error, self.path)}"
+                _add_warning(
+                    self.warnings,
+                    f"skipped {bad_packets} damaged packet(s): {_describe(last_error, self.path)}",
                 )
 
     def _check_format(self) -> None:
@@ -217,16 +391,36 @@ class AudioStream:
         if self.channels <= 0:
             raise AudioDecodeError(self.path, f"invalid channel count {self.channels}")
 
-    def _source_blocks(self) -> Iterator[np.ndarray]:
-        """Blocks (frames, channels) from soundfile, or from PyAV when soundfile cannot open the file."""
-        sf_error = None
+    def _check_short(self, frames: int) -> None:
+        """Warn once when `frames` is clearly less than the header / container declares."""
+        declared, rate = self.declared_frames, self.source_rate
+        if self._short_reported or not declared or not rate:
+            return
+        if declared - frames > max(SHORT_FRACTION * declared, SHORT_SECONDS * rate):
+            self._short_reported = True
+            self.warnings.append(
+                f"decoded {frames / rate:.1f} s of the {declared / rate:.1f} s the header declares: "
+                "the file may be truncated or still being written"
+            )
+
+    def _soundfile_opens(self) -> Exception | None:
+        """None when soundfile can open the file, else its error (PyAV is tried then)."""
+        probe: list[str] = []
         try:
             import soundfile as sf
 
-            with sf.SoundFile(str(self.path)):
-                pass
+            with decoder_stderr(probe):
+                f = sf.SoundFile(str(self.path))
+            f.close()
         except Exception as exc:  # libsndfile reports unknown formats as generic errors
-            sf_error = exc
+            return exc  # what its MP3 probe printed about a file it then refused is no news
+        for w in probe:
+            _add_warning(self.warnings, w)
+        return None
+
+    def _source_blocks(self) -> Iterator[np.ndarray]:
+        """Blocks (frames, channels) from soundfile, or from PyAV when soundfile cannot open the file."""
+        sf_error = self._soundfile_opens()
         if sf_error is None:
             try:
                 yield from self._soundfile_blocks()
@@ -236,7 +430,7 @@ class AudioStream:
             except Exception as exc:
                 if self.source_frames:  # some audio came out: the data is damaged after that point
                     raise AudioDecodeError(
-                        self.path, f"decoding failed after {self.source_frames} frames ({exc})"
+                        self.path, f"decoding failed after {self.source_frames} frames ({exc}{self._seen()})"
                     ) from exc
                 sf_error = exc
         try:
@@ -255,16 +449,26 @@ class AudioStream:
                 f"(soundfile: {_describe(sf_error, self.path)}; ffmpeg: {cause})",
             ) from exc
 
+    def _seen(self) -> str:
+        """What the decoder reported before failing, for the error message ("" when nothing)."""
+        return "".join(f"; {w}" for w in self.warnings)
+
+    def _check_block(self, block: np.ndarray, offset: int) -> None:
+        if self.check_finite and not np.all(np.isfinite(block)):
+            bad = offset + int(np.argmax(~np.isfinite(block).all(axis=1)))
+            raise AudioDecodeError(self.path, f"NaN or infinite sample values (first at frame {bad})")
+
     # ---------------------------------------------------------------------------------- public
     def __iter__(self) -> Iterator[np.ndarray]:
         import soxr
 
+        # Each iteration decodes from the start (a "center" scan iterates twice).
+        self.source_frames = self.n_samples = 0
+        self.complete = False
         resampler = None
         held = np.zeros(0, dtype=np.float32)
         for block in self._source_blocks():
-            if self.check_finite and not np.all(np.isfinite(block)):
-                bad = self.source_frames + int(np.argmax(~np.isfinite(block).all(axis=1)))
-                raise AudioDecodeError(self.path, f"NaN or infinite sample values (first at frame {bad})")
+            self._check_block(block, self.source_frames)
             self.source_frames += block.shape[0]
             mono = _downmix(block)
             if self.source_rate != self.sr:
@@ -281,9 +485,12 @@ class AudioStream:
                 yield np.ascontiguousarray(out, dtype=np.float32)
         if self.source_frames == 0:
             raise AudioDecodeError(self.path, "no audio samples (zero-length audio)")
+        self.complete = True
+        self._check_short(self.source_frames)
         if resampler is not None:
             tail = resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
             held = np.concatenate([held, tail])
+            del resampler  # a soxr object left to the interpreter's exit makes nanobind report a leak
         want = target_length(self.source_frames, self.source_rate, self.sr) - self.n_samples
         if want < 0:  # cannot happen with soxr (its output is within a sample of the target)
             raise AudioDecodeError(self.path, "internal error: resampler produced too many samples")
@@ -295,7 +502,160 @@ class AudioStream:
 
     @property
     def duration_s(self) -> float:
-        return self.source_frames / self.source_rate if self.source_rate else 0.0
+        """Seconds of the source; after a partial ("head") read, the header's count when it has one."""
+        if not self.source_rate:
+            return 0.0
+        frames = self.source_frames
+        if not self.complete:  # libsndfile's count (already clamped to the data), else the container's
+            frames = max(frames, self.expected_frames or self.declared_frames or 0)
+        return frames / self.source_rate
+
+    def read_window(self, length: int, mode: str) -> np.ndarray:
+        """The one window of `length` samples at `sr` that a "head" or "center" crop takes.
+
+        The same samples as cutting a full decode (`preprocess.windows.clip_windows`): a clip of at most
+        `length` is returned whole (unpadded); "head" decodes only the first window's worth;
+        "center" seeks where the file's frame count can be trusted and otherwise scans the file twice
+        (count, then read), holding one window plus a block at a time either way.
+        """
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        if mode == "head":
+            return self._read_span(0, length)
+        if mode == "center":
+            return self._read_center(length)
+        raise ValueError(f"mode must be 'head' or 'center', not {mode!r}")
+
+    def _read_span(self, lo: int, hi: int) -> np.ndarray:
+        """Samples [lo, hi) of one streamed pass, which stops once it is past `hi`.
+
+        A stream that ends at or before `hi` gives [lo, end): so a clip of at most one window is whole.
+        """
+        parts: list[np.ndarray] = []
+        pos = 0
+        it = iter(self)
+        try:
+            for block in it:
+                a, b = max(lo, pos), min(hi + 1, pos + block.size)  # one sample past hi: "longer than"
+                if a < b:
+                    parts.append(block[a - pos : b - pos])
+                pos += block.size
+                if pos > hi:
+                    break
+        finally:
+            it.close()  # closes the decoder and frees the resampler now, not at interpreter exit
+        wave = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+        return wave[: hi - lo] if pos > hi else wave
+
+    def _read_center(self, length: int) -> np.ndarray:
+        frames = self._trusted_frames()
+        if frames is not None:
+            n_out = target_length(frames, self.source_rate, self.sr)
+            if n_out <= 3 * length:  # a short file: decoding it whole holds at most three windows
+                return _center(np.concatenate(list(self)), length)
+            # Far from both ends, so the length fix and the resampler's tail play no part.
+            wave = self._seek_read(frames, (n_out - length) // 2, length)
+            if wave is not None:
+                return wave
+        # Unknown or untrusted length: count the source frames first (no resampling), then read.
+        n_src = self.source_frames = 0
+        for block in self._source_blocks():
+            self._check_block(block, n_src)
+            n_src += block.shape[0]
+            self.source_frames = n_src  # for the "decoding failed after N frames" message
+        if n_src == 0:
+            raise AudioDecodeError(self.path, "no audio samples (zero-length audio)")
+        n_out = target_length(n_src, self.source_rate, self.sr)
+        if n_out <= length:
+            wave = self._read_span(0, n_out)
+        else:
+            lo = (n_out - length) // 2
+            wave = self._read_span(lo, lo + length)
+            wave = wave[:length]
+        self.source_frames, self.n_samples, self.complete = n_src, n_out, True
+        self._check_short(n_src)
+        return wave
+
+    def _trusted_frames(self) -> int | None:
+        """soundfile's frame count when a seek to its last frame finds exactly that frame, else None."""
+        if self._soundfile_opens() is not None:
+            return None
+        try:
+            with self._sf_open() as f:
+                self._soundfile_meta(f)
+                if not f.seekable() or f.frames <= 0:
+                    return None
+                self._sf_call(f.seek, int(f.frames) - 1)
+                if self._sf_call(f.read, 2, dtype="float32", always_2d=True).shape[0] != 1:
+                    return None
+                return int(f.frames)
+        except AudioDecodeError:
+            raise
+        except Exception:  # a header that points past the data: scan instead
+            return None
+
+    def _seek_read(self, frames: int, start: int, length: int) -> np.ndarray | None:
+        """Output samples [start, start + length) from a seek; None if the file gave fewer frames."""
+        import soxr
+
+        rate, sr = self.source_rate, self.sr
+        if rate == sr:
+            src0 = o0 = start
+            src1 = start + length
+            resampler = None
+        else:
+            # Start on a source frame that maps to a whole output sample, so the restarted resampler's
+            # output grid is the full decode's; the margin lets its filter settle before the window.
+            step = rate // math.gcd(rate, sr)
+            first = start * rate / sr - _SEEK_MARGIN_S * rate
+            src0 = max(0, int(first // step) * step)
+            o0 = src0 * sr // rate
+            src1 = min(frames, int(math.ceil((start + length) * rate / sr + _SEEK_MARGIN_S * rate)))
+            resampler = soxr.ResampleStream(rate, sr, 1, dtype="float32", quality="HQ")
+        out: list[np.ndarray] = []
+        pos = src0
+        try:
+            for block in self._soundfile_blocks(src0, src1):
+                self._check_block(block, pos)
+                pos += block.shape[0]
+                mono = _downmix(block)
+                out.append(resampler.resample_chunk(mono, last=False) if resampler is not None else mono)
+        except AudioDecodeError:
+            raise
+        except Exception as exc:  # damaged data inside the window read
+            raise AudioDecodeError(
+                self.path, f"decoding failed after frame {pos} of {frames} ({exc}{self._seen()})"
+            ) from exc
+        if resampler is not None:
+            out.append(resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
+            del resampler
+        y = np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+        wave = y[start - o0 : start - o0 + length]
+        if wave.size != length:
+            return None
+        self.source_frames, self.complete = frames, True
+        self.n_samples = target_length(frames, rate, sr)
+        return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def _center(wave: np.ndarray, length: int) -> np.ndarray:
+    """The middle `length` samples, as `preprocess.windows.clip_windows` takes them; a short clip whole."""
+    if wave.size <= length:
+        return wave
+    start = (wave.size - length) // 2
+    return wave[start : start + length]
+
+
+def _container_frames(container, stream, rate: int) -> int | None:
+    """Source frames the container declares (stream duration, else the container's), or None."""
+    try:
+        if stream.duration and stream.time_base:
+            return int(round(float(stream.duration * stream.time_base) * rate))
+        if container.duration:
+            return int(round(container.duration / 1_000_000 * rate))  # av.time_base: microseconds
+    except (TypeError, ValueError, OverflowError):
+        pass
+    return None
 
 
 def _describe(exc: BaseException | None, path: Path | None = None) -> str:
@@ -340,4 +700,5 @@ def load_audio(path: str | os.PathLike, sr: int = DEFAULT_SR) -> DecodedAudio:
         duration_s=stream.duration_s,
         channels=stream.channels,
         source_rate=stream.source_rate,
+        warnings=list(stream.warnings),
     )

@@ -1,7 +1,9 @@
 """Input discovery and decoding ahead of the model for `mlx-clap embed`.
 
 Files are found (folders walked; arguments that do not exist are reported), then decoded in worker
-threads under a memory budget, so the model never waits for the decoder and memory stays bounded.
+threads under a memory budget, so the model never waits for the decoder and memory stays bounded:
+"windows-mean" hands a long file over as a stream of blocks, "head" / "center" read only the one window
+they embed (`AudioStream.read_window`), so no mode holds a whole long file.
 """
 
 from __future__ import annotations
@@ -136,7 +138,8 @@ class _BlockFeed:
         self._head = head
         self._q: queue.Queue = queue.Queue(maxsize=maxsize)
         self._cancel = threading.Event()
-        threading.Thread(target=self._run, args=(it,), daemon=True).start()
+        self._thread = threading.Thread(target=self._run, args=(it,), daemon=True)
+        self._thread.start()
 
     def _run(self, it: Iterator) -> None:
         try:
@@ -146,6 +149,12 @@ class _BlockFeed:
             self._put(_END)
         except BaseException as exc:  # handed to the reader, which reports it for this file
             self._put(exc)
+        finally:
+            # Close the decoder here, in this thread, so its file and soxr resampler are freed now and
+            # not left to the interpreter's exit (where nanobind prints a "leaked" report for them).
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
 
     def _put(self, obj: Any) -> bool:
         while not self._cancel.is_set():
@@ -156,8 +165,11 @@ class _BlockFeed:
                 continue
         return False
 
-    def cancel(self) -> None:
+    def cancel(self, wait_s: float = 10.0) -> None:
+        """Stop the decoder thread and wait (a block's decoding at most) until it has let go of the file."""
         self._cancel.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(wait_s)
 
     def __iter__(self) -> Iterator:
         yield from self._head
@@ -172,9 +184,19 @@ class _BlockFeed:
 
 
 def decode_file(
-    file: InputFile, sr: int, stream_long: bool, index: int = 0, budget: MemoryBudget | None = None
+    file: InputFile,
+    sr: int,
+    stream_long: bool,
+    index: int = 0,
+    budget: MemoryBudget | None = None,
+    window: tuple[str, int] | None = None,
 ) -> Decoded:
-    """Decode one file (in a worker thread); errors are returned, not raised."""
+    """Decode one file (in a worker thread); errors are returned, not raised.
+
+    `window=("head" | "center", samples)` reads only that window (a clip of at most one window whole),
+    so a long file costs one window of memory; otherwise the whole file, or with `stream_long` the first
+    STREAM_AFTER_S seconds and a stream of the rest.
+    """
     import numpy as np
 
     from mlx_clap.preprocess.audio import AudioDecodeError, AudioStream
@@ -186,6 +208,12 @@ def decode_file(
     held = 0
     try:
         stream = AudioStream(file.path, sr)
+        if window is not None:
+            samples = stream.read_window(window[1], window[0])
+            if budget is not None:
+                budget.acquire(samples.nbytes, index)
+                held = samples.nbytes
+            return Decoded(file, key, stream, samples=samples, warnings=list(stream.warnings), nbytes=held)
         it = iter(stream)
         blocks: list = []
         n = 0

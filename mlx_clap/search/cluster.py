@@ -95,11 +95,27 @@ def _mx_blocks(data: StoreLike | np.ndarray, block_rows: int) -> _Blocks:
     blocks = _Blocks()
     starts = []
     for first, b in it:
+        _check_finite(data, first, b)
         starts.append(first)
         blocks.append(mx.array(np.ascontiguousarray(b)))
     mx.eval(list(blocks))
     blocks.starts = np.asarray(starts, dtype=np.int64)
     return blocks
+
+
+def _check_finite(data: StoreLike | np.ndarray, first: int, block: np.ndarray) -> None:
+    """ClusterError naming the first row with NaN or Inf: one such row would poison every centroid."""
+    bad = np.nonzero(~np.all(np.isfinite(np.asarray(block, dtype=np.float32)), axis=1))[0]
+    if bad.size == 0:
+        return
+    row = first + int(bad[0])
+    if isinstance(data, np.ndarray):
+        raise ClusterError(f"input: row {row} holds NaN or Inf values; clustering needs finite vectors")
+    name = data.items[row].get("path") if row < len(data.items) else None
+    raise ClusterError(
+        f"{data.path}: row {row} ({name}) holds NaN or Inf values ({bad.size} such row(s) in its block); "
+        "run `mlx-clap check STORE --repair` and embed again"
+    )
 
 
 def _assign(blocks: list[mx.array], centroids: mx.array) -> tuple[np.ndarray, np.ndarray]:
@@ -255,5 +271,12 @@ def write_assignments(store: StoreLike, result: Clustering, name: str = CLUSTERS
         "labels": result.labels.tolist(),
     }
     path = Path(store.path) / name
-    atomic_write_json(path, doc)
+    if path.is_dir() or path.is_symlink():
+        raise ClusterError(
+            f"{path}: is a folder or a symbolic link; move it away so clusters.json can be written"
+        )
+    try:
+        atomic_write_json(path, doc)
+    except OSError as exc:  # read-only store folder, full disk
+        raise ClusterError(f"{path}: cannot write the cluster assignments ({exc.strerror or exc})") from exc
     return path

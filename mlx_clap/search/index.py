@@ -5,10 +5,12 @@ Every vector in a store is a unit vector, so cosine similarity is a dot product.
 - `FlatIndex` streams the memory-mapped shards in blocks, multiplies each block by the queries in
   MLX (on the Apple GPU on a Mac) and keeps a running top-k: exact, no build step, memory bounded by
   the block size. Use it up to about a million vectors.
-- `AnnIndex` wraps a usearch HNSW graph (optional extra `ann`), built on demand and saved next to the
-  store as `ann.usearch` + `ann.json`; it is rebuilt when the store changed (rows appended to an
-  otherwise unchanged store are added to the saved graph instead). Candidates are rescored exactly
-  from the store, so both backends report the same scores for the same rows.
+- `AnnIndex` wraps a usearch HNSW graph (optional extra `ann`), built by an explicit step
+  (`AnnIndex.open`, `mlx-clap index STORE`) and saved next to the store as `ann.usearch` + `ann.json`;
+  that step rebuilds it when the store changed (rows appended to an otherwise unchanged store are added
+  to the saved graph instead) and does nothing when it is up to date. Searching never builds one:
+  `open_index` uses a saved graph only when it matches the store (`AnnIndex.load`). Candidates are
+  rescored exactly from the store, so both backends report the same scores for the same rows.
 - `near_duplicates` finds groups of items whose cosine is at least a threshold: the self-similarity
   matrix is computed in tiles (never n x n) and the pairs merged with union-find.
 
@@ -22,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +36,14 @@ import numpy as np
 DEFAULT_BLOCK_ROWS = 65536  # 65536 x 512 float32 = 128 MiB of scores per query batch of 1
 SCORE_BUDGET = 1 << 25  # floats in one (queries x block) score matrix: 128 MiB
 DEDUPE_TILE = 4096  # rows per tile side when comparing the store with itself
-ANN_AUTO_ROWS = 1_000_000  # "auto" picks the ANN backend from this many vectors on
+ANN_AUTO_ROWS = 1_000_000  # "auto" uses an up-to-date ANN index from this many vectors on
+ANN_STATES = {
+    "missing": "no ANN index saved (or an unreadable one)",
+    "stale": "the store changed since its ANN index was built",
+    "partial": "its ANN index build was interrupted",
+}
+ANN_CHECKPOINT_S = 120.0  # a long build saves its progress this often, so Ctrl-C loses at most this
+ANN_ADD_ROWS = 4096  # rows added to the graph per call, so a progress bar moves during a long build
 ANN_FILE = "ann.usearch"
 ANN_META = "ann.json"
 ANN_VERSION = 1
@@ -218,6 +228,7 @@ class FlatIndex:
         self.block_rows = block_rows
         self.resident = resident
         self._blocks: list[tuple[int, mx.array]] | None = None
+        self.notes: list[str] = []  # why this backend answered, when that needs saying
 
     def __len__(self) -> int:
         return len(self.store)
@@ -335,6 +346,36 @@ def _items_prefix_sha(store: StoreLike, nbytes: int) -> str:
     return sha256_file(Path(store.path) / "items.jsonl", limit=nbytes)
 
 
+def _items_prefix_bytes(store: StoreLike, rows: int) -> int:
+    """Byte length of the first `rows` lines of items.jsonl."""
+    data = (Path(store.path) / "items.jsonl").read_bytes()
+    pos = 0
+    for _ in range(rows):
+        pos = data.index(b"\n", pos) + 1
+    return pos
+
+
+def _checkpoint(
+    index: Any,
+    store: StoreLike,
+    rows: int,
+    now: dict[str, Any],
+    graph_path: Path,
+    meta_path: Path,
+    params: dict[str, Any],
+    progress: Callable[[str], None] | None,
+) -> None:
+    """Save a partly built graph (its first `rows` rows) so an interrupted build resumes from it."""
+    nbytes = _items_prefix_bytes(store, rows)
+    prefix_sha = _items_prefix_sha(store, nbytes)
+    fingerprint = {**now, "rows": rows, "items_bytes": nbytes, "items_sha256": prefix_sha}
+    try:
+        _save_graph(index, graph_path, meta_path, {**params, "fingerprint": fingerprint, "partial": True})
+    except OSError as exc:
+        if progress:
+            progress(f"ANN index: checkpoint not saved ({exc})")
+
+
 def _restore(Index: Any, path: Path) -> Any:
     """The saved graph, or None when it cannot be read (it is then rebuilt)."""
     try:
@@ -384,6 +425,7 @@ class AnnIndex:
         self.oversample = oversample
         self._reader: RowReader | None = None
         self.built_now = False  # whether open() had to build or extend the graph
+        self.notes: list[str] = []
 
     def __len__(self) -> int:
         return len(self.store)
@@ -412,9 +454,13 @@ class AnnIndex:
         dtype: str = "f16",
         threads: int = 0,
         progress: Callable[[str], None] | None = None,
+        on_rows: Callable[[int, int], None] | None = None,
     ) -> AnnIndex:
         """Load the saved graph if it matches the store, extend it if rows were only appended,
-        otherwise build it (and save it next to the store unless `save=False`)."""
+        otherwise build it (and save it next to the store unless `save=False`).
+
+        `on_rows(added, to_add)` is called as rows go into the graph (for a progress bar); an
+        interrupted build leaves the saved graph as it was, so running it again resumes from there."""
         Index = _require_usearch()
         if len(store) == 0:
             raise SearchError(f"{store.path}: the store is empty; embed some audio into it first")
@@ -466,25 +512,69 @@ class AnnIndex:
             )
         built = start_row < now["rows"]
         if built:
-            for first, block in iter_blocks(store, DEFAULT_BLOCK_ROWS):
+            to_add, added = now["rows"] - start_row, 0
+            if on_rows:
+                on_rows(0, to_add)
+            params = {
+                "version": ANN_VERSION, "dtype": dtype, "connectivity": connectivity,
+                "expansion_add": expansion_add,
+            }  # fmt: skip
+            last_save = time.monotonic()
+            for first, block in iter_blocks(store, ANN_ADD_ROWS):
                 end = first + block.shape[0]
                 if end <= start_row:
                     continue
                 lo = max(start_row - first, 0)
                 keys = np.arange(first + lo, end, dtype=np.uint64)
                 index.add(keys, np.ascontiguousarray(block[lo:], dtype=np.float32), threads=threads)
+                added += end - first - lo
+                if on_rows:
+                    on_rows(added, to_add)
+                if save and end < now["rows"] and time.monotonic() - last_save >= ANN_CHECKPOINT_S:
+                    # A checkpoint looks like a graph of a store that had `end` rows: the next build
+                    # then only adds the rest (the append-only path above).
+                    _checkpoint(index, store, end, now, graph_path, meta_path, params, progress)
+                    last_save = time.monotonic()
             if save:
                 try:
-                    _save_graph(index, graph_path, meta_path, {
-                        "version": ANN_VERSION, "dtype": dtype, "connectivity": connectivity,
-                        "expansion_add": expansion_add, "fingerprint": now,
-                    })  # fmt: skip
+                    _save_graph(index, graph_path, meta_path, {**params, "fingerprint": now})
                 except OSError as exc:  # a read-only store can still be searched
                     if progress:
                         progress(f"ANN index: not saved ({exc}); it will be built again next time")
         out = cls(store, index, expansion_search=expansion_search)
         out.built_now = built
         return out
+
+    @classmethod
+    def status(cls, store: StoreLike) -> str:
+        """"current" (the saved graph matches the store), "stale" (the store changed since it was
+        built), "partial" (a checkpoint of an interrupted build) or "missing" (none saved, or
+        unreadable metadata)."""
+        graph_path, meta_path = cls.paths(store)
+        if not (graph_path.is_file() and meta_path.is_file()):
+            return "missing"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            return "missing"
+        if not isinstance(meta, dict) or meta.get("version") != ANN_VERSION:
+            return "missing"
+        if meta.get("partial"):
+            return "partial"
+        return "current" if meta.get("fingerprint") == store_fingerprint(store) else "stale"
+
+    @classmethod
+    def load(cls, store: StoreLike, *, expansion_search: int = 256) -> AnnIndex:
+        """The saved graph when it is up to date; SearchError otherwise (a search never builds one)."""
+        Index = _require_usearch()
+        state = cls.status(store)
+        index = _restore(Index, cls.paths(store)[0]) if state == "current" else None
+        if index is None or len(index) != len(store):
+            raise SearchError(
+                f"{ANN_STATES.get(state, ANN_STATES['missing'])}; build it with: mlx-clap index "
+                f"{store.path} (or search with --backend flat)"
+            )
+        return cls(store, index, expansion_search=expansion_search)
 
     # -- searching ---------------------------------------------------------------------------------
     def search(
@@ -541,20 +631,28 @@ class AnnIndex:
 
 
 def open_index(store: StoreLike, backend: str = "auto", **kwargs: Any) -> FlatIndex | AnnIndex:
-    """ "flat", "ann", or "auto" (ANN from `ANN_AUTO_ROWS` vectors on when usearch is installed)."""
+    """ "flat", "ann" (the saved, up-to-date graph: SearchError when there is none), or "auto" (that
+    graph from `ANN_AUTO_ROWS` vectors on when it exists and usearch is installed, else flat).
+
+    Building a graph takes minutes per million vectors, so it is never started here: see
+    `AnnIndex.open` and `mlx-clap index`. `kwargs` are AnnIndex.load options."""
     if backend == "flat":
         return FlatIndex(store)  # ANN options in kwargs do not apply
     if backend == "ann":
-        return AnnIndex.open(store, **kwargs)
+        return AnnIndex.load(store, **kwargs)
     if backend != "auto":
         raise SearchError(f"unknown backend {backend!r}: use flat, ann or auto")
-    if len(store) >= ANN_AUTO_ROWS:
-        try:
-            _require_usearch()
-        except SearchError:
-            return FlatIndex(store)
-        return AnnIndex.open(store, **kwargs)
-    return FlatIndex(store)
+    if len(store) < ANN_AUTO_ROWS:
+        return FlatIndex(store)  # exact search is fast enough here, and exact
+    try:
+        return AnnIndex.load(store, **kwargs)
+    except SearchError:
+        flat = FlatIndex(store)
+        why = ANN_STATES.get(AnnIndex.status(store), ANN_STATES["missing"])
+        flat.notes.append(
+            f"exact search over {len(store)} vectors ({why}); `mlx-clap index {store.path}` builds one"
+        )
+        return flat
 
 
 # ----------------------------------------------------------------------------------- near-duplicates

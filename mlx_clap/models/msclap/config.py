@@ -10,7 +10,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlx_clap.config import FORMAT_VERSION, ClapAudioConfig, FeatureConfig, _from_dict, _to_dict
+from mlx_clap.config import (
+    FORMAT_VERSION,
+    MAX_DEPTH,
+    MAX_POSITIONS,
+    MAX_RATE,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    MIN_RATE,
+    ClapAudioConfig,
+    FeatureConfig,
+    _from_dict,
+    _to_dict,
+    check_choice,
+    check_float,
+    check_heads,
+    check_int,
+    check_int_list,
+)
 
 VERSIONS = ("2022", "2023")
 
@@ -151,7 +168,51 @@ class MsClapConfig:
         cfg.htsat = ClapAudioConfig.from_dict(data.get("htsat"))
         if cfg.version not in VERSIONS:
             raise ValueError(f"unknown msclap version {cfg.version!r}")
+        cfg.validate()
         return cfg
+
+    def validate(self) -> None:
+        """ValueError naming the first field outside its type or sane bounds, before a model is built."""
+        check_choice("version", self.version, VERSIONS)
+        check_choice("audioenc_name", self.audioenc_name, ("HTSAT", "Cnn14"))
+        check_int("text_len", self.text_len, 1, MAX_POSITIONS)
+        for name in ("transformer_embed_dim", "out_emb", "d_proj"):
+            check_int(name, getattr(self, name), 1, MAX_WIDTH)
+        check_int("sampling_rate", self.sampling_rate, MIN_RATE, MAX_RATE)
+        check_int("mel_sampling_rate", self.mel_sampling_rate, MIN_RATE, MAX_RATE)
+        check_float("duration", self.duration, 0.0, 600.0, low_open=True)
+        check_int("window_size", self.window_size, 16, 65536)
+        check_int("hop_size", self.hop_size, 1, self.window_size)
+        check_int("mel_bins", self.mel_bins, 1, 1024)
+        check_float("fmin", self.fmin, 0.0, self.mel_sampling_rate / 2)
+        check_float("fmax", self.fmax, self.fmin, self.mel_sampling_rate / 2, low_open=True)
+        g = self.gpt2
+        check_int("gpt2.vocab_size", g.vocab_size, 1, MAX_VOCAB)
+        check_int("gpt2.n_positions", g.n_positions, 1, MAX_POSITIONS)
+        check_int("gpt2.n_embd", g.n_embd, 1, MAX_WIDTH)
+        check_int("gpt2.n_layer", g.n_layer, 1, MAX_DEPTH)
+        check_heads("gpt2.n_head", g.n_embd, check_int("gpt2.n_head", g.n_head, 1, g.n_embd))
+        if g.n_inner is not None:
+            check_int("gpt2.n_inner", g.n_inner, 1, 4 * MAX_WIDTH)
+        check_float("gpt2.layer_norm_epsilon", g.layer_norm_epsilon, 0.0, 1.0, low_open=True)
+        b = self.bert
+        check_int("bert.vocab_size", b.vocab_size, 1, MAX_VOCAB)
+        check_int("bert.hidden_size", b.hidden_size, 1, MAX_WIDTH)
+        check_int("bert.num_hidden_layers", b.num_hidden_layers, 1, MAX_DEPTH)
+        check_heads(
+            "bert.num_attention_heads",
+            b.hidden_size,
+            check_int("bert.num_attention_heads", b.num_attention_heads, 1, b.hidden_size),
+        )
+        check_int("bert.intermediate_size", b.intermediate_size, 1, 4 * MAX_WIDTH)
+        check_int("bert.max_position_embeddings", b.max_position_embeddings, 1, MAX_POSITIONS)
+        check_int("bert.type_vocab_size", b.type_vocab_size, 1, 1024)
+        check_int("bert.pad_token_id", b.pad_token_id, 0, b.vocab_size - 1)
+        check_float("bert.layer_norm_eps", b.layer_norm_eps, 0.0, 1.0, low_open=True)
+        check_int_list("cnn14.channels", self.cnn14.channels, 1, MAX_WIDTH, (1, 16))
+        check_int("cnn14.out_emb", self.cnn14.out_emb, 1, MAX_WIDTH)
+        check_int("cnn14.mel_bins", self.cnn14.mel_bins, 1, 1024)
+        self.htsat.validate("htsat")
 
     def to_dict(self) -> dict[str, Any]:
         out = _to_dict(self)

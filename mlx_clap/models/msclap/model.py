@@ -225,6 +225,7 @@ class MsClapModel(nn.Module):
             raise fmt.WeightsError(f"{folder}: no {fmt.WEIGHTS_NAME}")
         model = MsClapModel(config)
         weights = fmt.read_safetensors(folder / fmt.WEIGHTS_NAME)
+        fmt.check_float_weights(weights, folder / fmt.WEIGHTS_NAME)  # converters write float32 only
         expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
         fmt.check_weights(expected, weights, folder / fmt.WEIGHTS_NAME)
         model.load_weights(list(weights.items()), strict=True)
@@ -261,7 +262,7 @@ def read_msclap_config(folder: Path) -> MsClapConfig:
         raise fmt.WeightsError(f"{path}: format_version {version!r} is not one mlx-clap reads")
     try:
         return MsClapConfig.from_dict(data)
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         raise fmt.WeightsError(f"{path}: {exc}") from exc
 
 

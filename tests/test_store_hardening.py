@@ -1,0 +1,590 @@
+"""Store integrity: the writer lock, no writes outside the store, validated manifests and items, per-row
+checksums with `mlx-clap check`, and atomic, recoverable creation (disk full, read-only folders)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from click.testing import CliRunner
+from conftest import REPO_ROOT
+from fixtures import TINY_AUDIO, TINY_TEXT
+
+from mlx_clap.cli import main
+from mlx_clap.io.files import atomic_write_bytes
+from mlx_clap.search import store as store_mod
+from mlx_clap.search.store import EmbeddingStore, StoreBusyError, StoreError, append_lines
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _vecs(seed: int, n: int, dim: int = 8) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _items(start: int, n: int) -> list[dict]:
+    return [{"path": f"/a/{i}.wav", "size": i, "mtime": 1.5} for i in range(start, start + n)]
+
+
+def _store(root: Path, n: int = 6, shard_size: int = 4, dtype: str = "float32") -> EmbeddingStore:
+    s = EmbeddingStore.create(root, {"model": "m"}, dim=8, dtype=dtype, shard_size=shard_size)
+    if n:
+        s.append(_items(0, n), _vecs(0, n))
+    return s
+
+
+def _run(args: list[str]):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def _env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+HOLDER = """
+import sys, time
+from mlx_clap.search.store import EmbeddingStore
+s = EmbeddingStore.open(sys.argv[1])
+s.hold()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def _hold_in_subprocess(root: Path) -> subprocess.Popen:
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(root)], stdout=subprocess.PIPE, text=True, env=_env()
+    )
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    import mlx.core as mx
+
+    from mlx_clap.config import ClapAudioConfig, ClapConfig, ClapTextConfig
+    from mlx_clap.io.folder import save_converted
+    from mlx_clap.models.clap import ClapModel
+
+    folder = tmp_path_factory.mktemp("tiny_model")
+    mx.random.seed(0)
+    model = ClapModel(
+        ClapConfig(
+            audio_config=ClapAudioConfig.from_dict(TINY_AUDIO),
+            text_config=ClapTextConfig.from_dict(TINY_TEXT),
+        )
+    )
+    save_converted(model, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("clips")
+    rng = np.random.default_rng(3)
+    (root / "sub").mkdir()
+    for name in ("a.wav", "b.wav", "sub/c.wav"):
+        sf.write(root / name, 0.1 * rng.standard_normal(8000), 8000)
+    return root
+
+
+def _embed(model: Path, src: Path, out: Path, *extra: str):
+    return _run(["embed", str(src), "-r", "--model", str(model), "--out", str(out), "-q", *extra])
+
+
+# --------------------------------------------------------------------------------------- 1. the lock
+def test_second_writer_fails_at_once_naming_pid_and_kill9_frees_it(tiny_model_dir, clips, tmp_path):
+    out = tmp_path / "st"
+    assert _embed(tiny_model_dir, clips, out).exit_code == 0
+    holder = _hold_in_subprocess(out)
+    try:
+        t0 = time.monotonic()
+        # A second process: `mlx-clap embed` on the same --out.
+        cmd = [sys.executable, "-m", "mlx_clap.cli", "embed", str(clips), "-r",
+               "--model", str(tiny_model_dir), "--out", str(out), "-q", "--overwrite"]  # fmt: skip
+        r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120)
+        assert r.returncode != 0
+        assert f"in use by PID {holder.pid}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert "Use --overwrite" not in r.stderr  # it would not help
+        r = _embed(tiny_model_dir, clips, out)  # a resume, in this process: refused the same way
+        assert r.exit_code != 0 and f"in use by PID {holder.pid}" in r.output
+        assert time.monotonic() - t0 < 60
+        # In this process too (library): appends and error records are refused, the store is untouched.
+        before = (out / "items.jsonl").read_bytes()
+        s = EmbeddingStore.open(out)
+        assert s.read_only
+        with pytest.raises(StoreBusyError, match=f"PID {holder.pid}"):
+            s.append(_items(100, 1), np.ones((1, 512), np.float32) / np.sqrt(512))
+        with pytest.raises(StoreBusyError, match=f"PID {holder.pid}"):
+            s.record_error("/x.wav", "bad")
+        assert (out / "items.jsonl").read_bytes() == before and len(EmbeddingStore.open(out)) == 3
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # kill -9 left the lock file behind, but not the lock: a new run proceeds.
+    assert (out / ".writer.lock").exists()
+    r = _embed(tiny_model_dir, clips, out, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert len(EmbeddingStore.open(out)) == 3
+
+
+def test_repair_on_open_waits_for_the_lock(tmp_path):
+    """A torn line is left alone (read-only open) while another process holds the writer lock."""
+    root = tmp_path / "st"
+    _store(root, 3)
+    holder = _hold_in_subprocess(root)
+    try:
+        with open(root / "items.jsonl", "ab") as fh:  # as the holder would, mid-append
+            fh.write(b'{"path": "/torn')
+        raw = (root / "items.jsonl").read_bytes()
+        s = EmbeddingStore.open(root)
+        assert s.read_only and len(s) == 3
+        assert (root / "items.jsonl").read_bytes() == raw
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    s = EmbeddingStore.open(root)
+    assert not s.read_only and (root / "items.jsonl").read_bytes().endswith(b"\n")
+
+
+def test_stale_in_memory_store_refuses_to_append(tmp_path):
+    """Two EmbeddingStore objects on one folder: the second append sees the first one's rows and stops."""
+    root = tmp_path / "st"
+    _store(root, 2)
+    a, b = EmbeddingStore.open(root), EmbeddingStore.open(root)
+    a.append(_items(2, 1), _vecs(2, 1))
+    with pytest.raises(StoreError, match="changed since"):
+        b.append(_items(3, 1), _vecs(3, 1))
+    assert [it["path"] for it in EmbeddingStore.open(root).items] == [f"/a/{i}.wav" for i in range(3)]
+
+
+# ---------------------------------------------------------------------------- 3. nothing outside
+@pytest.mark.parametrize("name", ["items.jsonl", "errors.jsonl", "shards"])
+def test_symlinked_store_entry_is_refused(tiny_model_dir, clips, tmp_path, name):
+    out = tmp_path / "st"
+    assert _embed(tiny_model_dir, clips, out).exit_code == 0
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    real = out / name
+    target = outside / name
+    if real.exists():
+        os.replace(real, target)
+    else:
+        target.write_text("precious\n")
+    os.symlink(target, real)
+    snapshot = {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+    with pytest.raises(StoreError, match="symbolic link"):
+        EmbeddingStore.open(out)
+    extra = tmp_path / "more"
+    extra.mkdir()
+    sf.write(extra / "d.wav", np.zeros(800), 8000)
+    r = _embed(tiny_model_dir, extra, out)
+    assert r.exit_code != 0 and "symbolic link" in r.output and "Traceback" not in r.output
+    assert {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()} == snapshot
+
+
+def test_append_lines_does_not_follow_a_link(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep\n")
+    os.symlink(target, tmp_path / "log.jsonl")
+    with pytest.raises(OSError, match="symbolic link"):
+        append_lines(tmp_path / "log.jsonl", [{"a": 1}])
+    assert target.read_text() == "keep\n"
+
+
+def test_atomic_write_replaces_the_link_not_its_target(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep\n")
+    link = tmp_path / "out.json"
+    os.symlink(target, link)
+    atomic_write_bytes(link, b"new\n")
+    assert not link.is_symlink() and link.read_bytes() == b"new\n"
+    assert target.read_text() == "keep\n"
+
+
+def test_json_format_refuses_a_symlinked_subfolder(tiny_model_dir, clips, tmp_path):
+    out = tmp_path / "json"
+    out.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, out / "sub")
+    r = _run(
+        ["embed", str(clips), "-r", "--model", str(tiny_model_dir), "--out", str(out), "--format", "json"]
+    )
+    assert r.exit_code != 0 and "outside --out" in r.output and "Traceback" not in r.output
+    assert list(outside.iterdir()) == []
+
+
+# -------------------------------------------------------------------------------- 4. validation
+@pytest.mark.parametrize(
+    ("field", "value"), [("dim", "8"), ("dim", 0), ("format_version", "1"), ("dtype", 3)]
+)
+def test_bad_manifest_field_is_named(tmp_path, field, value):
+    root = tmp_path / "st"
+    _store(root, 3)
+    m = json.loads((root / "manifest.json").read_text())
+    m["store"][field] = value
+    (root / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StoreError, match=rf"manifest.json: .*store.{field}"):
+        EmbeddingStore.open(root)
+
+
+@pytest.mark.parametrize("value", [0, -5, "4", 1.5, True, None])
+def test_bad_shard_size_is_refused_not_a_hang(tmp_path, value):
+    root = tmp_path / "st"
+    _store(root, 3)
+    m = json.loads((root / "manifest.json").read_text())
+    m["store"]["shard_size"] = value
+    (root / "manifest.json").write_text(json.dumps(m))
+    if isinstance(value, int) and value <= 0:
+        # These hung at 100% CPU: open in a child process, so a regression fails instead of hanging.
+        code = (
+            "import sys; from mlx_clap.search.store import EmbeddingStore; EmbeddingStore.open(sys.argv[1])"
+        )
+        r = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True,
+                           env=_env(), timeout=60)  # fmt: skip
+        assert r.returncode != 0 and "field store.shard_size" in r.stderr, r.stderr
+        return
+    with pytest.raises(StoreError, match=r"manifest.json: field store.shard_size"):
+        EmbeddingStore.open(root)
+    r = _run(["search", str(root), "--like", "/a/0.wav"])
+    assert r.exit_code != 0 and "store.shard_size" in r.output
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("size", "12"), ("size", -1), ("size", 1.5), ("mtime", "x"), ("mtime", None), ("path", 5), ("path", "")],
+)
+def test_bad_item_field_names_file_line_and_field(tmp_path, field, value):
+    root = tmp_path / "st"
+    _store(root, 3)
+    lines = (root / "items.jsonl").read_text().splitlines()
+    obj = json.loads(lines[1])
+    obj[field] = value
+    lines[1] = json.dumps(obj)
+    (root / "items.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(StoreError, match=rf"items.jsonl: line 2: field '{field}'"):
+        EmbeddingStore.open(root)
+    r = _run(["check", str(root), "--json"])
+    assert r.exit_code == 1 and json.loads(r.stdout)["bad_lines"][0]["line"] == 2
+
+
+@pytest.mark.parametrize("how", ["missing", "file"])
+def test_repair_never_erases_items_when_shards_is_missing(tmp_path, how):
+    root = tmp_path / "st"
+    _store(root, 6)
+    before = (root / "items.jsonl").read_bytes()
+    import shutil
+
+    shutil.rmtree(root / "shards")
+    if how == "file":
+        (root / "shards").write_text("oops")
+    with pytest.raises(StoreError, match="shards: is missing or not a folder"):
+        EmbeddingStore.open(root)
+    assert (root / "items.jsonl").read_bytes() == before
+
+
+def _write_shard_with_sums(root: Path, index: int, arr: np.ndarray) -> None:
+    # Damage that is not bit rot: rows whose checksums match (as a buggy writer would leave them).
+    np.save(root / "shards" / f"emb-{index:05d}.npy", arr)
+    manifest = json.loads((root / "manifest.json").read_text())
+    EmbeddingStore(root, manifest, [])._write_sidecar(index, store_mod.row_crcs(arr))
+
+
+def test_cluster_refuses_nan_rows_naming_the_item(tmp_path):
+    root = tmp_path / "st"
+    _store(root, 6)
+    arr = np.load(root / "shards" / "emb-00001.npy")
+    arr[1, 3] = np.nan
+    _write_shard_with_sums(root, 1, arr)
+    r = _run(["cluster", str(root), "-k", "2"])
+    assert r.exit_code != 0 and "/a/5.wav" in r.output and "NaN" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_cluster_clusters_json_folder_or_read_only(tmp_path, monkeypatch):
+    root = tmp_path / "st"
+    _store(root, 6)
+    (root / "clusters.json").mkdir()
+    r = _run(["cluster", str(root), "-k", "2"])
+    assert r.exit_code != 0 and "clusters.json: is a folder" in r.output
+    (root / "clusters.json").rmdir()
+
+    import mlx_clap.io.files as files
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(files, "atomic_write_json", denied)
+    r = _run(["cluster", str(root), "-k", "2"])
+    assert r.exit_code != 0 and "cannot write the cluster assignments" in r.output
+    assert "Traceback" not in r.output
+
+
+# ------------------------------------------------------------------------------- 5. checksums
+def _flip_bit(path: Path, offset_from_end: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_bit_flip_detected_on_open_and_by_check_then_repaired(tmp_path):
+    root = tmp_path / "st"
+    _store(root, 10)
+    # Row 5 is row 1 of shard 1 (rows 4..7): flip a bit in its middle.
+    _flip_bit(root / "shards" / "emb-00001.npy", 2 * 8 * 4 + 10)
+    with pytest.raises(StoreError, match="fail their checksum"):
+        EmbeddingStore.open(root)
+    r = _run(["check", str(root), "--json"])
+    assert r.exit_code == 1
+    report = json.loads(r.stdout)
+    assert [(d["row"], d["path"]) for d in report["damaged_rows"]] == [(5, "/a/5.wav")]
+    assert "checksum" in report["damaged_rows"][0]["cause"]
+    r = _run(["check", str(root), "--repair"])
+    assert r.exit_code == 0 and "removed 1 row" in r.output
+    s = EmbeddingStore.open(root)
+    want = [i for i in range(10) if i != 5]
+    assert [it["path"] for it in s.items] == [f"/a/{i}.wav" for i in want]
+    np.testing.assert_array_equal(s.matrix(), _vecs(0, 10)[want])  # each path keeps its own vector
+    assert ("/a/5.wav", 5, 1.5) not in s.done_keys()  # so a rerun of embed redoes it
+    assert _run(["check", str(root)]).exit_code == 0
+    s.append(_items(5, 1), _vecs(0, 10)[5:6])  # and the store takes new rows afterwards
+    assert len(EmbeddingStore.open(root)) == 10
+
+
+def test_check_reports_nan_non_unit_bad_lines_and_orphans(tmp_path):
+    root = tmp_path / "st"
+    _store(root, 6)
+    arr = np.load(root / "shards" / "emb-00000.npy")
+    arr[0] = np.inf
+    arr[2] *= 3.0
+    _write_shard_with_sums(root, 0, arr)
+    extra = np.concatenate([np.load(root / "shards" / "emb-00001.npy"), _vecs(9, 1)])
+    _write_shard_with_sums(root, 1, extra)  # one orphan row after the last item
+    lines = (root / "items.jsonl").read_text().splitlines()
+    lines[3] = "garbage"
+    (root / "items.jsonl").write_text("\n".join(lines) + "\n")
+    r = _run(["check", str(root), "--json"])
+    assert r.exit_code == 1
+    rep = json.loads(r.stdout)
+    causes = {d["row"]: d["cause"] for d in rep["damaged_rows"]}
+    assert set(causes) == {0, 2} and "NaN or Inf" in causes[0] and "unit" in causes[2]
+    assert [b["line"] for b in rep["bad_lines"]] == [4] and rep["orphan_rows"] == 1
+    r = _run(["check", str(root), "--repair", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["removed_rows"] == 3
+    s = EmbeddingStore.open(root)
+    assert [it["path"] for it in s.items] == ["/a/1.wav", "/a/4.wav", "/a/5.wav"]
+    np.testing.assert_array_equal(s.matrix(), _vecs(0, 6)[[1, 4, 5]])
+
+
+@pytest.mark.parametrize("die_at", [1, 2, 3, 4])
+def test_repair_leaves_a_valid_store_at_every_step(tmp_path, monkeypatch, die_at):
+    """A kill in the middle of --repair (simulated at each shard write) leaves a store that opens, whose
+    rows all match their paths."""
+    root = tmp_path / "st"
+    _store(root, 10)
+    _flip_bit(root / "shards" / "emb-00000.npy", 128 - 40)  # a byte of row 1 (rows are 32 bytes)
+    report = store_mod.check_store(root)
+    real = store_mod._atomic_save_npy
+    calls = []
+
+    def dying(path, arr):
+        calls.append(path)
+        if len(calls) == die_at:
+            raise KeyboardInterrupt  # as a kill would stop it here
+        real(path, arr)
+
+    monkeypatch.setattr(store_mod, "_atomic_save_npy", dying)
+    if die_at <= 3:  # the repair rewrites shards 0, 1 and 2
+        with pytest.raises(KeyboardInterrupt):
+            store_mod.repair_store(root, report)
+    else:
+        store_mod.repair_store(root, report)
+    s = EmbeddingStore.open(root)
+    want = _vecs(0, 10)
+    for i, it in enumerate(s.items):
+        np.testing.assert_array_equal(s.matrix()[i], want[int(it["path"][3:-4])])
+    # Interrupted: only the rows before the damage are left (a rerun of embed redoes the rest).
+    assert len(s) == (1 if die_at <= 3 else 9)
+
+
+def test_older_store_without_checksums_opens_and_is_migrated(tmp_path):
+    root = tmp_path / "st"
+    _store(root, 6)
+    import shutil
+
+    shutil.rmtree(root / "checksums")
+    s = EmbeddingStore.open(root, repair=False)
+    assert any("no checksums" in n for n in s.notes)
+    assert not (root / "checksums").exists()
+    EmbeddingStore.open(root)  # write-locked: records them
+    assert sorted(p.name for p in (root / "checksums").iterdir()) == [
+        "emb-00000.sum.json",
+        "emb-00001.sum.json",
+    ]
+    _flip_bit(root / "shards" / "emb-00000.npy", 5)
+    with pytest.raises(StoreError, match="checksum"):
+        EmbeddingStore.open(root)
+
+
+def test_append_refuses_to_carry_damaged_rows(tmp_path):
+    """A flipped bit that keeps the file's size and mtime (so open's cheap check skips it) is still
+    caught before an append would give it a fresh checksum."""
+    root = tmp_path / "st"
+    _store(root, 5)
+    p = root / "shards" / "emb-00001.npy"
+    st = p.stat()
+    _flip_bit(p, 3)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    s = EmbeddingStore.open(root)
+    with pytest.raises(StoreError, match="checksum"):
+        s.append(_items(5, 1), _vecs(5, 1))
+    assert _run(["check", str(root)]).exit_code == 1
+
+
+# ------------------------------------------------------------------------------- 6. creation
+def test_disk_full_at_creation_leaves_nothing(tmp_path, monkeypatch, tiny_model_dir, clips):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_mod, "atomic_write_json", full)
+    with pytest.raises(StoreError, match="no space left"):
+        EmbeddingStore.create(tmp_path / "st", {}, dim=8)
+    assert list(tmp_path.iterdir()) == []  # no half-made store, no temp folder
+    r = _embed(tiny_model_dir, clips, tmp_path / "st")
+    assert r.exit_code != 0 and "no space left" in r.output and "Traceback" not in r.output
+    monkeypatch.undo()
+    assert _embed(tiny_model_dir, clips, tmp_path / "st").exit_code == 0
+
+
+def test_disk_full_while_appending_keeps_what_was_written(tmp_path, monkeypatch, tiny_model_dir, clips):
+    out = tmp_path / "st"
+    assert _embed(tiny_model_dir, clips, out).exit_code == 0
+    before = (out / "items.jsonl").read_bytes()
+    more = tmp_path / "more"
+    more.mkdir()
+    sf.write(more / "d.wav", 0.1 * np.random.default_rng(0).standard_normal(8000), 8000)
+
+    def full(path, arr):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_mod, "_atomic_save_npy", full)
+    r = _embed(tiny_model_dir, more, out)
+    assert r.exit_code != 0 and "No space left" in r.output and "Traceback" not in r.output
+    assert (out / "items.jsonl").read_bytes() == before and len(EmbeddingStore.open(out)) == 3
+
+
+def test_read_only_output_folder_is_a_clear_error(tmp_path, monkeypatch, tiny_model_dir, clips):
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(store_mod.tempfile, "mkdtemp", denied)  # as in a read-only folder (tests run as root)
+    r = _embed(tiny_model_dir, clips, tmp_path / "st")
+    assert r.exit_code != 0 and "permission denied" in r.output and "Traceback" not in r.output
+
+
+def test_killed_creation_leaves_no_wedged_folder(tmp_path, monkeypatch, tiny_model_dir, clips):
+    def killed(tmp, path, replace):
+        raise KeyboardInterrupt  # killed just before the rename into place
+
+    monkeypatch.setattr(EmbeddingStore, "_move_into_place", staticmethod(killed))
+    with pytest.raises(KeyboardInterrupt):
+        EmbeddingStore.create(tmp_path / "st", {}, dim=8)
+    monkeypatch.undo()
+    assert not (tmp_path / "st").exists()
+    # A creation killed by SIGKILL leaves its temp folder; the next creation removes it.
+    (tmp_path / ".st.creating-dead").mkdir()
+    (tmp_path / ".st.creating-dead" / "items.jsonl").write_text("")
+    assert _embed(tiny_model_dir, clips, tmp_path / "st").exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["st"]
+
+
+def test_overwrite_works_on_a_half_created_store(tmp_path, tiny_model_dir, clips):
+    """What an older mlx-clap left when killed mid-creation: shards/ and items.jsonl, no manifest."""
+    out = tmp_path / "st"
+    (out / "shards").mkdir(parents=True)
+    (out / "items.jsonl").write_text("")
+    r = _embed(tiny_model_dir, clips, out)
+    assert r.exit_code != 0 and "--overwrite" in r.output
+    r = _embed(tiny_model_dir, clips, out, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert len(EmbeddingStore.open(out)) == 3
+    # A folder holding other files is never wiped, even with --overwrite.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "thesis.tex").write_text("x")
+    r = _embed(tiny_model_dir, clips, other, "--overwrite")
+    assert r.exit_code != 0 and (other / "thesis.tex").exists()
+
+
+def test_check_help_has_example():
+    r = _run(["check", "--help"])
+    assert r.exit_code == 0 and "mlx-clap check vectors/ --repair" in r.output
+
+
+def test_lock_without_fcntl_takes_over_a_dead_holder_only(tmp_path, monkeypatch):
+    """The O_EXCL fallback (platforms without fcntl): a live holder's PID is named, a dead one's lock is
+    taken over."""
+    import socket
+
+    from mlx_clap.search import lock
+
+    monkeypatch.setattr(lock, "fcntl", None)
+    folder = tmp_path / "st"
+    folder.mkdir()
+    rec = {"pid": 1, "host": socket.gethostname(), "since": "then"}  # PID 1 is always alive
+    (folder / lock.LOCK_NAME).write_text(json.dumps(rec))
+    with pytest.raises(lock.StoreLockedError, match="in use by PID 1 "):
+        lock.acquire(folder)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (folder / lock.LOCK_NAME).write_text(json.dumps({**rec, "pid": dead.pid}))
+    lock.acquire(folder)
+    try:
+        assert json.loads((folder / lock.LOCK_NAME).read_text())["pid"] == os.getpid()
+    finally:
+        lock.release(folder)
+    assert not (folder / lock.LOCK_NAME).exists()
+
+
+def test_overwrite_replaces_a_store_with_temp_leftovers(tmp_path, tiny_model_dir, clips):
+    out = tmp_path / "st"
+    assert _embed(tiny_model_dir, clips, out).exit_code == 0
+    (out / ".manifest.json.x1.tmp").write_text("{")  # a killed atomic write
+    r = _embed(tiny_model_dir, clips, out, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert not (out / ".manifest.json.x1.tmp").exists() and len(EmbeddingStore.open(out)) == 3
+
+
+def test_read_only_open_with_torn_tail_never_appends_after_it(tmp_path):
+    root = tmp_path / "st"
+    _store(root, 2)
+    with open(root / "items.jsonl", "ab") as fh:
+        fh.write(b'{"path": "/torn')
+    s = EmbeddingStore.open(root, repair=False)
+    with pytest.raises(StoreError, match="open it again"):
+        s.append(_items(2, 1), _vecs(2, 1))
+    s = EmbeddingStore.open(root)
+    s.append(_items(2, 1), _vecs(2, 1))
+    assert len(EmbeddingStore.open(root)) == 3
+
+
+def test_out_given_as_a_link_to_an_empty_folder(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    os.symlink(real, tmp_path / "link")
+    EmbeddingStore.create(tmp_path / "link", {}, dim=8).append(_items(0, 1), _vecs(0, 1))
+    assert (tmp_path / "link").is_symlink() and (real / "manifest.json").is_file()
+    assert len(EmbeddingStore.open(tmp_path / "link")) == 1
