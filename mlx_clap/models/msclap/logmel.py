@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlx_clap.dsp import AMIN, periodic_hann, stft_log_mel
+from mlx_clap.dsp import periodic_hann, stft_log_mel
 
 N_FFT = 1024
 HOP = 320
