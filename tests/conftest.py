@@ -95,3 +95,24 @@ def _fresh_settings():
     settings.reset()
     yield
     settings.reset()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A converted random-init tiny model folder (full 512-d projections, small towers) with a trained
+    BPE tokenizer: the model of the CLI and store tests, built once per session."""
+    import mlx.core as mx
+    from fixtures import TINY_AUDIO, TINY_TEXT, train_bpe_files
+
+    from mlx_clap.config import ClapAudioConfig, ClapConfig, ClapTextConfig
+    from mlx_clap.io.folder import save_converted
+    from mlx_clap.models.clap import ClapModel
+
+    folder = tmp_path_factory.mktemp("tiny_model")
+    mx.random.seed(0)
+    cfg = ClapConfig(
+        audio_config=ClapAudioConfig.from_dict(TINY_AUDIO), text_config=ClapTextConfig.from_dict(TINY_TEXT)
+    )
+    save_converted(ClapModel(cfg), folder)
+    train_bpe_files(folder)
+    return folder

@@ -21,36 +21,9 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 from conftest import REPO_ROOT
-from fixtures import TINY_AUDIO, TINY_TEXT
 
 from mlx_clap.cli import main
 from mlx_clap.search.store import EmbeddingStore
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    import mlx.core as mx
-
-    from mlx_clap.config import ClapAudioConfig, ClapConfig, ClapTextConfig
-    from mlx_clap.models.clap import ClapModel
-    from mlx_clap.io.folder import save_converted
-
-    folder = tmp_path_factory.mktemp("tiny_model")
-    mx.random.seed(0)
-    model = ClapModel(
-        ClapConfig(
-            audio_config=ClapAudioConfig.from_dict(TINY_AUDIO),
-            text_config=ClapTextConfig.from_dict(TINY_TEXT),
-        )
-    )
-    save_converted(model, folder)
-    try:
-        from fixtures import train_bpe_files
-
-        train_bpe_files(folder)
-    except ImportError:
-        pass
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -10,31 +10,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
-from fixtures import TINY_AUDIO, TINY_TEXT
 from test_index import make_store, unit
 
 from mlx_clap.cli import main
 from mlx_clap.search.store import EmbeddingStore
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A converted random-init tiny model folder (512-d embeddings) with a trained BPE tokenizer."""
-    import mlx.core as mx
-    from fixtures import train_bpe_files
-
-    from mlx_clap.config import ClapAudioConfig, ClapConfig, ClapTextConfig
-    from mlx_clap.models.clap import ClapModel
-    from mlx_clap.io.folder import save_converted
-
-    folder = tmp_path_factory.mktemp("tiny_model")
-    mx.random.seed(0)
-    cfg = ClapConfig(
-        audio_config=ClapAudioConfig.from_dict(TINY_AUDIO), text_config=ClapTextConfig.from_dict(TINY_TEXT)
-    )
-    save_converted(ClapModel(cfg), folder)
-    train_bpe_files(folder)
-    return folder
 
 
 def run(args: list[str]):

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from test_cli_search import run, tiny_model_dir  # noqa: F401 (fixture)
+from test_cli_search import run
 
 from mlx_clap.search.store import EmbeddingStore
 

@@ -17,7 +17,6 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 from conftest import REPO_ROOT
-from fixtures import TINY_AUDIO, TINY_TEXT
 
 from mlx_clap.cli import main
 from mlx_clap.io.files import atomic_write_bytes
@@ -68,26 +67,6 @@ def _hold_in_subprocess(root: Path) -> subprocess.Popen:
     )
     assert p.stdout.readline().strip() == "held"
     return p
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    import mlx.core as mx
-
-    from mlx_clap.config import ClapAudioConfig, ClapConfig, ClapTextConfig
-    from mlx_clap.io.folder import save_converted
-    from mlx_clap.models.clap import ClapModel
-
-    folder = tmp_path_factory.mktemp("tiny_model")
-    mx.random.seed(0)
-    model = ClapModel(
-        ClapConfig(
-            audio_config=ClapAudioConfig.from_dict(TINY_AUDIO),
-            text_config=ClapTextConfig.from_dict(TINY_TEXT),
-        )
-    )
-    save_converted(model, folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 from conftest import REPO_ROOT
-from fixtures import TINY_AUDIO, TINY_TEXT
 
 from mlx_clap.preprocess.audio import AudioStream, load_audio
 from mlx_clap.preprocess.decode_ahead import InputFile, _BlockFeed, decode_file
@@ -128,26 +127,6 @@ def m4a(tmp_path_factory) -> Path:
     _require_encoder("aac")
     root = tmp_path_factory.mktemp("m4a")
     return _encode_pyav(root / "long.m4a", _noise(48000 * 32, seed=7), 48000, "aac", "mp4")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    import mlx.core as mx
-
-    from mlx_clap.config import ClapAudioConfig, ClapConfig, ClapTextConfig
-    from mlx_clap.io.folder import save_converted
-    from mlx_clap.models.clap import ClapModel
-
-    folder = tmp_path_factory.mktemp("tiny_model")
-    mx.random.seed(0)
-    model = ClapModel(
-        ClapConfig(
-            audio_config=ClapAudioConfig.from_dict(TINY_AUDIO),
-            text_config=ClapTextConfig.from_dict(TINY_TEXT),
-        )
-    )
-    save_converted(model, folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -267,6 +267,9 @@ class EmbedRun:
         self.advanced: dict[str, float] = {}
         self.files_total = 0
         self.files_done = 0
+        # path -> (stat key, sha256) of the files hashed before the run (stores only).
+        self.planned: dict[str, tuple[tuple, str]] = {}
+        self.segments: dict | None = None  # the store's segment settings, when it keeps them
 
     def fail(self, path: str, cause: str, echo: bool = True) -> None:
         self.failures.append({"path": path, "error": cause, "time": time.time()})
@@ -295,17 +298,39 @@ class EmbedRun:
         if st.warnings:
             item["warnings"] = list(st.warnings)
             self.warnings.append({"path": d.key[0], "warnings": list(st.warnings)})
+        planned = self.planned.get(d.key[0])
+        if planned is not None:
+            item["sha256"] = planned[1]
         return {"file": d.file, "item": item, "meta": {"filename": d.file.path.name, **self.meta}}
 
-    def _emit(self, decoded: list[Decoded], vectors) -> None:
+    def _changed_while_read(self, d: Decoded) -> bool:
+        """Whether the file is not what was hashed and decoded (written to while this run read it)."""
+        planned = self.planned.get(d.key[0])
+        try:
+            now = stat_key(d.file.path)
+        except OSError:
+            return True
+        return now != d.key or (planned is not None and planned[0] != d.key)
+
+    def _emit(self, decoded: list[Decoded], vectors, segments: list | None = None) -> None:
         import numpy as np
 
-        good = [i for i in range(len(decoded)) if np.all(np.isfinite(vectors[i]))]
+        good = []
         for i in range(len(decoded)):
-            if i not in good:
+            if not np.all(np.isfinite(vectors[i])):
                 self.fail(decoded[i].key[0], "the model produced a non-finite embedding")
+            elif self.planned and self._changed_while_read(decoded[i]):
+                self.fail(decoded[i].key[0], "the file changed while it was read; run again to embed it")
+            else:
+                good.append(i)
         if good:
-            self.writer.write([self._record(decoded[i]) for i in good], vectors[good])
+            segs = None
+            if self.segments is not None:
+                segs = [
+                    segments[i] if segments is not None else self._one_window(decoded[i], vectors[i])
+                    for i in good
+                ]
+            self.writer.write([self._record(decoded[i]) for i in good], vectors[good], segments=segs)
         for i in good:
             self.audio_seconds += decoded[i].stream.duration_s
             self.embedded_paths.add(decoded[i].key[0])
@@ -375,11 +400,54 @@ class EmbedRun:
             return
         self._emit([d], vectors)
 
+    @staticmethod
+    def _one_window(d: Decoded, vector) -> tuple:
+        """The segments of a clip no longer than one window: itself, with the file's vector."""
+        import numpy as np
+
+        return (np.array([0.0]), np.array([float(d.stream.duration_s)]), np.asarray(vector)[None, :])
+
+    def _needs_segments(self, d: Decoded) -> bool:
+        """With segments, a file longer than one window is embedded window by window."""
+        if self.segments is None:
+            return False
+        return d.blocks is not None or d.samples.shape[0] > self.model.family.clip_samples
+
+    def _embed_segments(self, d: Decoded) -> None:
+        from mlx_clap.preprocess.audio import AudioDecodeError
+
+        blocks = d.blocks if d.blocks is not None else [d.samples]
+        try:
+            res = self.model.embed_segments(
+                blocks,
+                hop_seconds=self.segments["hop"],
+                batch_size=self.batch_size,
+                quantize_int16=self.settings["quantize_int16"],
+            )
+        except AudioDecodeError as exc:
+            self.fail(d.key[0], exc.cause)
+            self._tick(1)
+            return
+        except Exception as exc:
+            if d.blocks is not None:
+                d.blocks.cancel()
+            self.fail(d.key[0], f"cannot embed: {exc}")
+            self._tick(1)
+            return
+        except BaseException:
+            if d.blocks is not None:
+                d.blocks.cancel()
+            raise
+        self._emit([d], res.file_vector[None, :], segments=[(res.starts, res.ends, res.vectors)])
+
     def _embed_streaming(self, d: Decoded) -> None:
         import numpy as np
 
         from mlx_clap.preprocess.audio import AudioDecodeError
 
+        if self.segments is not None:
+            self._embed_segments(d)
+            return
         try:
             vec = self.model.embed_windows(
                 d.blocks, batch_size=self.batch_size, quantize_int16=self.settings["quantize_int16"]
@@ -462,6 +530,9 @@ class EmbedRun:
                         self._embed_batch(batch)  # keep rows in input order
                         d.blocks = _CountingBlocks(d.blocks, lambda n, p=d.key[0]: self._advance(p, n / sr))
                         self._embed_streaming_and_release(d)
+                    elif self._needs_segments(d):
+                        self._embed_batch(batch)
+                        self._embed_streaming_and_release(d)
                     else:
                         batch.append(d)
                         if (
@@ -485,6 +556,8 @@ class EmbedRun:
         return {
             "files": total,
             "embedded": self.embedded,
+            "reused": 0,
+            "removed": 0,
             "skipped": skipped,
             "failed": len(self.failures),
             "failures": self.failures,
@@ -551,6 +624,26 @@ class EmbedRun:
 @click.option("--quantize-int16", is_flag=True, help="LAION's int16 round trip of the waveform first.")
 @click.option("--overwrite", is_flag=True, help="Start fresh instead of resuming what --out holds.")
 @click.option(
+    "--segments",
+    is_flag=True,
+    help="Also store one vector per window (the model's clip length, every --hop seconds) with its start "
+    "and end, for `search --segments`, `timeline` and `recurring`. Set when the store is made; later runs "
+    "keep it.",
+)
+@click.option(
+    "--hop",
+    type=click.FloatRange(0.1, 3600.0),
+    default=2.0,
+    show_default=True,
+    help="Seconds between the starts of two segment windows (with --segments).",
+)
+@click.option(
+    "--no-prune",
+    is_flag=True,
+    help="Keep the rows of files that are gone from the folders named on this run (by default they are "
+    "removed, so the store mirrors the folders).",
+)
+@click.option(
     "--workers",
     default=min(4, os.cpu_count() or 1),
     show_default=True,
@@ -577,6 +670,9 @@ def embed(
     store_dtype: str,
     quantize_int16: bool,
     overwrite: bool,
+    segments: bool,
+    hop: float,
+    no_prune: bool,
     workers: int,
     quiet: bool,
     summary_json: bool,
@@ -584,7 +680,11 @@ def embed(
 ) -> None:
     """Embed audio files (WAV, FLAC, MP3, OGG, Opus, M4A/AAC, AIFF, ...) into CLAP vectors.
 
-    Reruns skip files already embedded with the same model and settings (same path, size and mtime).
+    With --out the store mirrors the files and folders given: a rerun skips unchanged files (same path,
+    size and mtime), re-embeds changed ones (replacing their rows), reuses the vectors of a file whose
+    content (sha256) is already stored under another name (a rename or a copy), and removes the rows of
+    files gone from the folders named on this run (--no-prune keeps them); never two rows for one path.
+    --segments also stores a vector per window (see `search --segments`, `timeline`, `recurring`).
     Files that cannot be decoded are reported on stderr; the run goes on and exits with status 1 at
     the end. With --out, OUT/errors.jsonl is rewritten at the end of every run to list the failures
     that stand: this run's, plus earlier ones of files still there and not embedded since (the last
@@ -619,6 +719,10 @@ def embed(
         raise click.UsageError("--format jsonl writes to stdout; redirect it instead of giving --out")
     if seed is not None and long_audio != "reference":
         click.echo("note: --seed only matters with --long-audio reference", err=True)
+    if segments and fmt != "store":
+        raise click.UsageError("--segments needs a store (--out DIR, --format store)")
+    if segments and long_audio != "windows-mean":
+        raise click.UsageError("--segments needs --long-audio windows-mean (the file vector is their mean)")
     files, missing = discover(paths, recursive)
     ignored = count_ignored(paths, recursive)
     # Inputs are checked before the model loads: loading may take a while or need the network, and a
@@ -642,8 +746,15 @@ def embed(
     }
     manifest = build_manifest(model, model_id, settings, store_dtype if fmt == "store" else None)
     meta = {"model": model_id, "weights_sha256": manifest["weights_sha256"], "settings": settings}
+    seg_settings = None
+    if segments:
+        if not hasattr(model, "embed_segments"):
+            raise click.UsageError(f"--segments is not supported for the model {model_id!r}")
+        seg_settings = {"hop": float(hop), "window": model.family.clip_samples / model.family.sampling_rate}
     if fmt == "store":
-        writer: Any = StoreWriter(out, manifest, model.embedding_dim, store_dtype, overwrite)
+        writer: Any = StoreWriter(out, manifest, model.embedding_dim, store_dtype, overwrite, seg_settings)
+        if writer.segments and long_audio != "windows-mean":
+            raise click.UsageError(f"{out} keeps segments: it needs --long-audio windows-mean")
     elif fmt == "json":
         writer = JsonWriter(out, manifest, overwrite)
     else:
@@ -662,17 +773,29 @@ def embed(
             skipped += 1
         else:
             todo.append(f)
+    planned: dict[str, tuple[tuple, str]] = {}
+    reused: list[tuple[dict, int]] = []
+    if fmt == "store":
+        todo, planned, reused = plan_by_content(todo, writer, workers)
     error_log = out / ERRORS_NAME if fmt in ("store", "json") else None
     old_errors = read_error_log(error_log) if error_log is not None else []
     skipped_paths = {str(f.path) for f in files} - {str(f.path) for f in todo}
     run = EmbedRun(model, writer, settings, batch_size, workers, quiet, meta)
+    run.planned = planned
+    run.segments = writer.segments if fmt == "store" else None
     for path, cause in missing:
         run.fail(path, cause, echo=False)  # printed above, before the model loaded
     if not quiet and skipped:
         click.echo(f"{skipped} file(s) already embedded with these settings: skipped", err=True)
     interrupted = False
+    sync = {"reused": 0, "removed": 0}
     try:
+        if reused:
+            writer.reuse(reused)
+            sync["reused"] = len(reused)
         run.run(todo)
+        if fmt == "store":
+            sync["removed"] = mirror(writer, paths, recursive, files, missing, run, no_prune)
     except KeyboardInterrupt:
         interrupted = True
         click.echo(INTERRUPTED_MESSAGE, err=True)
@@ -693,6 +816,7 @@ def embed(
         except OSError as exc:
             click.echo(f"error: cannot rewrite {printable(error_log)} ({exc})", err=True)
     summary = run.summary(len(files) + len(missing), skipped, str(out) if out else None, fmt)
+    summary.update(sync)
     summary["errors_file"] = errors_file
     summary["not_considered"] = ignored
     if summary_json:
@@ -705,6 +829,62 @@ def embed(
         sys.exit(INTERRUPTED_STATUS)  # the group leaves through os._exit (mlx_clap.cli.__init__)
     if run.failures:
         sys.exit(1)
+
+
+def plan_by_content(
+    todo: list[InputFile], writer: StoreWriter, workers: int
+) -> tuple[list[InputFile], dict[str, tuple[tuple, str]], list[tuple[dict, int]]]:
+    """Hash the new and changed files (in threads); those whose content is already stored are reused
+    (a rename or a copy), the rest are embedded. Returns (to embed, path -> (stat key, sha256) of every
+    hashed file, [(item, row of the same content)])."""
+    from mlx_clap.io.files import sha256_file
+
+    def digest(f: InputFile) -> tuple[InputFile, tuple | None, str | None]:
+        try:
+            key = stat_key(f.path)
+            sha = sha256_file(f.path)
+            return f, (key if stat_key(f.path) == key else None), sha
+        except OSError:
+            return f, None, None  # the decoder names the cause
+
+    stored = writer.by_content()
+    embed: list[InputFile] = []
+    planned: dict[str, tuple[tuple, str]] = {}
+    reused: list[tuple[dict, int]] = []
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hash") as pool:
+        for f, key, sha in pool.map(digest, todo):
+            if key is None or sha is None:
+                embed.append(f)
+                continue
+            planned[str(f.path)] = (key, sha)
+            if sha in stored:
+                reused.append(({"path": key[0], "size": key[1], "mtime": key[2], "sha256": sha}, stored[sha]))
+            else:
+                embed.append(f)
+    return embed, planned, reused
+
+
+def mirror(
+    writer: StoreWriter,
+    paths: tuple[str, ...],
+    recursive: bool,
+    files: list[InputFile],
+    missing: list[tuple[str, str]],
+    run: EmbedRun,
+    no_prune: bool,
+) -> int:
+    """Make the store mirror this run's inputs: remove rows of files gone from the folders named (unless
+    --no-prune) and of files that changed but failed (their old vector no longer describes them); then
+    one compaction reclaims every superseded row. Returns how many files were removed."""
+    scopes: list[tuple[str, bool]] = []
+    for raw in paths:
+        p = os.path.abspath(os.path.expanduser(raw))
+        scopes.append((p, recursive) if os.path.isdir(p) else (p, False))
+    present = {str(f.path) for f in files}
+    drop = [] if no_prune else writer.prune_candidates(scopes, present)
+    failed = {str(r["path"]) for r in run.failures}
+    drop += [str(it["path"]) for it in writer.store.items if str(it["path"]) in failed]
+    return writer.finish(drop)["removed"]
 
 
 def check_inputs(
@@ -734,8 +914,11 @@ def check_out(out: Path | None, fmt: str) -> None:
 
 def final_line(summary: dict, errors_file: str | None) -> str:
     """The last line of a run: counts, speed, and where the failures are listed."""
+    sync = ""
+    if summary.get("reused") or summary.get("removed"):
+        sync = f", reused {summary.get('reused', 0)}, removed {summary.get('removed', 0)}"
     line = (
-        f"embedded {summary['embedded']}, skipped {summary['skipped']}, failed {summary['failed']} "
+        f"embedded {summary['embedded']}{sync}, skipped {summary['skipped']}, failed {summary['failed']} "
         f"in {summary['seconds']:.1f} s ({summary['realtime_factor'] or 0:.1f}x realtime)"
     )
     if errors_file:
@@ -884,7 +1067,8 @@ def info(model_id: str, as_json: bool, trust_pickle: bool = False) -> None:
         cpu = report["cpu"]
         if cpu["fast_paths"]:
             click.echo(
-                f"cpu:      {cpu['workers']} worker threads; BLAS {cpu['blas']}; malloc tuned {cpu['malloc_tuned']}"
+                f"cpu:      {cpu['workers']} worker threads; BLAS {cpu['blas']}; "
+                f"malloc tuned {cpu['malloc_tuned']}"
             )
         else:
             click.echo("cpu:      CPU-only paths off (the code Metal and CUDA run)")

@@ -60,19 +60,33 @@ def _store_leftovers(out: Path) -> bool:
 class StoreWriter:
     """The store in --out, held under its writer lock for the whole run (a second `embed` on the same
     --out fails at once, naming this PID). --overwrite builds the new store beside the old one and swaps
-    it in, so it works on a half-made store too."""
+    it in, so it works on a half-made store too.
 
-    def __init__(self, out: Path, manifest: dict, dim: int, dtype: str, overwrite: bool):
+    The store mirrors the inputs (`plan`, `reuse`, `finish`): unchanged files (same path, size, mtime)
+    are skipped, a changed file's new row supersedes its old one, a file whose content (sha256) is
+    already stored under another path reuses those vectors, and files gone from the folders of this run
+    are removed; `finish` then compacts the store so no superseded row is left."""
+
+    def __init__(
+        self, out: Path, manifest: dict, dim: int, dtype: str, overwrite: bool, segments: dict | None = None
+    ):
         from mlx_clap.search.store import MANIFEST_NAME, EmbeddingStore, StoreBusyError, StoreError
 
         self.out = out
         try:
             if overwrite and out.is_dir() and any(out.iterdir()):
-                self.store = self._replace(out, manifest, dim, dtype)
+                self.store = self._replace(out, manifest, dim, dtype, segments)
             elif (out / MANIFEST_NAME).exists():
                 self.store = EmbeddingStore.open(out)
                 self.store.hold()
                 diffs = _settings_diff(self.store.manifest, manifest)
+                if segments is not None and not self.store.has_segments:
+                    diffs.append(
+                        "segments: none there (made without --segments), wanted now; window vectors "
+                        "cannot be added to such a store"
+                    )
+                elif segments is not None and self.store.segment_settings != segments:
+                    diffs.append(f"segments: {self.store.segment_settings} there, {segments} now")
                 if diffs:
                     self.store.close()
                     raise _mismatch_error(out, diffs)
@@ -86,7 +100,7 @@ class StoreWriter:
                             else ""
                         )
                     )
-                self.store = EmbeddingStore.create(out, manifest, dim=dim, dtype=dtype)
+                self.store = EmbeddingStore.create(out, manifest, dim=dim, dtype=dtype, segments=segments)
                 self.store.hold()
         except StoreBusyError as exc:  # --overwrite would not help: another run is writing it
             raise click.ClickException(str(exc)) from exc
@@ -95,18 +109,72 @@ class StoreWriter:
         except OSError as exc:
             raise click.ClickException(f"{out}: cannot write the store ({exc})") from exc
         self.done = self.store.done_keys()
+        # The store's own segment settings rule (a rerun without --segments keeps making them).
+        self.segments = self.store.segment_settings
+        self.removed = 0
 
     @staticmethod
-    def _replace(out: Path, manifest: dict, dim: int, dtype: str):
+    def _replace(out: Path, manifest: dict, dim: int, dtype: str, segments: dict | None):
         from mlx_clap.search.store import EmbeddingStore
 
         # Built beside --out and swapped in, under the old store's lock (a run still writing it wins).
-        store = EmbeddingStore.create(out, manifest, dim=dim, dtype=dtype, replace=True)
+        store = EmbeddingStore.create(out, manifest, dim=dim, dtype=dtype, replace=True, segments=segments)
         store.hold()
         return store
 
-    def write(self, records: list[dict], vectors) -> None:
-        self.store.append([r["item"] for r in records], vectors)
+    def by_content(self) -> dict[str, int]:
+        """sha256 of stored content -> its row in `store.items` (rows of older stores have no sha256)."""
+        return {str(it["sha256"]): i for i, it in enumerate(self.store.items) if it.get("sha256")}
+
+    def reuse(self, reused: list[tuple[dict, int]]) -> None:
+        """Add rows for (item, row of the same content already stored): its vector and its segments are
+        taken over, nothing is embedded. One append for all of them."""
+        if not reused:
+            return
+        import numpy as np
+
+        from mlx_clap.search.index import RowReader
+
+        rows = np.array([r for _, r in reused], dtype=np.int64)
+        vectors = RowReader(self.store).take(rows)
+        items = []
+        for item, row in reused:
+            source = self.store.items[row]
+            item = dict(item)
+            for key in ("duration", "channels", "source_rate", "warnings", "seg"):
+                if key in source:
+                    item[key] = source[key]
+            items.append(item)
+        self.store.append(items, vectors, segments=[None] * len(items) if self.segments else None)
+
+    def write(self, records: list[dict], vectors, segments: list | None = None) -> None:
+        self.store.append([r["item"] for r in records], vectors, segments=segments)
+
+    def prune_candidates(self, scopes: list[tuple[str, bool]], present: set[str]) -> list[str]:
+        """Live paths inside the scopes of this run (a folder with its recursion, or one file) that are
+        not among the files present now: they were deleted, renamed or moved away."""
+        out = []
+        for it in self.store.items:
+            p = str(it["path"])
+            if p in present:
+                continue
+            for root, recursive in scopes:
+                if p == root or (
+                    p.startswith(root.rstrip(os.sep) + os.sep)
+                    and (recursive or os.path.dirname(p) == root.rstrip(os.sep))
+                ):
+                    out.append(p)
+                    break
+        return out
+
+    def finish(self, drop: list[str]) -> dict[str, int]:
+        """Remove `drop` and reclaim superseded rows (one compaction, atomic); nothing to do, no write."""
+        drop_set = {p for p in drop if p in {str(it["path"]) for it in self.store.items}}
+        if not drop_set and not self.store.dead_rows:
+            return {"removed": 0, "reclaimed_rows": 0}
+        stats = self.store.compact(drop_set)
+        self.removed = stats["removed"]
+        return stats
 
     def error(self, path: str, cause: str) -> None:
         self.store.record_error(path, cause)
@@ -165,7 +233,7 @@ class JsonWriter:
         except (OSError, ValueError, KeyError, TypeError):
             return False  # a damaged output is made again
 
-    def write(self, records: list[dict], vectors) -> None:
+    def write(self, records: list[dict], vectors, segments: list | None = None) -> None:
         for rec, vec in zip(records, vectors, strict=True):
             obj = {**rec["item"], **rec["meta"], "embedding": [float(x) for x in vec]}
             _atomic_json(self.safe_target(rec["file"]), obj)
@@ -185,7 +253,7 @@ class JsonlWriter:
         self.utf8 = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "") == "utf8"
         self._json_line = json_line
 
-    def write(self, records: list[dict], vectors) -> None:
+    def write(self, records: list[dict], vectors, segments: list | None = None) -> None:
         for rec, vec in zip(records, vectors, strict=True):
             obj = {**rec["item"], **rec["meta"], "embedding": [float(x) for x in vec]}
             sys.stdout.write(self._json_line(obj) if self.utf8 else json.dumps(obj, sort_keys=True) + "\n")

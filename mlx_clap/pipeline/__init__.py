@@ -10,7 +10,9 @@ text becomes token arrays, and what the model does with them.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,7 +20,13 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_clap.ops import parallel
-from mlx_clap.preprocess.windows import WINDOWED_MODES, WindowMean, clip_windows, sliding_windows
+from mlx_clap.preprocess.windows import (
+    WINDOWED_MODES,
+    WindowMean,
+    clip_windows,
+    segment_windows,
+    sliding_windows,
+)
 
 # Clips per parallel block of `embed_audio_inputs` on the CPU. Batch 8 of HTSAT-tiny on 2 cores (one call:
 # 962 ms): blocks of 1 clip 774 ms, of 2 clips 748 ms, of 4 clips 807 ms.
@@ -67,6 +75,21 @@ def as_text_list(texts: Sequence[str] | str) -> list[str]:
         if not isinstance(t, str):
             raise TypeError(f"embed_text: item {i} is {type(t).__name__}, not str")
     return texts
+
+
+@dataclass
+class SegmentEmbedding:
+    """Per-window embeddings of one clip (`Embedder.embed_segments`), for time-resolved search.
+
+    Row i of `vectors` is the window [starts[i], ends[i]) in seconds; windows overlap when the hop is
+    shorter than the model's clip, and a clip shorter than one window is one segment ending at its end.
+    `file_vector` is the clip's "windows-mean" embedding, the vector `embed_windows` gives.
+    """
+
+    starts: np.ndarray  # float64 (K,) seconds
+    ends: np.ndarray  # float64 (K,) seconds: min(start + window, clip length)
+    vectors: np.ndarray  # float32 (K, D), unit rows
+    file_vector: np.ndarray  # float32 (D,), unit
 
 
 class Embedder:
@@ -302,6 +325,72 @@ class Embedder:
             raise ValueError("audio is empty (0 samples)")
         return acc.result()[0]
 
+    def embed_segments(
+        self,
+        blocks: Iterable[np.ndarray],
+        *,
+        hop_seconds: float = 2.0,
+        batch_size: int = 8,
+        **options: Any,
+    ) -> SegmentEmbedding:
+        """Embeddings of one mono clip's windows every `hop_seconds`, and its "windows-mean" vector.
+
+        `blocks` are consecutive 1-D blocks at the model's rate (a streaming decoder is fine: memory stays
+        bounded by about two windows plus one block and one batch). Segment windows are one model clip
+        long, start every hop (rounded to samples), and a last one is aligned to the clip's end. Each
+        window of either set is embedded once, `batch_size` per model call; when the hop divides the
+        window (the default 2 s does for LAION's 10-s and msclap 2022's 5-s windows, not for msclap
+        2023's 7-s ones) the mean windows are a subset of the segments and cost no extra model calls. A
+        segment's vector is what `embed_waveforms` gives for that window alone; `file_vector` is what
+        `embed_windows` gives for the clip.
+        """
+        fam = self.family
+        fam.check_options(options)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not (math.isfinite(hop_seconds) and hop_seconds > 0):
+            raise ValueError(f"hop_seconds must be a positive number of seconds, got {hop_seconds!r}")
+        hop = round(hop_seconds * fam.sampling_rate)
+        if hop < 1:
+            raise ValueError(f"hop_seconds={hop_seconds!r} is under one sample at {fam.sampling_rate} Hz")
+        acc = WindowMean(1, self.embedding_dim)
+        starts: list[int] = []
+        vectors: list[np.ndarray] = []
+        group: list[np.ndarray] = []
+        flags: list[tuple[int, bool, bool]] = []
+        n = 0
+
+        def flush() -> None:
+            rows = self._rows(fam.window_inputs(group), batch_size)
+            # Mean rows go into the running sum in start order, as `embed_windows` adds them.
+            for row, (start, is_segment, is_mean) in zip(rows, flags, strict=True):
+                if is_mean:
+                    acc.add(row[None], [0])
+                if is_segment:
+                    starts.append(start)
+                    vectors.append(row)
+            group.clear()
+            flags.clear()
+
+        for start, window, is_segment, is_mean in segment_windows(blocks, fam.clip_samples, hop):
+            group.append(fam.prepare_waveform(window, 0, **options))
+            flags.append((start, is_segment, is_mean))
+            n = start + window.size  # the last window ends at the clip's end
+            if len(group) == batch_size:
+                flush()
+        if group:
+            flush()
+        if acc.counts[0] == 0:
+            raise ValueError("audio is empty (0 samples)")
+        start_samples = np.array(starts, dtype=np.int64)
+        sr = float(fam.sampling_rate)
+        return SegmentEmbedding(
+            starts=start_samples / sr,
+            ends=np.minimum(start_samples + fam.clip_samples, n) / sr,
+            vectors=np.stack(vectors).astype(np.float32),
+            file_vector=acc.result()[0],
+        )
+
     # ------------------------------------------------------------------------------------ strings in
     def embed_text(self, texts: Sequence[str] | str, *, batch_size: int = 64, **options: Any) -> np.ndarray:
         """Unit text embeddings (N, D) as numpy float32, batched by length.
@@ -376,4 +465,12 @@ def embedder_for(model: Any, source_dir: Path | None = None) -> Embedder:
     return Embedder(model, MsClapFamily(model, source_dir), source_dir)
 
 
-__all__ = ["CPU_CLIPS_PER_BLOCK", "CPU_TEXTS_PER_BLOCK", "Embedder", "Family", "as_text_list", "embedder_for"]
+__all__ = [
+    "CPU_CLIPS_PER_BLOCK",
+    "CPU_TEXTS_PER_BLOCK",
+    "Embedder",
+    "Family",
+    "SegmentEmbedding",
+    "as_text_list",
+    "embedder_for",
+]

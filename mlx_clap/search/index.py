@@ -327,7 +327,7 @@ def store_fingerprint(store: StoreLike) -> dict[str, Any]:
     `items.jsonl` (whose byte length also lets an append-only change be recognised)."""
     from mlx_clap.io.files import sha256_file
 
-    items_path = Path(store.path) / "items.jsonl"
+    items_path = _items_file(store)
     size = items_path.stat().st_size if items_path.is_file() else 0
     items_sha = sha256_file(items_path) if items_path.is_file() else hashlib.sha256(b"").hexdigest()
     manifest = hashlib.sha256(json.dumps(store.manifest, sort_keys=True).encode()).hexdigest()
@@ -337,18 +337,25 @@ def store_fingerprint(store: StoreLike) -> dict[str, Any]:
         "manifest_sha256": manifest,
         "items_bytes": size,
         "items_sha256": items_sha,
+        # Superseded rows renumber the live ones: a graph built before them cannot just be extended.
+        "dead_rows": int(getattr(store, "dead_rows", 0)),
     }
+
+
+def _items_file(store: StoreLike) -> Path:
+    """The store's items.jsonl (of its current generation)."""
+    return Path(getattr(store, "items_path", Path(store.path) / "items.jsonl"))
 
 
 def _items_prefix_sha(store: StoreLike, nbytes: int) -> str:
     from mlx_clap.io.files import sha256_file
 
-    return sha256_file(Path(store.path) / "items.jsonl", limit=nbytes)
+    return sha256_file(_items_file(store), limit=nbytes)
 
 
 def _items_prefix_bytes(store: StoreLike, rows: int) -> int:
     """Byte length of the first `rows` lines of items.jsonl."""
-    data = (Path(store.path) / "items.jsonl").read_bytes()
+    data = _items_file(store).read_bytes()
     pos = 0
     for _ in range(rows):
         pos = data.index(b"\n", pos) + 1
@@ -487,6 +494,7 @@ class AnnIndex:
             elif (
                 same_kind
                 and old.get("rows", 0) < now["rows"]
+                and now["dead_rows"] == 0
                 and old.get("items_bytes", 0) <= now["items_bytes"]
                 and _items_prefix_sha(store, old["items_bytes"]) == old.get("items_sha256")
             ):

@@ -50,17 +50,22 @@ import numpy as np
 from mlx_clap.io.files import atomic_write_bytes, atomic_write_json
 from mlx_clap.search import lock as _lock
 
-STORE_FORMAT_VERSION = 1
+# 1: one table at the store's root. 2 adds generations (data-N/ after a compaction), a segment table, and
+# superseded rows (a path's latest row wins). A version-1 store is read and written as generation 0.
+STORE_FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 ITEMS_NAME = "items.jsonl"
 ERRORS_NAME = "errors.jsonl"
 SHARDS_DIR = "shards"
 SUMS_DIR = "checksums"  # emb-NNNNN.sum.json: per-row crc32 of shard NNNNN
+SEGMENTS_DIR = "segments"  # the table of per-window vectors, inside the data folder
+DATA_PREFIX = "data-"  # data-N/: the tables of generation N (generation 0 lives at the store's root)
 STORE_DTYPES = ("float16", "float32")
 LOCK_NAME = _lock.LOCK_NAME
-STORE_ENTRIES = (MANIFEST_NAME, ITEMS_NAME, ERRORS_NAME, SHARDS_DIR, SUMS_DIR, LOCK_NAME)
-# Files other commands keep next to a store (cluster, ANN index); --overwrite may remove them.
-DERIVED_ENTRIES = ("clusters.json", "ann.usearch", "ann.json")
+STORE_ENTRIES = (MANIFEST_NAME, ITEMS_NAME, ERRORS_NAME, SHARDS_DIR, SUMS_DIR, SEGMENTS_DIR, LOCK_NAME)
+TABLE_ENTRIES = (ITEMS_NAME, SHARDS_DIR, SUMS_DIR, SEGMENTS_DIR)  # what one generation holds
+# Files other commands keep next to a store (cluster, ANN index, serve's map); --overwrite may remove them.
+DERIVED_ENTRIES = ("clusters.json", "ann.usearch", "ann.json", "map.json", "warnings.jsonl")
 # |norm - 1| above this marks a row as not a unit vector (float16 rounding stays far below it).
 UNIT_TOLERANCE = 1e-2
 
@@ -175,7 +180,42 @@ def item_problem(obj: Any) -> str | None:
     m = obj["mtime"]
     if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
         return f"field 'mtime' must be a finite number (got {m!r})"
+    seg = obj.get("seg")
+    if seg is not None and not (
+        isinstance(seg, list) and len(seg) == 2 and all(_is_int(v) and v >= 0 for v in seg)
+    ):
+        return f"field 'seg' must be [first_row, count] (got {seg!r})"
     return None
+
+
+def _is_seconds(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def segment_problem(obj: Any) -> str | None:
+    """Why a decoded segment-table record is not valid ({"start", "end"} seconds; None when it is)."""
+    if not isinstance(obj, dict):
+        return "not a JSON object"
+    if not _is_seconds(obj.get("start")) or not _is_seconds(obj.get("end")) or obj["end"] < obj["start"]:
+        return f"segment needs seconds 0 <= start <= end (got {obj.get('start')!r}, {obj.get('end')!r})"
+    return None
+
+
+def _remove_stale_generations(path: Path, manifest: dict) -> None:
+    """Remove the leftovers of a compaction killed before or after its switch: generation folders the
+    manifest does not name, and the root tables of generation 0 once a later one is current."""
+    gen = generation_of(manifest)
+    for p in path.iterdir():
+        if p.name.startswith(DATA_PREFIX) and is_store_entry(p.name) and p.name != f"{DATA_PREFIX}{gen}":
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+    if gen:
+        for name in TABLE_ENTRIES:
+            p = path / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.is_file() and not p.is_symlink():
+                p.unlink(missing_ok=True)
 
 
 def validate_layout(mpath: Path, manifest: Any) -> dict:
@@ -194,12 +234,42 @@ def validate_layout(mpath: Path, manifest: Any) -> dict:
             raise StoreError(f"{mpath}: field store.{key} must be an integer from 1 to {1 << 24} (got {v!r})")
     if layout["dtype"] not in STORE_DTYPES:
         raise StoreError(f"{mpath}: unknown store dtype {layout['dtype']!r} (field store.dtype)")
+    gen = layout.get("generation", 0)
+    if not _is_int(gen) or gen < 0:
+        raise StoreError(f"{mpath}: field store.generation must be a non-negative integer (got {gen!r})")
+    seg = layout.get("segments")
+    if seg is not None and not (
+        isinstance(seg, dict)
+        and all(
+            isinstance(seg.get(k), (int, float)) and not isinstance(seg.get(k), bool)
+            for k in ("hop", "window")
+        )
+        and seg["hop"] > 0
+        and seg["window"] > 0
+    ):
+        raise StoreError(f'{mpath}: field store.segments must be {{"hop": s, "window": s}} (got {seg!r})')
     return layout
 
 
 def is_store_entry(name: str) -> bool:
     """Whether a name in a store folder is the store's own (or a temp file of its atomic writes)."""
-    return name in STORE_ENTRIES + DERIVED_ENTRIES or (name.startswith(".") and name.endswith(".tmp"))
+    return (
+        name in STORE_ENTRIES + DERIVED_ENTRIES
+        or (name.startswith(".") and name.endswith(".tmp"))
+        or (name.startswith(DATA_PREFIX) and name[len(DATA_PREFIX) :].isdigit())
+    )
+
+
+def generation_of(manifest: dict) -> int:
+    """The data generation a manifest names (0: the tables at the store's root)."""
+    gen = manifest.get("store", {}).get("generation", 0) if isinstance(manifest, dict) else 0
+    return gen if _is_int(gen) and gen >= 0 else 0
+
+
+def data_dir(path: Path, manifest: dict) -> Path:
+    """The folder holding the current generation's tables."""
+    gen = generation_of(manifest)
+    return Path(path) / f"{DATA_PREFIX}{gen}" if gen else Path(path)
 
 
 def check_entries(path: Path) -> None:
@@ -207,9 +277,20 @@ def check_entries(path: Path) -> None:
     writing there would change files outside the store."""
     root = os.path.realpath(path)
     names = [path / n for n in STORE_ENTRIES + DERIVED_ENTRIES]
-    for sub in (path / SHARDS_DIR, path / SUMS_DIR):
+    try:
+        names += [p for p in path.iterdir() if p.name.startswith(DATA_PREFIX) and is_store_entry(p.name)]
+    except OSError:
+        pass
+    todo = [
+        p for p in names if p.name in (SHARDS_DIR, SUMS_DIR, SEGMENTS_DIR) or p.name.startswith(DATA_PREFIX)
+    ]
+    while todo:  # the store's own folders, at any depth (data-N/segments/shards/...)
+        sub = todo.pop()
         if sub.is_dir() and not sub.is_symlink():
-            names += sorted(sub.iterdir())
+            for child in sorted(sub.iterdir()):
+                names.append(child)
+                if child.name in TABLE_ENTRIES and child.name != ITEMS_NAME:
+                    todo.append(child)
     for p in names:
         if p.is_symlink():
             raise StoreError(
@@ -241,15 +322,23 @@ class EmbeddingStore:
     A writer holding the store for a whole run calls `hold()` (and `close()` at the end).
     """
 
-    def __init__(self, path: Path, manifest: dict, items: list[dict]):
+    def __init__(
+        self, path: Path, manifest: dict, items: list[dict], data: Path | None = None, role: str = "files"
+    ):
         self.path = Path(path)
         self.manifest = manifest
-        self.items = items
+        # `_all` holds every physical row (line k of items.jsonl is row k); `items` the live ones.
+        self._all = items
+        self.role = role  # "files": a path's latest row wins; "segments": rows are addressed by "seg"
+        self.data = Path(data) if data is not None else data_dir(self.path, manifest)
         layout = manifest["store"]
         self.dim = int(layout["dim"])
         self.dtype = str(layout["dtype"])
         self.shard_size = int(layout["shard_size"])
         self._row_by_path: dict[str, int] | None = None
+        self._live_rows: np.ndarray | None = None
+        self._live_items: list[dict] | None = None
+        self._segments: EmbeddingStore | None = None
         self.notes: list[str] = []
         self.read_only = False
         self._holds = 0
@@ -258,7 +347,7 @@ class EmbeddingStore:
     # ------------------------------------------------------------------------------------- locking
     def _items_size(self) -> int:
         try:
-            return (self.path / ITEMS_NAME).stat().st_size
+            return (self.data / ITEMS_NAME).stat().st_size
         except OSError:
             return 0
 
@@ -268,12 +357,26 @@ class EmbeddingStore:
             _lock.acquire(self.path)
         except _lock.StoreLockedError as exc:
             raise StoreBusyError(str(exc)) from None
-        if self._items_size() != self._items_bytes:
+        try:
+            self._check_fresh()
+        except StoreError:
             _lock.release(self.path)
+            raise
+
+    def _check_fresh(self) -> None:
+        if self._items_size() != self._items_bytes or (
+            self.role == "files" and self.data != data_dir(self.path, self._manifest_on_disk())
+        ):
             raise StoreError(
                 f"{self.path}: items.jsonl changed since this store was opened (another writer?); "
                 "open it again"
             )
+
+    def _manifest_on_disk(self) -> dict:
+        try:
+            return json.loads((self.path / MANIFEST_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return self.manifest
 
     def hold(self) -> None:
         """Hold the writer lock until `close()` (a second writer then fails at once, naming this PID)."""
@@ -310,6 +413,7 @@ class EmbeddingStore:
         dtype: str = "float16",
         shard_size: int = 4096,
         replace: bool = False,
+        segments: dict | None = None,
     ) -> EmbeddingStore:
         """Make a new, empty store. It is built in a temp folder beside `path` and renamed into place,
         so a kill or a full disk leaves either nothing or a whole store. A folder that already holds a
@@ -347,7 +451,11 @@ class EmbeddingStore:
             "dim": int(dim),
             "dtype": dtype,
             "shard_size": int(shard_size),
+            "generation": 0,
         }
+        if segments is not None:
+            full["store"]["segments"] = {"hop": float(segments["hop"]), "window": float(segments["window"])}
+            validate_layout(path / MANIFEST_NAME, full)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             _cleanup_stale_builds(path.parent, path.name)
@@ -373,13 +481,19 @@ class EmbeddingStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return cls(path, full, [])
+        store = cls(path, full, [])
+        if segments is not None:
+            store._segments = cls(path, full, [], data=path / SEGMENTS_DIR, role="segments")
+        return store
 
     @staticmethod
     def _build(tmp: Path, manifest: dict) -> None:
-        (tmp / SHARDS_DIR).mkdir()
-        (tmp / SUMS_DIR).mkdir()
-        atomic_write_bytes(tmp / ITEMS_NAME, b"")
+        tables = [tmp, tmp / SEGMENTS_DIR] if manifest["store"].get("segments") else [tmp]
+        for table in tables:
+            table.mkdir(exist_ok=True)
+            (table / SHARDS_DIR).mkdir()
+            (table / SUMS_DIR).mkdir()
+            atomic_write_bytes(table / ITEMS_NAME, b"")
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
         mode = 0o777 & ~_umask()
         tmp.chmod(mode)  # mkdtemp makes owner-only folders
@@ -457,8 +571,41 @@ class EmbeddingStore:
         except (OSError, ValueError) as exc:
             raise StoreError(f"{mpath}: unreadable manifest ({exc})") from exc
         validate_layout(mpath, manifest)
-        items, good_end = cls._read_items(path / ITEMS_NAME, repair)
-        store = cls(path, manifest, items)
+        data = data_dir(path, manifest)
+        if not data.is_dir():
+            raise StoreError(f"{data}: the data folder the manifest names is missing; nothing was changed")
+        if repair:
+            _remove_stale_generations(path, manifest)
+        store = cls._open_table(path, manifest, data, "files", repair)
+        if store.has_segments:
+            seg = cls._open_table(path, manifest, data / SEGMENTS_DIR, "segments", repair)
+            # Segment rows no file row points to yet are the tail of a run killed between its two
+            # appends (segments first, then the file row that commits them): dropped, as a torn line is.
+            committed = max(
+                (int(it["seg"][0]) + int(it["seg"][1]) for it in store._all if "seg" in it), default=0
+            )
+            if len(seg._all) > committed:
+                seg._all = seg._all[:committed]
+                if repair:
+                    seg._rewrite_items()
+                else:
+                    seg._items_bytes = -1
+            elif len(seg._all) < committed:
+                raise StoreError(
+                    f"{data / SEGMENTS_DIR}: holds {len(seg._all)} segment rows, but the file rows name "
+                    f"{committed}; the segment table is damaged (`mlx-clap check STORE`)"
+                )
+            store._segments = seg
+        return store
+
+    @classmethod
+    def _open_table(cls, path: Path, manifest: dict, data: Path, role: str, repair: bool) -> EmbeddingStore:
+        if role == "segments" and not data.is_dir():
+            raise StoreError(
+                f"{data}: the segment table is missing, but the manifest says this store has one"
+            )
+        items, good_end = cls._read_items(data / ITEMS_NAME, repair, role)
+        store = cls(path, manifest, items, data=data, role=role)
         # What this object knows of items.jsonl: a torn tail left in place (read-only) makes the first
         # write see a change and ask for a reopen, instead of appending after the torn bytes.
         store._items_bytes = good_end
@@ -467,7 +614,7 @@ class EmbeddingStore:
         return store
 
     @staticmethod
-    def _read_items(ipath: Path, repair: bool) -> tuple[list[dict], int]:
+    def _read_items(ipath: Path, repair: bool, role: str = "files") -> tuple[list[dict], int]:
         """The items and the byte length of the valid lines."""
         if not ipath.exists():
             return [], 0
@@ -486,7 +633,8 @@ class EmbeddingStore:
                 obj = json.loads(line.decode("utf-8"))
             except (UnicodeDecodeError, ValueError):
                 obj = None
-            if not isinstance(obj, dict) or not {"path", "size", "mtime"} <= set(obj):
+            needed = {"path", "size", "mtime"} if role == "files" else {"start", "end"}
+            if not isinstance(obj, dict) or not needed <= set(obj):
                 # Only the tail can be torn by a crash; garbage in the middle is real corruption.
                 if raw.find(b"\n", nl + 1) >= 0:
                     raise StoreError(
@@ -494,7 +642,7 @@ class EmbeddingStore:
                         "(`mlx-clap check STORE --repair` removes it)"
                     )
                 break
-            problem = item_problem(obj)
+            problem = item_problem(obj) if role == "files" else segment_problem(obj)
             if problem:
                 raise StoreError(
                     f"{ipath}: line {len(items) + 1}: {problem} (`mlx-clap check STORE --repair` removes it)"
@@ -512,7 +660,7 @@ class EmbeddingStore:
         return items, good_end
 
     def _load_shard(self, index: int, mmap: bool = True) -> np.ndarray | None:
-        p = self.path / SHARDS_DIR / _shard_name(index)
+        p = self.data / SHARDS_DIR / _shard_name(index)
         if not p.is_file():
             return None
         try:
@@ -531,8 +679,8 @@ class EmbeddingStore:
 
     def _check_and_trim(self, repair: bool) -> None:
         """Drop items whose rows never reached a shard, and clean temp files."""
-        shard_dir = self.path / SHARDS_DIR
-        n = len(self.items)
+        shard_dir = self.data / SHARDS_DIR
+        n = len(self._all)
         if n and not shard_dir.is_dir():
             # Never "repair" this by emptying items.jsonl: the vectors may only be misplaced.
             raise StoreError(
@@ -540,7 +688,7 @@ class EmbeddingStore:
                 "restore it (or delete the store to start fresh); nothing was changed"
             )
         if repair:
-            for sub in (shard_dir, self.path / SUMS_DIR):
+            for sub in (shard_dir, self.data / SUMS_DIR):
                 if sub.is_dir():
                     for tmp in sub.glob(".emb-*.tmp"):
                         tmp.unlink(missing_ok=True)
@@ -554,7 +702,7 @@ class EmbeddingStore:
             index += 1
         if covered < n:
             # Cannot happen with this writer (shards are written first) unless files were removed.
-            self.items = self.items[:covered]
+            self._all = self._all[:covered]
             if repair:
                 self._rewrite_items()
             else:
@@ -562,7 +710,7 @@ class EmbeddingStore:
 
     # ---------------------------------------------------------------------------------- checksums
     def _sidecar(self, index: int) -> dict | None:
-        p = self.path / SUMS_DIR / _sum_name(index)
+        p = self.data / SUMS_DIR / _sum_name(index)
         if not p.exists():
             return None
         try:
@@ -577,13 +725,13 @@ class EmbeddingStore:
         return doc
 
     def _write_sidecar(self, index: int, crcs: list[int]) -> None:
-        shard = self.path / SHARDS_DIR / _shard_name(index)
+        shard = self.data / SHARDS_DIR / _shard_name(index)
         st = shard.stat()
         doc = {"rows": len(crcs), "crc32": crcs, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        atomic_write_bytes(self.path / SUMS_DIR / _sum_name(index), json.dumps(doc).encode("utf-8"))
+        atomic_write_bytes(self.data / SUMS_DIR / _sum_name(index), json.dumps(doc).encode("utf-8"))
 
     def _used_rows(self, index: int) -> int:
-        return max(0, min(self.shard_size, len(self.items) - index * self.shard_size))
+        return max(0, min(self.shard_size, len(self._all) - index * self.shard_size))
 
     def bad_rows(self, index: int, arr: np.ndarray, doc: dict, used: int) -> list[int]:
         """Rows (within shard `index`) among the first `used` whose crc32 differs from the sidecar's."""
@@ -595,10 +743,10 @@ class EmbeddingStore:
         """The cheap check: sizes always (np.load), row checksums of shards changed since their sidecar
         was written; a shard without a sidecar (older store) is recorded when write-locked, else noted."""
         unverified = []
-        for index in range((len(self.items) + self.shard_size - 1) // self.shard_size):
+        for index in range((len(self._all) + self.shard_size - 1) // self.shard_size):
             used = self._used_rows(index)
             arr = self._load_shard(index)
-            shard = self.path / SHARDS_DIR / _shard_name(index)
+            shard = self.data / SHARDS_DIR / _shard_name(index)
             doc = self._sidecar(index)
             if doc is None:
                 if repair:
@@ -630,32 +778,93 @@ class EmbeddingStore:
             )
 
     def _rewrite_items(self) -> None:
-        ipath = self.path / ITEMS_NAME
-        lines = "".join(json_line(o) for o in self.items)
+        ipath = self.data / ITEMS_NAME
+        lines = "".join(json_line(o) for o in self._all)
         atomic_write_bytes(ipath, lines.encode("utf-8"))
         self._items_bytes = len(lines.encode("utf-8"))
 
     # -------------------------------------------------------------------------------------- reading
+    def _live(self) -> np.ndarray | None:
+        """Physical rows of the live items (a path's latest row), or None when every row is live."""
+        if self._live_items is None:
+            rows: np.ndarray | None = None
+            if self.role == "files":
+                last: dict[str, int] = {}
+                for i, it in enumerate(self._all):
+                    last[str(it["path"])] = i
+                if len(last) < len(self._all):
+                    rows = np.fromiter(sorted(last.values()), dtype=np.int64, count=len(last))
+            self._live_rows = rows
+            self._live_items = self._all if rows is None else [self._all[int(r)] for r in rows]
+        return self._live_rows
+
+    @property
+    def items(self) -> list[dict]:
+        """The live file rows in row order: one per path (a path's latest row; superseded rows are
+        kept on disk until the next compaction and never shown)."""
+        self._live()
+        assert self._live_items is not None
+        return self._live_items
+
+    @property
+    def dead_rows(self) -> int:
+        """Physical rows no reader sees (superseded by a later row of the same path)."""
+        live = self._live()
+        return 0 if live is None else len(self._all) - int(live.size)
+
+    @property
+    def items_path(self) -> Path:
+        """The current generation's items.jsonl (what an ANN index fingerprints)."""
+        return self.data / ITEMS_NAME
+
     def __len__(self) -> int:
         return len(self.items)
 
-    def iter_shards(self) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (first_row, memory-mapped (n, dim) array) per shard, covering exactly len(self) rows."""
-        n = len(self.items)
+    def _physical_shards(self) -> Iterator[tuple[int, np.ndarray]]:
+        n = len(self._all)
         for first in range(0, n, self.shard_size):
-            p = self.path / SHARDS_DIR / _shard_name(first // self.shard_size)
+            p = self.data / SHARDS_DIR / _shard_name(first // self.shard_size)
             arr = np.load(p, mmap_mode="r", allow_pickle=False)
             yield first, arr[: min(self.shard_size, n - first)]
 
+    def iter_shards(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (first_row, (n, dim) array) per shard, covering exactly the len(self) live rows in
+        order: memory maps, or copies of a shard's live rows where it holds superseded ones."""
+        live = self._live()
+        if live is None:
+            yield from self._physical_shards()
+            return
+        pos = 0
+        for first, arr in self._physical_shards():
+            lo, hi = np.searchsorted(live, [first, first + arr.shape[0]])
+            if hi > lo:
+                yield pos, arr[live[lo:hi] - first]
+                pos += int(hi - lo)
+
+    def take_physical(self, rows: np.ndarray) -> np.ndarray:
+        """float32 (len(rows), dim) of physical rows, in the order given."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((rows.size, self.dim), dtype=np.float32)
+        if not rows.size:
+            return out
+        shard_of = rows // self.shard_size
+        for s in np.unique(shard_of):
+            sel = np.nonzero(shard_of == s)[0]
+            arr = np.load(self.data / SHARDS_DIR / _shard_name(int(s)), mmap_mode="r", allow_pickle=False)
+            local = rows[sel] - int(s) * self.shard_size
+            order = np.argsort(local, kind="stable")  # sorted reads are kinder to a memory map
+            out[sel[order]] = arr[local[order]]
+        return out
+
     def matrix(self, dtype: Any = np.float32) -> np.ndarray:
-        """All stored vectors as one (N, dim) array."""
-        out = np.empty((len(self.items), self.dim), dtype=dtype)
+        """All live vectors as one (N, dim) array."""
+        out = np.empty((len(self), self.dim), dtype=dtype)
         for first, arr in self.iter_shards():
             out[first : first + arr.shape[0]] = arr
         return out
 
     def row_of(self, path: str | Path) -> int:
-        """Row of the latest vector stored for `path` (as given, or as an absolute path)."""
+        """Row (in `items`) of the vector stored for `path` (as given, or as an absolute path)."""
         if self._row_by_path is None:
             self._row_by_path = {str(it["path"]): i for i, it in enumerate(self.items)}
         for key in (str(path), os.path.abspath(str(path))):
@@ -664,8 +873,42 @@ class EmbeddingStore:
         raise UnknownPathError(f"{self.path}: no vector stored for {path}")
 
     def done_keys(self) -> set[tuple[str, int, float]]:
-        """(path, size, mtime) of every embedded file, for resuming a run."""
+        """(path, size, mtime) of every live file row, for resuming a run."""
         return {item_key(it) for it in self.items}
+
+    # ------------------------------------------------------------------------------------- segments
+    @property
+    def segment_settings(self) -> dict | None:
+        """{"hop": s, "window": s} when the store keeps per-window vectors, else None."""
+        seg = self.manifest["store"].get("segments")
+        return dict(seg) if isinstance(seg, dict) else None
+
+    @property
+    def has_segments(self) -> bool:
+        return self.segment_settings is not None
+
+    def _segment_table(self) -> EmbeddingStore:
+        if self._segments is None:
+            raise StoreError(f"{self.path}: this store was made without --segments (no per-window vectors)")
+        return self._segments
+
+    def segment_view(self) -> SegmentView:
+        """The live files' segments (empty for a store made without --segments)."""
+        if not self.has_segments or self._segments is None:
+            return SegmentView.empty(self.dim)
+        seg = self._segments
+        starts = np.fromiter((float(it["start"]) for it in seg._all), dtype=np.float64, count=len(seg._all))
+        ends = np.fromiter((float(it["end"]) for it in seg._all), dtype=np.float64, count=len(seg._all))
+        owner: list[np.ndarray] = []
+        rows: list[np.ndarray] = []
+        for i, it in enumerate(self.items):
+            if "seg" in it:
+                first, count = int(it["seg"][0]), int(it["seg"][1])
+                rows.append(np.arange(first, first + count, dtype=np.int64))
+                owner.append(np.full(count, i, dtype=np.int64))
+        r = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        f = np.concatenate(owner) if owner else np.zeros(0, dtype=np.int64)
+        return SegmentView(seg, f, r, starts[r], ends[r])
 
     def errors(self) -> list[dict]:
         """The failure records (may name files that later succeeded on a rerun)."""
@@ -681,9 +924,21 @@ class EmbeddingStore:
         return out
 
     # -------------------------------------------------------------------------------------- writing
-    def append(self, items: list[dict], vectors: np.ndarray) -> None:
+    def append(
+        self,
+        items: list[dict],
+        vectors: np.ndarray,
+        segments: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] | None = None,
+    ) -> None:
         """Add rows: shards (and their checksum sidecars) are rewritten atomically first, then the item
-        lines are appended (fsync); all under the writer lock."""
+        lines are appended (fsync); all under the writer lock. A row for a path already stored
+        supersedes the old one (which the next `compact` reclaims).
+
+        `segments` (stores with segments only): per item, None (its "seg" pointer is kept as given, as
+        when a renamed file reuses the rows of its content) or (starts, ends, vectors) of its windows.
+        Those go to the segment table first and the item's "seg" then points at them, so the file row
+        is what commits them: a kill between the two leaves segment rows no file names, dropped on open.
+        """
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise StoreError(f"{self.path}: vectors of shape {vectors.shape}, the store holds dim {self.dim}")
@@ -695,19 +950,63 @@ class EmbeddingStore:
                 raise StoreError(f"{self.path}: each item needs path, size and mtime: {problem} (got {it!r})")
         if not np.all(np.isfinite(vectors)):
             raise StoreError(f"{self.path}: refusing to store non-finite vectors")
+        items = [dict(it) for it in items]
+        seg_items, seg_vecs = self._segment_rows(items, segments)
         if not items:
             return
         check_entries(self.path)
         self._acquire()
         try:
+            if seg_items:
+                table = self._segment_table()
+                table._check_fresh()  # its own items.jsonl must be as read, too
+                base = len(table._all)
+                table._append_locked(seg_items, seg_vecs.astype(self.dtype))
+                for it in items:
+                    if "seg" in it and isinstance(it["seg"], _NewSegments):
+                        it["seg"] = [base + it["seg"].offset, it["seg"].count]
             self._append_locked(items, vectors.astype(self.dtype))
         finally:
             _lock.release(self.path)
 
+    def _segment_rows(self, items: list[dict], segments: list | None) -> tuple[list[dict], np.ndarray | None]:
+        """Check the segments given with `items`; mark each item's new rows (placeholders resolved once
+        the segment table's length is known under the lock)."""
+        if segments is None:
+            return [], None
+        if not self.has_segments:
+            raise StoreError(f"{self.path}: this store was made without segments; cannot add window vectors")
+        if len(segments) != len(items):
+            raise StoreError(f"{self.path}: {len(segments)} segment lists for {len(items)} items")
+        rows: list[dict] = []
+        vecs: list[np.ndarray] = []
+        for it, seg in zip(items, segments, strict=True):
+            if seg is None:
+                continue
+            starts, ends, v = (np.asarray(a) for a in seg)
+            if v.ndim != 2 or v.shape[1] != self.dim or v.shape[0] != starts.size or starts.size != ends.size:
+                raise StoreError(
+                    f"{self.path}: segments of {it['path']}: shapes {starts.shape} {ends.shape} {v.shape}"
+                )
+            if not np.all(np.isfinite(v)):
+                raise StoreError(f"{self.path}: refusing to store non-finite segment vectors ({it['path']})")
+            new = [
+                {"start": round(float(a), 6), "end": round(float(b), 6)}
+                for a, b in zip(starts, ends, strict=True)
+            ]
+            for obj in new:
+                problem = segment_problem(obj)
+                if problem:
+                    raise StoreError(f"{self.path}: segments of {it['path']}: {problem}")
+            it["seg"] = _NewSegments(len(rows), len(new))
+            rows += new
+            vecs.append(v)
+        return rows, (np.concatenate(vecs) if vecs else None)
+
     def _append_locked(self, items: list[dict], vecs: np.ndarray) -> None:
-        start = len(self.items)
+        start = len(self._all)
         end = start + len(items)
-        shard_dir = self.path / SHARDS_DIR
+        shard_dir = self.data / SHARDS_DIR
         if not shard_dir.is_dir():
             raise StoreError(f"{shard_dir}: is missing or not a folder; nothing was written")
         for index in range(start // self.shard_size, (end - 1) // self.shard_size + 1):
@@ -725,21 +1024,131 @@ class EmbeddingStore:
             _atomic_save_npy(p, block)
             self._write_sidecar(index, row_crcs(block))
         _fsync_dir(shard_dir)
-        append_lines(self.path / ITEMS_NAME, [dict(it) for it in items])
+        append_lines(self.data / ITEMS_NAME, [dict(it) for it in items])
         self._items_bytes = self._items_size()
-        self.items.extend(dict(it) for it in items)
-        if self._row_by_path is not None:
-            for i, it in enumerate(items):
-                self._row_by_path[str(it["path"])] = start + i
+        self._all.extend(dict(it) for it in items)
+        self._row_by_path = None  # the live view is recomputed on the next read
+        self._live_items = None
+        self._live_rows = None
 
     def _check_kept(self, index: int, old: np.ndarray) -> None:
         # The rows carried into a rewritten shard get fresh checksums: they must be sound first.
         doc = self._sidecar(index)
         if doc is not None and self.bad_rows(index, old, doc, old.shape[0]):
             raise StoreError(
-                f"{self.path / SHARDS_DIR / _shard_name(index)}: rows fail their checksum (damaged); "
+                f"{self.data / SHARDS_DIR / _shard_name(index)}: rows fail their checksum (damaged); "
                 "run `mlx-clap check STORE --repair` first"
             )
+
+    # ----------------------------------------------------------------------------------- compaction
+    def compact(self, drop_paths: Any = ()) -> dict[str, int]:
+        """Reclaim superseded rows and remove the files in `drop_paths`: the live rows are written as a
+        new generation (data-N/), the manifest is switched to it in one atomic rename, then the old
+        generation is deleted. The manifest always names a whole generation, so a kill at any moment
+        leaves the store as it was or as compacted, never without a valid store."""
+        drop = {str(p) for p in drop_paths}
+        check_entries(self.path)
+        self._acquire()
+        try:
+            return self._compact_locked(drop)
+        finally:
+            _lock.release(self.path)
+
+    def _compact_locked(self, drop: set[str]) -> dict[str, int]:
+        live = self._live()
+        live_rows = np.arange(len(self._all), dtype=np.int64) if live is None else live
+        keep = np.array([r for r in live_rows if str(self._all[int(r)]["path"]) not in drop], dtype=np.int64)
+        stats = {
+            "removed": int(live_rows.size - keep.size),
+            "reclaimed_rows": int(len(self._all) - keep.size),
+        }
+        gen = generation_of(self.manifest) + 1
+        new_data = self.path / f"{DATA_PREFIX}{gen}"
+        shutil.rmtree(new_data, ignore_errors=True)  # left by a compaction killed before its switch
+        new_data.mkdir()
+        items = [dict(self._all[int(r)]) for r in keep]
+        seg = self._segments
+        seg_items: list[dict] = []
+        if seg is not None:
+            seg_items, stats["reclaimed_segments"] = self._compact_segments(
+                seg, items, new_data / SEGMENTS_DIR
+            )
+        self._write_table(new_data, items, self, keep)
+        _fsync_dir(new_data)
+        manifest = json.loads(json.dumps(self.manifest))
+        manifest["store"]["generation"] = gen
+        manifest["store"]["format_version"] = STORE_FORMAT_VERSION
+        atomic_write_json(self.path / MANIFEST_NAME, manifest)  # the switch
+        _fsync_dir(self.path)
+        self.manifest, self.data, self._all = manifest, new_data, items
+        self._row_by_path = self._live_items = self._live_rows = None
+        self._items_bytes = self._items_size()
+        if seg is not None:
+            seg.manifest, seg.data, seg._all = manifest, new_data / SEGMENTS_DIR, seg_items
+            seg._items_bytes = seg._items_size()
+        _remove_stale_generations(self.path, manifest)
+        return stats
+
+    def _compact_segments(
+        self, seg: EmbeddingStore, items: list[dict], folder: Path
+    ) -> tuple[list[dict], int]:
+        """The segment table of the new generation. While most of its rows are still used it is carried
+        over whole (hard links: no copy) with the pointers unchanged; otherwise the used rows are written
+        in the order of `items`, and a range shared by copies of one file stays shared."""
+        ranges: dict[tuple[int, int], int] = {}
+        for it in items:
+            if "seg" in it:
+                ranges.setdefault((int(it["seg"][0]), int(it["seg"][1])), 0)
+        used = sum(c for _, c in ranges)
+        dead = len(seg._all) - used
+        if dead <= len(seg._all) // 4:
+            self._link_table(seg.data, folder)
+            return [dict(it) for it in seg._all], 0
+        pos = 0
+        src: list[np.ndarray] = []
+        for key in ranges:
+            ranges[key] = pos
+            pos += key[1]
+            src.append(np.arange(key[0], key[0] + key[1], dtype=np.int64))
+        rows = np.concatenate(src) if src else np.zeros(0, dtype=np.int64)
+        for it in items:
+            if "seg" in it:
+                key = (int(it["seg"][0]), int(it["seg"][1]))
+                it["seg"] = [ranges[key], key[1]]
+        new_items = [dict(seg._all[int(r)]) for r in rows]
+        self._write_table(folder, new_items, seg, rows)
+        return new_items, dead
+
+    def _write_table(self, folder: Path, items: list[dict], source: EmbeddingStore, rows: np.ndarray) -> None:
+        """Write a table (shards, checksums, items.jsonl) of `rows` of `source`, one shard at a time."""
+        folder.mkdir(exist_ok=True)
+        (folder / SHARDS_DIR).mkdir(exist_ok=True)
+        (folder / SUMS_DIR).mkdir(exist_ok=True)
+        target = EmbeddingStore(self.path, self.manifest, items, data=folder, role=source.role)
+        for index, first in enumerate(range(0, rows.size, self.shard_size)):
+            block = np.ascontiguousarray(
+                source.take_physical(rows[first : first + self.shard_size]).astype(self.dtype)
+            )
+            _atomic_save_npy(folder / SHARDS_DIR / _shard_name(index), block)
+            target._write_sidecar(index, row_crcs(block))
+        _fsync_dir(folder / SHARDS_DIR)
+        target._rewrite_items()
+
+    @staticmethod
+    def _link_table(src: Path, dst: Path) -> None:
+        """A table carried into a new generation: shards and checksums hard-linked (copied where links
+        are not possible), items.jsonl copied (it is appended to in place)."""
+        for sub in (SHARDS_DIR, SUMS_DIR):
+            (dst / sub).mkdir(parents=True, exist_ok=True)
+            for f in sorted((src / sub).iterdir()):
+                if f.name.startswith("."):
+                    continue  # temp files of a killed write
+                try:
+                    os.link(f, dst / sub / f.name)
+                except OSError:
+                    shutil.copy2(f, dst / sub / f.name)
+            _fsync_dir(dst / sub)
+        atomic_write_bytes(dst / ITEMS_NAME, (src / ITEMS_NAME).read_bytes())
 
     def record_error(self, path: str | Path, error: str, **extra: Any) -> None:
         """Append one failure record to errors.jsonl (under the writer lock)."""
@@ -816,13 +1225,14 @@ def check_store(path: str | Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise StoreError(f"{mpath}: unreadable manifest ({exc})") from exc
     layout = validate_layout(mpath, manifest)
-    objs, bad_lines, torn = _read_lines_lenient(path / ITEMS_NAME)
+    data = data_dir(path, manifest)
+    objs, bad_lines, torn = _read_lines_lenient(data / ITEMS_NAME)
     store = EmbeddingStore(path, manifest, [])
-    store.items = objs  # placeholders included: row k is line k
+    store._all = objs  # placeholders included: row k is line k
     size, n = int(layout["shard_size"]), len(objs)
-    if n and not (path / SHARDS_DIR).is_dir():
+    if n and not (data / SHARDS_DIR).is_dir():
         raise StoreError(
-            f"{path / SHARDS_DIR}: is missing or not a folder, but {ITEMS_NAME} names {n} vectors"
+            f"{data / SHARDS_DIR}: is missing or not a folder, but {ITEMS_NAME} names {n} vectors"
         )
     damaged: list[dict] = []
     unverified: list[str] = []
@@ -830,7 +1240,7 @@ def check_store(path: str | Path) -> dict[str, Any]:
     index = 0
     while True:
         first = index * size
-        shard = path / SHARDS_DIR / _shard_name(index)
+        shard = data / SHARDS_DIR / _shard_name(index)
         if first >= n and not shard.exists():
             break
         used = max(0, min(size, n - first))
@@ -897,19 +1307,20 @@ def repair_store(path: str | Path, report: dict[str, Any]) -> int:
 
 def _repair_locked(path: Path, report: dict[str, Any]) -> int:
     manifest = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
-    objs, _, _ = _read_lines_lenient(path / ITEMS_NAME)
+    data = data_dir(path, manifest)
+    objs, _, _ = _read_lines_lenient(data / ITEMS_NAME)
     store = EmbeddingStore(path, manifest, [])
     size = store.shard_size
     remove = {d["row"] for d in report["damaged_rows"]} | {b["row"] for b in report["bad_lines"]}
     if not remove:
-        store.items = objs
+        store._all = objs
         for index in range((len(objs) + size - 1) // size):  # record missing checksums (older stores)
             if store._sidecar(index) is None:
                 store._write_sidecar(index, row_crcs(np.asarray(store._load_shard(index))))
         return 0
     first = min(remove)
     kept = [r for r in range(len(objs)) if r not in remove]
-    store.items = [objs[r] for r in range(first)]
+    store._all = [objs[r] for r in range(first)]
     store._rewrite_items()  # step 1: a smaller, valid store
     sources = {}
     for index in range(first // size, (len(objs) + size - 1) // size):
@@ -921,14 +1332,99 @@ def _repair_locked(path: Path, report: dict[str, Any]) -> int:
     for index in range(first // size, (new_n + size - 1) // size):
         rows = kept[index * size : (index + 1) * size]
         block = np.stack([np.asarray(sources[r // size][r % size]) for r in rows]).astype(store.dtype)
-        p = path / SHARDS_DIR / _shard_name(index)
+        p = data / SHARDS_DIR / _shard_name(index)
         _atomic_save_npy(p, np.ascontiguousarray(block))
         store._write_sidecar(index, row_crcs(block))
     last = (new_n + size - 1) // size
     for index in range(last, max(sources, default=-1) + 1):
-        (path / SHARDS_DIR / _shard_name(index)).unlink(missing_ok=True)
-        (path / SUMS_DIR / _sum_name(index)).unlink(missing_ok=True)
-    _fsync_dir(path / SHARDS_DIR)
-    store.items = [objs[r] for r in kept]
+        (data / SHARDS_DIR / _shard_name(index)).unlink(missing_ok=True)
+        (data / SUMS_DIR / _sum_name(index)).unlink(missing_ok=True)
+    _fsync_dir(data / SHARDS_DIR)
+    store._all = [objs[r] for r in kept]
     store._rewrite_items()  # step 3: the whole repaired store
     return len(remove)
+
+
+class _NewSegments:
+    """Placeholder "seg" of an item whose segment rows are being appended (offset within this append)."""
+
+    def __init__(self, offset: int, count: int):
+        self.offset = offset
+        self.count = count
+
+
+class SegmentView:
+    """The live segments of a store: per segment the file it belongs to (an index into `store.items`),
+    its start and end in seconds, and its vector (read from the segment table on demand).
+
+    Segments of one file are contiguous and sorted by start. Built by `EmbeddingStore.segment_view()`.
+    """
+
+    def __init__(
+        self,
+        table: EmbeddingStore | None,
+        file_index: np.ndarray,
+        rows: np.ndarray,
+        start: np.ndarray,
+        end: np.ndarray,
+        dim: int | None = None,
+    ):
+        self.table = table
+        self.file_index = file_index
+        self.rows = rows  # physical rows in the segment table
+        self.start = start
+        self.end = end
+        self.dim = int(dim if dim is not None else table.dim)  # type: ignore[union-attr]
+
+    @classmethod
+    def empty(cls, dim: int) -> SegmentView:
+        z = np.zeros(0, dtype=np.int64)
+        return cls(None, z, z, np.zeros(0), np.zeros(0), dim=dim)
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+    def _identity(self) -> bool:
+        return (
+            self.table is not None
+            and self.rows.size == len(self.table._all)
+            and bool(self.rows.size == 0 or (self.rows[0] == 0 and np.all(np.diff(self.rows) == 1)))
+        )
+
+    def iter_blocks(self, block_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+        """(first segment index, (n, dim) rows) over all segments in order; memory bounded by a block."""
+        if not len(self):
+            return
+        assert self.table is not None
+        if self._identity():
+            pieces: list[np.ndarray] = []
+            have, start = 0, 0
+            for _, arr in self.table._physical_shards():
+                pieces.append(arr)
+                have += arr.shape[0]
+                if have >= block_rows:
+                    block = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+                    yield start, block
+                    start += block.shape[0]
+                    pieces, have = [], 0
+            if pieces:
+                yield start, np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+            return
+        for first in range(0, len(self), block_rows):
+            yield first, self.take(np.arange(first, min(first + block_rows, len(self))))
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """float32 (len(idx), dim) vectors of segments `idx`."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.table is None:
+            return np.zeros((idx.size, self.dim), dtype=np.float32)
+        return self.table.take_physical(self.rows[idx])
+
+    def matrix(self) -> np.ndarray:
+        """All segment vectors, float32 (S, dim) (small stores)."""
+        return self.take(np.arange(len(self)))
+
+    def of_file(self, file_index: int) -> np.ndarray:
+        """Segment indices of one file (in `store.items` order), sorted by start."""
+        lo, hi = np.searchsorted(self.file_index, [file_index, file_index + 1])
+        return np.arange(lo, hi, dtype=np.int64)
