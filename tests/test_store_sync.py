@@ -114,6 +114,7 @@ def test_edit_delete_rename_copy_touch_mirrors_the_folder(tiny_model_dir, librar
     third = run(args)  # nothing changed: nothing written
     manifest_before = (store / "manifest.json").read_bytes()
     assert summary_of(third)["skipped"] == 6 and summary_of(third)["embedded"] == 0
+    assert summary_of(third)["up_to_date"]  # answered from stats alone: the model was not loaded
     assert (store / "manifest.json").read_bytes() == manifest_before
 
 

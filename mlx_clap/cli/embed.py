@@ -731,6 +731,23 @@ def embed(
     check_out(out, fmt)
     for path, cause in missing:
         click.echo(f"error: {printable(path)}: {printable(cause)}", err=True)
+    if fmt == "store" and not overwrite and not missing:
+        wanted = {
+            "long_audio": long_audio,
+            "seed": seed if long_audio == "reference" else None,
+            "quantize_int16": bool(quantize_int16),
+            "compute_dtype": dtype,
+        }
+        done = already_mirrored(
+            out, model_id, wanted, store_dtype, segments, files, paths, recursive, no_prune
+        )
+        if done is not None:  # nothing changed: answered from file stats alone, the model is not loaded
+            done["not_considered"] = ignored
+            if summary_json:
+                click.echo(json.dumps(done))
+            elif not quiet:
+                click.echo(final_line(done, None), err=True)
+            return
     model = load_model_or_exit(model_id, dtype, trust_pickle=trust_pickle)
     fused = model.config.feature_config.truncation == "fusion"
     if long_audio == "fusion" and not fused:
@@ -829,6 +846,85 @@ def embed(
         sys.exit(INTERRUPTED_STATUS)  # the group leaves through os._exit (mlx_clap.cli.__init__)
     if run.failures:
         sys.exit(1)
+
+
+def already_mirrored(
+    out: Path,
+    model_id: str,
+    wanted: dict,
+    store_dtype: str,
+    segments: bool,
+    files: list[InputFile],
+    paths: tuple[str, ...],
+    recursive: bool,
+    no_prune: bool,
+) -> dict | None:
+    """The summary of a run with nothing to do (every file unchanged, none to remove, same model and
+    settings as the store records), or None when there is work or any doubt. Costs one stat per file,
+    so a rerun over an unchanged library of 100k files takes seconds and never loads the model."""
+    from mlx_clap.search.store import MANIFEST_NAME, EmbeddingStore, StoreError
+
+    if not (out / MANIFEST_NAME).is_file() or (out / ERRORS_NAME).exists():
+        return None  # a new store, or failures to retry and an error log to bring up to date
+    t0 = time.perf_counter()
+    try:
+        store = EmbeddingStore.open(out, repair=False)
+    except StoreError:
+        return None  # the full path reports it
+    manifest = store.manifest
+    local = Path(model_id).expanduser()
+    recorded = str(local.resolve()) if local.exists() else model_id
+    settings = manifest.get("settings") or {}
+    if (
+        manifest.get("model") != recorded
+        or manifest.get("store_dtype") != store_dtype
+        or any(settings.get(k) != v for k, v in wanted.items())
+        or (segments and not store.has_segments)
+        or store.dead_rows
+        or store.read_only is False
+        and store.notes
+    ):
+        return None
+    done = store.done_keys()
+    for f in files:
+        try:
+            if stat_key(f.path) not in done:
+                return None
+        except OSError:
+            return None
+    if not no_prune:
+        present = {str(f.path) for f in files}
+        for raw in paths:
+            root = os.path.abspath(os.path.expanduser(raw))
+            scope = root.rstrip(os.sep) + os.sep
+            for it in store.items:
+                p = str(it["path"])
+                if p in present:
+                    continue
+                if p == root or (
+                    p.startswith(scope) and (recursive or os.path.dirname(p) == root.rstrip(os.sep))
+                ):
+                    return None
+    seconds = time.perf_counter() - t0
+    return {
+        "files": len(files),
+        "embedded": 0,
+        "reused": 0,
+        "removed": 0,
+        "skipped": len(files),
+        "failed": 0,
+        "failures": [],
+        "warnings": [],
+        "seconds": round(seconds, 3),
+        "audio_seconds": 0.0,
+        "realtime_factor": None,
+        "files_per_second": None,
+        "format": "store",
+        "out": str(out),
+        "model": manifest.get("model"),
+        "errors_file": None,
+        "up_to_date": True,
+    }
 
 
 def plan_by_content(

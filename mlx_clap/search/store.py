@@ -1,17 +1,34 @@
 """An embedding store on disk: fixed-size `.npy` shards, one JSON line per vector, a manifest.
 
-Layout of a store folder:
+Layout of a store folder (format 2; a format-1 store is generation 0 with no segment table):
 
-    manifest.json        model id, weights sha256, settings, mlx-clap version; plus "store": layout
-    items.jsonl          one JSON object per stored vector, in row order ({"path", "size", "mtime", ...})
-    shards/emb-00000.npy rows [0, shard_size), emb-00001.npy rows [shard_size, 2*shard_size), ...
-    errors.jsonl         one JSON object per failed input ({"path", "error", "time"})
+    manifest.json          model id, weights sha256, settings, mlx-clap version; "store": dim, dtype,
+                           shard_size, format_version, generation, segments ({"hop", "window"} or absent)
+    errors.jsonl           the failures that stand ({"path", "error", "time"})
+    .writer.lock           the one-writer lock (lock.py)
+    <data>/                the tables of the current generation: the store folder itself for generation
+                           0, data-N/ for generation N (each compaction writes the next one)
+      items.jsonl          one JSON object per file row ({"path", "size", "mtime", "sha256", "duration",
+                           ..., "seg": [first, count]}), line k = row k
+      shards/emb-00000.npy rows [0, shard_size), emb-00001.npy rows [shard_size, 2*shard_size), ...
+      checksums/           emb-NNNNN.sum.json: crc32 per row of shard NNNNN
+      segments/            the same three for the per-window vectors ({"start", "end"} seconds per row);
+                           a file row's "seg" names its contiguous range there
 
-Crash safety: `append` first rewrites the shard(s) it touches through a temp file + fsync + rename, and only
-then appends the item lines (one write, fsync). So the shards always hold at least as many rows as
-items.jsonl names. `open` repairs what a killed writer can leave: a partial last item line is dropped,
-shard rows without an item are ignored (and overwritten by the next append), and temp files are removed.
+Rows and the live view: a row for a path already stored supersedes the old one (readers see a path's
+latest row only: `items`, `matrix`, `iter_shards`, `row_of`); `compact` rewrites the live rows (minus
+removed files) as the next generation, so superseded rows are reclaimed. Two file rows with the same
+content (a copy, a rename) may share one segment range.
+
+Crash safety: `append` first rewrites the shard(s) it touches through a temp file + fsync + rename, and
+only then appends the item lines (one write, fsync); segment rows go in before the file row that names
+them. So the shards always hold at least as many rows as items.jsonl names. `open` repairs what a
+killed writer can leave: a partial last item line is dropped, shard rows without an item are ignored
+(and overwritten by the next append), and temp files are removed.
 Row k always lives in shard k // shard_size, so a resumed run yields the same files as an uninterrupted one.
+Segment rows no file row names (a kill between the two appends) are dropped on open. `compact` builds the
+next generation whole, then switches the manifest to it (one atomic rename), then deletes the old one; a
+kill at any point leaves the old store or the new one, and `open` removes the other's leftovers.
 
 Integrity (see also `mlx-clap check`):
 
