@@ -389,6 +389,18 @@ def test_cli_records_truncation_warnings(tiny_model_dir, files, mp3, tmp_path):
         assert any("header declares" in w for w in warned["cut.wav"])
         assert any("truncated" in w for w in warned["cut.mp3"])
         assert not [ln for ln in r.stderr.splitlines() if DECODER_LINE.match(ln)], r.stderr
+        # warnings.jsonl beside errors.jsonl lists the same files, and the summary points to it.
+        log = tmp_path / mode / "warnings.jsonl"
+        assert summary["warnings_file"] == str(log)
+        logged = {Path(w["path"]).name: w["warnings"] for w in map(json.loads, log.read_text().splitlines())}
+        assert logged == warned
+    # The log describes the store now: a file replaced by a whole one leaves it.
+    (src / "cut.wav").write_bytes(files["wav44"].read_bytes())
+    r = _cli(["embed", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "head"),
+              "--long-audio", "head", "-q"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    logged = [json.loads(x)["path"] for x in (tmp_path / "head" / "warnings.jsonl").read_text().splitlines()]
+    assert [Path(p).name for p in logged] == ["cut.mp3"]
 
 
 def test_cli_subprocess_prints_no_unattributed_decoder_lines(tiny_model_dir, mp3, tmp_path):

@@ -1,4 +1,4 @@
-"""What several commands share: the --model option (one default-model rule) and loading it with a clear error."""
+"""What several commands share: the --model option (one default-model rule) and loading it clearly."""
 
 from __future__ import annotations
 

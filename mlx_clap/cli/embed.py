@@ -26,9 +26,8 @@ from mlx_clap.cli.common import (
     weights_sha256,
 )
 from mlx_clap.cli.output import INTERRUPTED_MESSAGE, INTERRUPTED_STATUS, printable
-from mlx_clap.cli.writers import ERRORS_NAME, JsonlWriter, JsonWriter, StoreWriter
+from mlx_clap.cli.writers import ERRORS_NAME, WARNINGS_NAME, JsonlWriter, JsonWriter, StoreWriter
 from mlx_clap.preprocess.decode_ahead import (
-    AUDIO_SUFFIXES,
     DECODE_BUDGET_BYTES,
     Decoded,
     InputFile,
@@ -124,40 +123,6 @@ IGNORED_NOTES = {
     "symlinked_folders": "symbolic links to folders (not followed)",
     "subfolders": "sub-folders (no --recursive)",
 }
-
-
-def count_ignored(paths: tuple[str, ...], recursive: bool) -> dict[str, int]:
-    """What folder discovery passes over without a word, by kind (the rules of `discover`)."""
-    counts = dict.fromkeys(IGNORED_NOTES, 0)
-    for raw in paths:
-        top = Path(os.path.abspath(os.path.expanduser(raw)))
-        if not top.is_dir():
-            continue
-        for dirpath, dirnames, filenames in os.walk(top) if recursive else [_listing(top)]:
-            for d in list(dirnames):
-                if d.startswith("."):
-                    counts["hidden"] += 1
-                elif os.path.islink(os.path.join(dirpath, d)):
-                    counts["symlinked_folders"] += 1  # os.walk lists them but does not descend
-                elif not recursive:
-                    counts["subfolders"] += 1
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for f in filenames:
-                if f.startswith("."):
-                    counts["hidden"] += 1
-                elif Path(f).suffix.lower() not in AUDIO_SUFFIXES:
-                    counts["not_audio_name"] += 1
-    return {k: v for k, v in counts.items() if v}
-
-
-def _listing(folder: Path) -> tuple[str, list[str], list[str]]:
-    dirs, files = [], []
-    try:
-        for entry in os.scandir(folder):
-            (dirs if entry.is_dir() else files).append(entry.name)
-    except OSError:
-        pass
-    return str(folder), dirs, files
 
 
 def describe_ignored(ignored: dict[str, int]) -> str:
@@ -723,8 +688,8 @@ def embed(
         raise click.UsageError("--segments needs a store (--out DIR, --format store)")
     if segments and long_audio != "windows-mean":
         raise click.UsageError("--segments needs --long-audio windows-mean (the file vector is their mean)")
-    files, missing = discover(paths, recursive)
-    ignored = count_ignored(paths, recursive)
+    ignored: dict[str, int] = {}
+    files, missing = discover(paths, recursive, ignored)
     # Inputs are checked before the model loads: loading may take a while or need the network, and a
     # typo must neither wait for it nor leave an empty store behind.
     check_inputs(paths, files, missing, ignored)
@@ -832,9 +797,13 @@ def embed(
             errors_file = str(error_log) if records else None
         except OSError as exc:
             click.echo(f"error: cannot rewrite {printable(error_log)} ({exc})", err=True)
+    warnings_file = None
+    if error_log is not None:
+        warnings_file = rewrite_warnings(out / WARNINGS_NAME, writer, fmt, run, succeeded)
     summary = run.summary(len(files) + len(missing), skipped, str(out) if out else None, fmt)
     summary.update(sync)
     summary["errors_file"] = errors_file
+    summary["warnings_file"] = warnings_file
     summary["not_considered"] = ignored
     if summary_json:
         click.echo(json.dumps(summary), err=(fmt == "jsonl"))
@@ -1021,7 +990,35 @@ def final_line(summary: dict, errors_file: str | None) -> str:
         line += f"; failures listed in {printable(errors_file)}"
     elif summary["failed"]:
         line += "; failures listed above"
+    if summary.get("warnings_file"):
+        line += f"; files decoded with warnings listed in {printable(summary['warnings_file'])}"
     return line
+
+
+def rewrite_warnings(path: Path, writer: Any, fmt: str, run: EmbedRun, succeeded: set[str]) -> str | None:
+    """Rewrite OUT/warnings.jsonl ({"path", "warnings"} per file embedded from a partial decode) to the
+    current state: for a store, its live rows with warnings; for JSON output, this run's plus earlier
+    ones of files still there and not embedded again. Returns its path, or None when there are none."""
+    if fmt == "store":
+        records = [
+            {"path": it["path"], "warnings": it["warnings"]}
+            for it in writer.store.items
+            if it.get("warnings")
+        ]
+    else:
+        redone = run.embedded_paths
+        old = [
+            r
+            for r in read_error_log(path)
+            if r.get("path") not in redone and os.path.lexists(str(r.get("path")))
+        ]
+        records = old + [dict(w) for w in run.warnings]
+    try:
+        rewrite_error_log(path, records)
+    except OSError as exc:
+        click.echo(f"error: cannot rewrite {printable(path)} ({exc})", err=True)
+        return None
+    return str(path) if records else None
 
 
 @click.command("embed-text")

@@ -19,6 +19,7 @@ from mlx_clap.preprocess.decode_ahead import InputFile
 
 JSON_MANIFEST = ".mlx-clap-manifest.json"
 ERRORS_NAME = "errors.jsonl"
+WARNINGS_NAME = "warnings.jsonl"  # files embedded from a partial decode, beside errors.jsonl
 
 
 # ------------------------------------------------------------------------------------------ writers

@@ -34,8 +34,18 @@ class InputFile:
     rel: Path  # relative to the common root of the inputs: mirrored under --out for --format json
 
 
-def discover(paths: tuple[str, ...], recursive: bool) -> tuple[list[InputFile], list[tuple[str, str]]]:
-    """Files to embed (sorted, de-duplicated) and (path, cause) for arguments that do not exist."""
+IGNORED_KINDS = ("hidden", "not_audio_name", "symlinked_folders", "subfolders")
+
+
+def discover(
+    paths: tuple[str, ...], recursive: bool, ignored: dict[str, int] | None = None
+) -> tuple[list[InputFile], list[tuple[str, str]]]:
+    """Files to embed (sorted, de-duplicated) and (path, cause) for arguments that do not exist.
+
+    Inside folders, files are picked by audio extension; hidden files and folders, other files,
+    symbolic links to folders and (without `recursive`) sub-folders are passed over, and counted by
+    kind (IGNORED_KINDS) into `ignored` when given, in the same walk."""
+    counts = dict.fromkeys(IGNORED_KINDS, 0)
     missing: list[tuple[str, str]] = []
     found: list[Path] = []
     roots: list[Path] = []
@@ -43,19 +53,14 @@ def discover(paths: tuple[str, ...], recursive: bool) -> tuple[list[InputFile], 
         p = Path(os.path.abspath(os.path.expanduser(raw)))
         if p.is_dir():
             roots.append(p)
-            if recursive:
-                walked = []
-                for dirpath, dirnames, filenames in os.walk(p):
-                    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                    walked += [Path(dirpath) / f for f in filenames if _is_audio_name(f)]
-                found += sorted(walked)
-            else:
-                found += sorted(c for c in p.iterdir() if _is_audio_name(c.name) and not c.is_dir())
+            found += _walk(p, recursive, counts)
         elif p.exists() or p.is_symlink():
             roots.append(p.parent)
             found.append(p)
         else:
             missing.append((str(p), "no such file or folder"))
+    if ignored is not None:
+        ignored.update({k: v for k, v in counts.items() if v})
     if not found:
         return [], missing
     common = Path(os.path.commonpath([str(r) for r in roots]))
@@ -66,6 +71,44 @@ def discover(paths: tuple[str, ...], recursive: bool) -> tuple[list[InputFile], 
             seen.add(f)
             files.append(InputFile(f, f.relative_to(common)))
     return files, missing
+
+
+def _walk(top: Path, recursive: bool, counts: dict[str, int]) -> list[Path]:
+    """The audio files of one folder argument, sorted; what is passed over is counted."""
+    out: list[Path] = []
+    walk = os.walk(top) if recursive else [_listing(top)]
+    for dirpath, dirnames, filenames in walk:
+        keep = []
+        for d in dirnames:
+            if d.startswith("."):
+                counts["hidden"] += 1
+            elif os.path.islink(os.path.join(dirpath, d)):
+                counts["symlinked_folders"] += 1  # os.walk lists them but does not descend
+            elif not recursive:
+                counts["subfolders"] += 1
+            else:
+                keep.append(d)
+        dirnames[:] = sorted(keep)
+        names = []
+        for f in filenames:
+            if f.startswith("."):
+                counts["hidden"] += 1
+            elif Path(f).suffix.lower() not in AUDIO_SUFFIXES:
+                counts["not_audio_name"] += 1
+            else:
+                names.append(f)
+        out += sorted(Path(dirpath) / f for f in names)
+    return out if not recursive else sorted(out)
+
+
+def _listing(folder: Path) -> tuple[str, list[str], list[str]]:
+    dirs, files = [], []
+    try:
+        for entry in os.scandir(folder):
+            (dirs if entry.is_dir() else files).append(entry.name)
+    except OSError:
+        pass
+    return str(folder), dirs, files
 
 
 def _is_audio_name(name: str) -> bool:
