@@ -71,6 +71,10 @@ COMMANDS = {
     "classify": ("mlx_clap.cli.search", "classify"),
     "index": ("mlx_clap.cli.index", "index"),
     "check": ("mlx_clap.cli.check", "check"),
+    "export": ("mlx_clap.cli.export", "export"),
+    "timeline": ("mlx_clap.cli.segments", "timeline"),
+    "recurring": ("mlx_clap.cli.segments", "recurring"),
+    "serve": ("mlx_clap.cli.serve", "serve"),
 }
 
 
