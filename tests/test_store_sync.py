@@ -458,3 +458,36 @@ def test_embed_segments_stores_windows_beside_the_file_vector(tiny_model_dir, tm
     view = st.segment_view()
     assert len(view.of_file(st.row_of(lib / "long2.wav"))) == 7
     assert len(view) == 7 + 1 + 2  # mid: 0 and the end-aligned 4
+
+
+def test_search_segments_finds_a_planted_sound_within_one_hop(tiny_model_dir, tmp_path):
+    """A 10-s chirp planted at known offsets in long noise files is found by `search --audio --segments`."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    t = np.arange(10 * SR) / SR
+    chirp = (0.5 * np.sin(2 * np.pi * (300 + 150 * t) * t)).astype(np.float32)
+    offsets = {"one.wav": 12.0, "two.wav": 26.0}
+    rng = np.random.default_rng(5)
+    for name, off in offsets.items():
+        x = (0.05 * rng.standard_normal(45 * SR)).astype(np.float32)
+        x[int(off * SR) : int(off * SR) + chirp.size] += chirp
+        sf.write(lib / name, x, SR)
+    write_clip(lib / "noise.wav", seed=9, seconds=40.0)
+    sf.write(tmp_path / "query.wav", chirp, SR)
+    store = tmp_path / "store"
+    r = run(["embed", lib, "--model", tiny_model_dir, "--out", store, "-q", "--segments"])
+    assert r.exit_code == 0, r.output
+    r = run(["search", store, "--audio", tmp_path / "query.wav", "--segments", "-k", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    hits = json.loads(r.stdout)["results"]
+    assert sorted(Path(h["path"]).name for h in hits) == ["one.wav", "two.wav"]
+    for h in hits:
+        assert abs(h["best_start"] - offsets[Path(h["path"]).name]) <= 2.0, h
+        assert h["start"] <= offsets[Path(h["path"]).name] + 2.0 and h["z"] >= 2.0
+    text = run(["search", store, "--audio", tmp_path / "query.wav", "--segments", "-k", "2"])
+    assert text.exit_code == 0 and "one.wav" in text.stdout and "z " in text.stdout
+    # File search reports the calibration too, and thresholds can be given as z.
+    r = run(["search", store, "--audio", tmp_path / "query.wav", "--json", "--min-percentile", "50"])
+    res = json.loads(r.stdout)
+    assert {"mean", "std", "sample"} <= set(res["calibration"])
+    assert all(h["percentile"] >= 50 for h in res["results"]) and res["results"]

@@ -66,7 +66,7 @@ def export(
     """
     from tqdm import tqdm
 
-    from mlx_clap.cli.search import open_store
+    from mlx_clap.cli.stores import open_store
     from mlx_clap.search.export import ExportError, export_store
 
     store = open_store(store_path)

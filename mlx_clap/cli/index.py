@@ -45,7 +45,7 @@ def index(store_path: Path, rebuild: bool, connectivity: int, expansion_add: int
     """
     from tqdm import tqdm
 
-    from mlx_clap.cli.search import open_store
+    from mlx_clap.cli.stores import open_store
     from mlx_clap.search.index import AnnIndex, SearchError
 
     store = open_store(store_path)

@@ -7,7 +7,6 @@ store's is refused, since vectors from two models do not share a space.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,138 +15,23 @@ import click
 import numpy as np
 
 from mlx_clap.cli.common import (
-    DEFAULT_MODEL,
-    MODEL_ENV,
-    load_model_or_exit,
     trust_pickle_option,
-    weights_sha256,
 )
 from mlx_clap.cli.output import printable
-
-# One default-model rule for every command (see mlx_clap.cli.common.model_option): --model, else
-# $MLX_CLAP_MODEL, else DEFAULT_MODEL; except that a store is queried with the model named in its
-# manifest unless --model is given on the command line (its vectors live in that model's space).
-store_model_option = click.option(
-    "--model",
-    "model",
-    default=DEFAULT_MODEL,
-    envvar=MODEL_ENV,
-    show_envvar=True,
-    show_default=True,
-    help="Model: a converted folder, a Hugging Face CLAP folder, a LAION .pt or a hub id. A store is "
-    "queried with the model its manifest names unless --model is given.",
+from mlx_clap.cli.stores import (  # noqa: F401 (re-exported for the other commands)
+    check_store_model,
+    embed_settings,
+    emit_json,
+    load_model,
+    load_store_model,
+    model_given,
+    note,
+    open_store,
+    recorded_model_path,
+    store_model_option,
+    store_model_ref,
+    store_override,
 )
-
-
-def model_given() -> bool:
-    """Whether --model was typed on the command line (not taken from $MLX_CLAP_MODEL or the default)."""
-    ctx = click.get_current_context()
-    return ctx.get_parameter_source("model") == click.core.ParameterSource.COMMANDLINE
-
-
-def store_override(store: Any, model: str) -> str | None:
-    """The model to query `store` with instead of its manifest's: --model when given, else
-    $MLX_CLAP_MODEL / the default only when the manifest names no model."""
-    if model_given():
-        return model
-    return None if store_model_ref(store.manifest)["source"] else model
-
-
-# ------------------------------------------------------------------------------------------ helpers
-def open_store(path: str | Path):
-    """Open a store or raise ClickException naming it; an empty store is an error here too."""
-    from mlx_clap.search.store import EmbeddingStore, StoreError
-
-    try:
-        store = EmbeddingStore.open(path, repair=False)
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from exc
-    if len(store) == 0:
-        raise click.ClickException(f"{path}: the store is empty; embed some audio into it first")
-    return store
-
-
-def store_model_ref(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The model a store was embedded with, from the manifest `mlx-clap embed` writes:
-    {"source": the --model it was given, "sha256": weights_sha256, "dtype": compute dtype}."""
-    m = manifest.get("model")
-    if isinstance(m, dict):  # tolerate a nested form: {"id"|"path", "weights_sha256"}
-        source, sha = m.get("path") or m.get("id"), m.get("weights_sha256")
-    else:
-        source, sha = m, None
-    settings = manifest.get("settings") or {}
-    return {
-        "source": source or manifest.get("model_source"),
-        "sha256": sha or manifest.get("weights_sha256"),
-        "dtype": settings.get("compute_dtype"),
-    }
-
-
-def load_model(source: str | None, dtype: str | None = None, trust_pickle: bool = False) -> Any:
-    """Load a model (default: $MLX_CLAP_MODEL or DEFAULT_MODEL) with a user-facing error."""
-    from mlx_clap import settings
-
-    source = source or settings.current().model
-    return load_model_or_exit(source, dtype or "float32", trust_pickle=trust_pickle)
-
-
-def load_store_model(store: Any, override: str | None, trust_pickle: bool = False) -> Any:
-    """The store's model (or `override`), checked against the store's dimension and weights."""
-    source = override or store_model_ref(store.manifest)["source"]
-    if source is None:
-        raise click.ClickException(
-            f"{store.path}: the manifest names no model; pass --model with the model it was embedded with"
-        )
-    if not override:
-        source = recorded_model_path(store, str(source))
-    model = load_model(str(source), store_model_ref(store.manifest)["dtype"], trust_pickle=trust_pickle)
-    check_store_model(store, model, str(source))
-    return model
-
-
-def recorded_model_path(store: Any, source: str) -> str:
-    """The manifest's model, with a relative path from an older store (which recorded --model as typed)
-    resolved against the store folder's parent when it does not exist from here: the store was most
-    likely made next to that folder."""
-    path = Path(source).expanduser()
-    if path.is_absolute() or path.exists():
-        return source
-    beside = Path(store.path).resolve().parent / path
-    return str(beside) if beside.exists() else source
-
-
-def check_store_model(store: Any, model: Any, source: str) -> None:
-    """ClickException unless `model` makes vectors of the store's size, with the store's weights
-    (when the manifest records their sha256 and the model came from a folder)."""
-    ref = store_model_ref(store.manifest)
-    if model.embedding_dim != store.dim:
-        raise click.ClickException(
-            f"{store.path}: holds {store.dim}-d vectors but model {source} makes {model.embedding_dim}-d "
-            "ones; use the model the store was embedded with"
-        )
-    if ref["sha256"]:
-        have = weights_sha256(model)
-        if have is not None and have != ref["sha256"]:
-            raise click.ClickException(
-                f"{store.path}: was embedded with model {ref['source']} (weights sha256 "
-                f"{ref['sha256'][:12]}...) but {source} has weights {have[:12]}...; vectors from different "
-                "models are not comparable"
-            )
-
-
-def embed_settings(manifest: dict[str, Any]) -> dict[str, Any]:
-    """Audio embedding options recorded in the manifest that `embed_audio` understands."""
-    settings = manifest.get("settings") or {}
-    out = {k: settings[k] for k in ("long_audio", "quantize_int16", "seed") if settings.get(k) is not None}
-    return out
-
-
-def note(message: str) -> None:
-    click.echo(f"note: {message}", err=True)
-
-
-def emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
 # ------------------------------------------------------------------------------------------- search
@@ -170,6 +54,36 @@ def emit_json(obj: Any) -> None:
     "when it is missing or out of date); auto: ann when an up-to-date index exists, else flat. A search "
     "never builds an index.",
 )
+@click.option(
+    "--segments",
+    "segments",
+    is_flag=True,
+    help="Return time ranges inside files {path, start, end, score}: the stored windows (embed "
+    "--segments) above the threshold, adjacent ones merged, best first, at most -k.",
+)
+@click.option(
+    "--min-z", type=float, default=None, help="Keep results whose z-score reaches this (segments default 2)."
+)
+@click.option(
+    "--min-percentile",
+    type=click.FloatRange(0, 100),
+    default=None,
+    help="Keep results at or above this percentile.",
+)
+@click.option("--min-score", type=float, default=None, help="Keep results whose cosine reaches this.")
+@click.option(
+    "--gap",
+    type=click.FloatRange(0),
+    default=None,
+    help="Segments: merge windows this many seconds apart (default: the hop).",
+)
+@click.option(
+    "--min-length",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    help="Segments: drop shorter ones (seconds).",
+)
 @store_model_option
 @trust_pickle_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with the backend that answered).")
@@ -182,11 +96,23 @@ def search(
     globs: tuple[str, ...],
     contains: tuple[str, ...],
     backend: str,
+    segments: bool,
+    min_z: float | None,
+    min_percentile: float | None,
+    min_score: float | None,
+    gap: float | None,
+    min_length: float,
     model: str | None,
     as_json: bool,
     trust_pickle: bool = False,
 ) -> None:
     """Search a store by text, by an audio file, or by an item already in it.
+
+    Every score comes with a calibration: raw CLAP cosines differ between models and between text and
+    audio queries, so each result also gets its z-score (standard deviations above this query's mean
+    score over the store) and percentile; --min-z / --min-percentile / --min-score keep results above
+    such a threshold. --segments searches the per-window vectors of a store made with
+    `embed --segments` and returns time ranges.
 
     k larger than the store (or than the filtered rows) returns every row, with a note on stderr.
     Text and audio queries use the store's model (from its manifest) unless --model is given. Which
@@ -199,6 +125,7 @@ def search(
       mlx-clap search vectors/ --audio query.wav --glob "*.flac" --json
       mlx-clap search vectors/ --like ~/Sounds/rain.wav
       mlx-clap index vectors/ && mlx-clap search vectors/ --text "rain" --backend ann
+      mlx-clap search vectors/ --text "crowd noise" --segments --min-z 3 --json
     """
     from mlx_clap.search.index import RowReader, SearchError, open_index, path_mask
 
@@ -237,10 +164,27 @@ def search(
             except AudioDecodeError as exc:
                 raise click.ClickException(str(exc)) from exc
             label = {"audio": str(audio)}
+    if sum(v is not None for v in (min_z, min_percentile, min_score)) > 1:
+        raise click.UsageError("give at most one of --min-z, --min-percentile, --min-score")
+    if segments:
+        from mlx_clap.cli.segments import print_segment_hits, segment_hits, store_segments
+
+        view = store_segments(store, store_path)
+        opts = dict(k=k, threshold=min_score, min_z=min_z, min_percentile=min_percentile, gap=gap)
+        hits = segment_hits(
+            store, view, np.asarray(query)[None, :], **opts, min_length=min_length,
+            file_mask=path_mask(store.items, globs, contains),
+        )  # fmt: skip
+        if as_json:
+            emit_json({"query": label, "segments": True, "k": len(hits), "results": hits})
+        else:
+            print_segment_hits(hits)
+        return
     try:
         index = open_index(store, backend)
         mask = path_mask(store.items, globs, contains)
         result = index.search(query, k, mask=mask, exclude=exclude)
+        cal = calibration_for(store, query)
     except SearchError as exc:
         raise click.ClickException(f"{printable(store_path)}: {exc}") from exc
     for n in [*getattr(index, "notes", []), *result.notes]:
@@ -249,19 +193,45 @@ def search(
         how = "exact" if index.name == "flat" else "approximate, rescored exactly"
         note(f"backend: {index.name} ({how})")
     hits = result.hits(store.items)
+    threshold = min_score
+    if min_z is not None:
+        threshold = cal.score_for_z(min_z)
+    elif min_percentile is not None:
+        threshold = cal.score_for_percentile(min_percentile)
+    if threshold is not None:
+        hits = [h for h in hits if h.score >= threshold]
+    rows = [
+        {"rank": i + 1, **h.to_dict(), "z": round(float(cal.z(h.score)), 3),
+         "percentile": round(float(cal.percentile(h.score)), 3)}
+        for i, h in enumerate(hits)
+    ]  # fmt: skip
     if as_json:
         emit_json(
             {
                 "query": label,
                 "backend": index.name,
                 "k": len(hits),
+                "calibration": cal.to_dict(),
                 "notes": [*getattr(index, "notes", []), *result.notes],
-                "results": [{"rank": i + 1, **h.to_dict()} for i, h in enumerate(hits)],
+                "results": rows,
             }
         )
         return
-    for i, h in enumerate(hits, 1):
-        click.echo(f"{i:>3}  {h.score:.4f}  {printable(h.path)}")
+    if threshold is not None and not hits:
+        note("no result reached the threshold")
+    for r in rows:
+        click.echo(
+            f"{r['rank']:>3}  {r['score']:.4f}  z {r['z']:5.2f}  {r['percentile']:6.2f}%  "
+            f"{printable(r['path'])}"
+        )
+
+
+def calibration_for(store: Any, query: np.ndarray) -> Any:
+    """The query's score distribution over (a sample of) the store's file vectors."""
+    from mlx_clap.search.calibration import calibrate_query
+    from mlx_clap.search.index import RowReader
+
+    return calibrate_query(RowReader(store).take, len(store), np.asarray(query))
 
 
 # ------------------------------------------------------------------------------------------- dedupe

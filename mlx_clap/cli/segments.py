@@ -1,0 +1,356 @@
+"""`mlx-clap timeline | recurring`, and the segment hits behind `search --segments`.
+
+All three read the per-window vectors of a store made with `mlx-clap embed --segments`. Scores are
+shown with their calibration (z: standard deviations above the query's mean score over the store's
+windows; percentile: the share of windows scoring at or below), since raw cosines differ between
+models and between text and audio queries.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from mlx_clap.cli.common import trust_pickle_option
+from mlx_clap.cli.output import printable
+from mlx_clap.cli.stores import (
+    embed_settings,
+    emit_json,
+    load_store_model,
+    note,
+    open_store,
+    store_model_option,
+    store_override,
+)
+
+PROGRESS_EVERY_S = 5.0  # a long `recurring` run says where it is this often (stderr)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def store_segments(store: Any, store_path: Path | str) -> Any:
+    """The store's SegmentView, or ClickException when it keeps no segments."""
+    view = store.segment_view() if getattr(store, "has_segments", False) else None
+    if view is None or len(view) == 0:
+        raise click.ClickException(
+            f"{printable(store_path)}: the store has no segments (made without --segments; "
+            "embed again with --segments)"
+        )
+    return view
+
+
+def query_vector(
+    store: Any, text: str | None, audio: Path | None, model: str, trust_pickle: bool = False
+) -> tuple[np.ndarray, str]:
+    """(unit query vector, label) from --text or --audio with the store's model."""
+    if (text is None) == (audio is None):
+        raise click.UsageError("give exactly one of --text, --audio")
+    clap = load_store_model(store, store_override(store, model), trust_pickle=trust_pickle)
+    if text is not None:
+        try:
+            return np.asarray(clap.embed_text([text])[0], dtype=np.float32), text
+        except RuntimeError as exc:  # a model folder without tokenizer files
+            raise click.ClickException(f"--text: {exc}") from exc
+    from mlx_clap.preprocess.audio import AudioDecodeError
+
+    try:
+        vec = clap.embed_audio([audio], **embed_settings(store.manifest))[0]
+    except AudioDecodeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    return np.asarray(vec, dtype=np.float32), Path(str(audio)).stem
+
+
+def clock(seconds: float) -> str:
+    """Seconds as M:SS.s (H:MM:SS.s from an hour on)."""
+    tenths = int(round(float(seconds) * 10))
+    h, rest = divmod(tenths, 36000)
+    m, rest = divmod(rest, 600)
+    s = rest / 10
+    return f"{h}:{m:02d}:{s:04.1f}" if h else f"{m}:{s:04.1f}"
+
+
+def _throttled(every_s: float = PROGRESS_EVERY_S):
+    """A progress callback that prints a message to stderr at most every `every_s` seconds."""
+    last = [time.monotonic()]
+
+    def report(message: str) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s:
+            last[0] = now
+            note(message)
+
+    return report
+
+
+# -------------------------------------------------------------------------------- search --segments
+def segment_hits(store: Any, view: Any, queries: np.ndarray, **opts: Any) -> list[dict[str, Any]]:
+    """The best segments for `queries` ((m, dim) or (dim,)) as JSON-ready dicts, query by query, best
+    first: {"query", "rank", "path", "file_index", "start", "end", "best_start", "windows", "score",
+    "z", "percentile"}.
+
+    `opts` are `search_segments`'s (k, threshold | min_z | min_percentile, gap, min_length,
+    file_mask); gap defaults to the store's hop. ClickException naming the store on bad options.
+    """
+    from mlx_clap.search.index import SearchError
+    from mlx_clap.search.segments import search_segments
+
+    settings = getattr(store, "segment_settings", None) or {}
+    if opts.get("gap") is None and settings.get("hop") is not None:
+        opts["gap"] = float(settings["hop"])
+    try:
+        results = search_segments(view, queries, **opts)
+    except SearchError as exc:
+        raise click.ClickException(f"{printable(store.path)}: {exc}") from exc
+    return [
+        {"query": qi, "rank": rank, **seg.to_dict(store.items)}
+        for qi, segs in enumerate(results)
+        for rank, seg in enumerate(segs, 1)
+    ]
+
+
+def print_segment_hits(hits: list[dict[str, Any]]) -> None:
+    """Plain text: rank, cosine, z, percentile, start-end and path per hit (a header per query when
+    there are several)."""
+    if not hits:
+        note("no segment reached the threshold")
+        return
+    several = len({h["query"] for h in hits}) > 1
+    current = None
+    for h in hits:
+        if several and h["query"] != current:
+            current = h["query"]
+            click.echo(f"query {current + 1}:")
+        span = f"{clock(h['start'])}-{clock(h['end'])}"
+        click.echo(
+            f"{h['rank']:>3}  {h['score']:.4f}  z {h['z']:5.2f}  {h['percentile']:6.2f}%  "
+            f"{span:>17}  {printable(h['path'])}"
+        )
+
+
+# ------------------------------------------------------------------------------------------ timeline
+@click.command()
+@click.argument("file", metavar="FILE")
+@click.option(
+    "--store",
+    "store_path",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The store (made with --segments) that holds FILE.",
+)
+@click.option("--text", "text", help="Score every window against this description.")
+@click.option(
+    "--audio", "audio", type=click.Path(dir_okay=False, path_type=Path), help="Score against this sound."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "json", "audacity"]),
+    default="csv",
+    show_default=True,
+    help="csv / json: every window (start, end, score, z); audacity: a label track of the stretches "
+    "at or above --min-z (or --threshold), importable with File > Import > Labels.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@click.option(
+    "--min-z",
+    type=float,
+    default=None,
+    help="z-score a window needs to be labelled (audacity; default 2.0).",
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(-1.0, 1.0),
+    default=None,
+    help="Cosine a window needs to be labelled (audacity), instead of --min-z.",
+)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write here instead of stdout.")
+@store_model_option
+@trust_pickle_option
+def timeline(
+    file: str,
+    store_path: Path,
+    text: str | None,
+    audio: Path | None,
+    fmt: str,
+    as_json: bool,
+    min_z: float | None,
+    threshold: float | None,
+    out: Path | None,
+    model: str,
+    trust_pickle: bool = False,
+) -> None:
+    """Score every segment (window) of one stored FILE against a text or a sound.
+
+    z is the window's score in standard deviations above the query's mean score over all the store's
+    windows (a sample of 100,000 in bigger stores). FILE is a path as stored (or one that resolves to
+    it).
+
+    \b
+    Example:
+      mlx-clap timeline show.mp3 --store vectors/ --text "applause"
+      mlx-clap timeline show.mp3 --store vectors/ --text "applause" --format audacity --out applause.txt
+      mlx-clap timeline show.mp3 --store vectors/ --audio jingle.wav --json
+    """
+    from mlx_clap.search.index import SearchError
+    from mlx_clap.search.segments import format_timeline
+    from mlx_clap.search.segments import timeline as file_timeline
+    from mlx_clap.search.store import StoreError
+
+    if (text is None) == (audio is None):
+        raise click.UsageError("give exactly one of --text, --audio")
+    if min_z is not None and threshold is not None:
+        raise click.UsageError("give at most one of --min-z, --threshold")
+    fmt = "json" if as_json else fmt
+    store = open_store(store_path)
+    view = store_segments(store, store_path)
+    try:
+        row = store.row_of(file)
+    except (StoreError, KeyError) as exc:
+        raise click.ClickException(f"{printable(file)}: not in the store {printable(store_path)}") from exc
+    vector, label = query_vector(store, text, audio, model, trust_pickle)
+    try:
+        rows = file_timeline(view, row, vector)
+    except SearchError as exc:
+        raise click.ClickException(f"{printable(store_path)}: {exc}") from exc
+    if not rows:
+        raise click.ClickException(f"{printable(file)}: has no segments in {printable(store_path)}")
+    meta = {
+        "path": str(store.items[row]["path"]),
+        "query": {"text": text} if text is not None else {"audio": str(audio)},
+    }
+    body = format_timeline(rows, fmt, label=label, min_z=min_z, threshold=threshold, meta=meta)
+    if out is None:
+        click.echo(body, nl=False)
+        return
+    from mlx_clap.io.files import atomic_write_bytes
+
+    try:
+        atomic_write_bytes(out, body.encode("utf-8"))
+    except OSError as exc:
+        raise click.ClickException(f"{printable(out)}: cannot write: {exc.strerror or exc}") from exc
+    note(f"wrote {len(rows)} windows ({fmt}) to {printable(out)}")
+
+
+# ----------------------------------------------------------------------------------------- recurring
+@click.command()
+@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--threshold",
+    type=click.FloatRange(-1.0, 1.0),
+    default=None,
+    help="Cosine at or above which two windows match (default 0.9).",
+)
+@click.option(
+    "--min-z",
+    type=float,
+    default=None,
+    help="Instead of --threshold: match when the cosine is this many standard deviations above that "
+    "of two random windows of the store.",
+)
+@click.option(
+    "--min-occurrences",
+    type=click.IntRange(2, None),
+    default=2,
+    show_default=True,
+    help="Occurrences a group needs.",
+)
+@click.option(
+    "--neighbors",
+    "k_neighbors",
+    type=click.IntRange(1, None),
+    default=10,
+    show_default=True,
+    help="Nearest windows each window is compared with (ann backend).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "ann", "exact"]),
+    default="auto",
+    show_default=True,
+    help="exact: every pair of windows (time grows with the square of their number); ann: a usearch "
+    "graph built for this run (the `ann` extra); auto: exact up to 20,000 windows, else ann.",
+)
+@click.option(
+    "-k", "k", type=click.IntRange(0, None), default=20, show_default=True, help="Groups shown (0: all)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (every group shown, with statistics).")
+def recurring(
+    store_path: Path,
+    threshold: float | None,
+    min_z: float | None,
+    min_occurrences: int,
+    k_neighbors: int,
+    backend: str,
+    k: int,
+    as_json: bool,
+) -> None:
+    """Find audio that recurs: jingles, music beds, idents, ads; across files or within one.
+
+    Windows that match (cosine >= threshold) are linked, a window's own overlapping neighbours in the
+    same file excepted; matching windows next to each other form one occurrence; linked occurrences
+    form a group. Groups are listed largest first, each occurrence as path and start-end.
+
+    \b
+    Example:
+      mlx-clap recurring vectors/
+      mlx-clap recurring vectors/ --threshold 0.95 --min-occurrences 3 -k 5
+      mlx-clap recurring vectors/ --json > recurring.json
+    """
+    from mlx_clap.search.index import SearchError
+    from mlx_clap.search.recurring import find_recurring
+
+    if min_z is not None and threshold is not None:
+        raise click.UsageError("give at most one of --threshold, --min-z")
+    store = open_store(store_path)
+    view = store_segments(store, store_path)
+    settings = getattr(store, "segment_settings", None) or {}
+    stats: dict[str, Any] = {}
+    try:
+        groups = find_recurring(
+            view,
+            threshold=threshold,
+            min_z=min_z,
+            min_occurrences=min_occurrences,
+            k_neighbors=k_neighbors,
+            backend=backend,
+            window=settings.get("window"),
+            hop=settings.get("hop"),
+            progress=_throttled(),
+            stats=stats,
+        )
+    except SearchError as exc:
+        raise click.ClickException(f"{printable(store_path)}: {exc}") from exc
+    for n in stats.get("notes", []):
+        note(n)
+    shown = groups if k == 0 else groups[:k]
+    if as_json:
+        emit_json(
+            {
+                "store": str(store_path),
+                "stats": stats,
+                "groups_found": len(groups),
+                "groups": [g.to_dict(store.items) for g in shown],
+            }
+        )
+        return
+    note(
+        f"{stats['backend']} backend, cosine >= {stats['threshold']:.4f}: {stats['pairs']} matching window "
+        f"pairs, {len(groups)} groups ({stats['total_s']:.1f} s)"
+    )
+    if not groups:
+        click.echo(f"nothing recurs at cosine >= {stats['threshold']:.4f} among {stats['windows']} windows")
+        return
+    for i, g in enumerate(shown, 1):
+        files = len({o.file_index for o in g.occurrences})
+        click.echo(
+            f"group {i}: {len(g.occurrences)} occurrences in {files} file{'s' if files != 1 else ''}, "
+            f"mean cosine {g.score:.4f}"
+        )
+        for o in g.occurrences:
+            span = f"{clock(o.start)}-{clock(o.end)}"
+            click.echo(f"    {span:>17}  {printable(store.items[o.file_index]['path'])}")
+    if len(shown) < len(groups):
+        note(f"{len(groups) - len(shown)} more groups; -k 0 shows them all")

@@ -1,0 +1,147 @@
+"""What the store commands share: the --model option of a store, opening a store with a clear error,
+loading the model its manifest names (refusing one whose space differs), and output helpers.
+
+Text and audio queries need the model the store was embedded with: it is taken from the store's
+manifest (`--model` overrides it), and a model whose embedding size or weights differ from the
+store's is refused, since vectors from two models do not share a space.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mlx_clap.cli.common import (
+    DEFAULT_MODEL,
+    MODEL_ENV,
+    load_model_or_exit,
+    weights_sha256,
+)
+
+# One default-model rule for every command (see mlx_clap.cli.common.model_option): --model, else
+# $MLX_CLAP_MODEL, else DEFAULT_MODEL; except that a store is queried with the model named in its
+# manifest unless --model is given on the command line (its vectors live in that model's space).
+store_model_option = click.option(
+    "--model",
+    "model",
+    default=DEFAULT_MODEL,
+    envvar=MODEL_ENV,
+    show_envvar=True,
+    show_default=True,
+    help="Model: a converted folder, a Hugging Face CLAP folder, a LAION .pt or a hub id. A store is "
+    "queried with the model its manifest names unless --model is given.",
+)
+
+
+def model_given() -> bool:
+    """Whether --model was typed on the command line (not taken from $MLX_CLAP_MODEL or the default)."""
+    ctx = click.get_current_context()
+    return ctx.get_parameter_source("model") == click.core.ParameterSource.COMMANDLINE
+
+
+def store_override(store: Any, model: str) -> str | None:
+    """The model to query `store` with instead of its manifest's: --model when given, else
+    $MLX_CLAP_MODEL / the default only when the manifest names no model."""
+    if model_given():
+        return model
+    return None if store_model_ref(store.manifest)["source"] else model
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def open_store(path: str | Path):
+    """Open a store or raise ClickException naming it; an empty store is an error here too."""
+    from mlx_clap.search.store import EmbeddingStore, StoreError
+
+    try:
+        store = EmbeddingStore.open(path, repair=False)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if len(store) == 0:
+        raise click.ClickException(f"{path}: the store is empty; embed some audio into it first")
+    return store
+
+
+def store_model_ref(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The model a store was embedded with, from the manifest `mlx-clap embed` writes:
+    {"source": the --model it was given, "sha256": weights_sha256, "dtype": compute dtype}."""
+    m = manifest.get("model")
+    if isinstance(m, dict):  # tolerate a nested form: {"id"|"path", "weights_sha256"}
+        source, sha = m.get("path") or m.get("id"), m.get("weights_sha256")
+    else:
+        source, sha = m, None
+    settings = manifest.get("settings") or {}
+    return {
+        "source": source or manifest.get("model_source"),
+        "sha256": sha or manifest.get("weights_sha256"),
+        "dtype": settings.get("compute_dtype"),
+    }
+
+
+def load_model(source: str | None, dtype: str | None = None, trust_pickle: bool = False) -> Any:
+    """Load a model (default: $MLX_CLAP_MODEL or DEFAULT_MODEL) with a user-facing error."""
+    from mlx_clap import settings
+
+    source = source or settings.current().model
+    return load_model_or_exit(source, dtype or "float32", trust_pickle=trust_pickle)
+
+
+def load_store_model(store: Any, override: str | None, trust_pickle: bool = False) -> Any:
+    """The store's model (or `override`), checked against the store's dimension and weights."""
+    source = override or store_model_ref(store.manifest)["source"]
+    if source is None:
+        raise click.ClickException(
+            f"{store.path}: the manifest names no model; pass --model with the model it was embedded with"
+        )
+    if not override:
+        source = recorded_model_path(store, str(source))
+    model = load_model(str(source), store_model_ref(store.manifest)["dtype"], trust_pickle=trust_pickle)
+    check_store_model(store, model, str(source))
+    return model
+
+
+def recorded_model_path(store: Any, source: str) -> str:
+    """The manifest's model, with a relative path from an older store (which recorded --model as typed)
+    resolved against the store folder's parent when it does not exist from here: the store was most
+    likely made next to that folder."""
+    path = Path(source).expanduser()
+    if path.is_absolute() or path.exists():
+        return source
+    beside = Path(store.path).resolve().parent / path
+    return str(beside) if beside.exists() else source
+
+
+def check_store_model(store: Any, model: Any, source: str) -> None:
+    """ClickException unless `model` makes vectors of the store's size, with the store's weights
+    (when the manifest records their sha256 and the model came from a folder)."""
+    ref = store_model_ref(store.manifest)
+    if model.embedding_dim != store.dim:
+        raise click.ClickException(
+            f"{store.path}: holds {store.dim}-d vectors but model {source} makes {model.embedding_dim}-d "
+            "ones; use the model the store was embedded with"
+        )
+    if ref["sha256"]:
+        have = weights_sha256(model)
+        if have is not None and have != ref["sha256"]:
+            raise click.ClickException(
+                f"{store.path}: was embedded with model {ref['source']} (weights sha256 "
+                f"{ref['sha256'][:12]}...) but {source} has weights {have[:12]}...; vectors from different "
+                "models are not comparable"
+            )
+
+
+def embed_settings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Audio embedding options recorded in the manifest that `embed_audio` understands."""
+    settings = manifest.get("settings") or {}
+    out = {k: settings[k] for k in ("long_audio", "quantize_int16", "seed") if settings.get(k) is not None}
+    return out
+
+
+def note(message: str) -> None:
+    click.echo(f"note: {message}", err=True)
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, ensure_ascii=False))

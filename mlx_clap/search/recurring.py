@@ -1,0 +1,354 @@
+"""Recurring segments: stretches of audio that occur more than once (jingles, music beds, idents, ads),
+in different files or at different times of one file.
+
+Over a store's window vectors (`SegmentViewLike`):
+
+1. pairs of windows whose cosine reaches a threshold are found, either exactly (every pair, in tiles:
+   O(S^2), for small stores) or through an approximate nearest-neighbour graph (usearch HNSW, the
+   optional `ann` extra: each window asks for its k nearest, so a million windows take minutes);
+2. trivial pairs are dropped: a window and its overlapping neighbours in the same file
+   (|t1 - t2| < window seconds) are alike because they share audio, not because it recurs;
+3. the windows left in some pair are merged, per file, into runs of adjacent windows (occurrences);
+4. occurrences linked by a pair are joined with union-find; groups of at least `min_occurrences`
+   occurrences are returned, largest first.
+
+A stretch that is only like itself (a long steady sound whose distant windows match each other) is
+one run linked to itself, so it is not reported unless something else separates its occurrences.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mlx_clap.search.calibration import Calibration, sample_rows
+from mlx_clap.search.index import SearchError, _UnionFind
+from mlx_clap.search.segments import NO_SEGMENTS, SegmentViewLike, run_ids, window_geometry
+
+DEFAULT_THRESHOLD = 0.9
+EXACT_AUTO_WINDOWS = 20_000  # "auto" compares every pair up to this many windows (seconds on 2 cores)
+EXACT_TILE = 4096  # rows per tile side of the exact self-comparison
+ANN_ADD_ROWS = 16384
+ANN_SEARCH_ROWS = 16384
+# HNSW settings: lighter than `mlx-clap index`'s (16/128/256). A recurrence is a near-copy (cosine well
+# above its surroundings) spanning several windows, so a graph that misses a few of them still finds it,
+# and these settings build ~4x faster (bench_segments.py measures the recall).
+ANN_PARAMS = {"connectivity": 8, "expansion_add": 32, "expansion_search": 64, "dtype": "f16"}
+RESCORE_MARGIN = 0.02  # ANN candidates within this of the threshold are rescored exactly (f16 distances)
+PAIR_SAMPLE = 2000  # windows whose pairwise cosines calibrate a min_z threshold (~2M pairs)
+BACKENDS = ("auto", "ann", "exact")
+
+
+@dataclass(frozen=True)
+class Occurrence:
+    """One occurrence: seconds [start, end) of file `file_index`, made of `windows` matching windows."""
+
+    file_index: int
+    start: float
+    end: float
+    windows: int
+
+    def to_dict(self, items: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": str(items[self.file_index]["path"])} if items is not None else {}
+        out.update(file_index=self.file_index, start=round(self.start, 6), end=round(self.end, 6),
+                   windows=self.windows)  # fmt: skip
+        return out
+
+
+@dataclass(frozen=True)
+class Group:
+    """Occurrences of one recurring stretch, in (file, start) order; `score` is the mean cosine of the
+    window pairs linking them, `max_score` the best, `links` how many pairs there were."""
+
+    occurrences: list[Occurrence]
+    score: float
+    max_score: float
+    links: int
+
+    def to_dict(self, items: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return {
+            "size": len(self.occurrences),
+            "files": len({o.file_index for o in self.occurrences}),
+            "score": round(self.score, 6),
+            "max_score": round(self.max_score, 6),
+            "links": self.links,
+            "occurrences": [o.to_dict(items) for o in self.occurrences],
+        }
+
+
+# -------------------------------------------------------------------------------------------- pairs
+def _non_trivial(view_fi: np.ndarray, view_start: np.ndarray, i: np.ndarray, j: np.ndarray, window: float):
+    """Mask of pairs that are not a window and its overlapping neighbour in the same file (nor itself)."""
+    same_file = view_fi[i] == view_fi[j]
+    # A hair under `window`: windows one window-length apart touch but share no audio.
+    near = np.abs(view_start[i] - view_start[j]) < window * (1 - 1e-9)
+    return ~(same_file & near)
+
+
+def _pair_threshold(view: SegmentViewLike, window: float, min_z: float, seed: int = 0) -> Calibration:
+    """Calibration of the cosine between two random (non-trivial) windows of the store."""
+    rows = sample_rows(len(view), PAIR_SAMPLE, seed)
+    x = np.asarray(view.take(rows), dtype=np.float32)
+    sims = x @ x.T
+    ii, jj = np.triu_indices(rows.size, k=1)
+    ok = _non_trivial(np.asarray(view.file_index), np.asarray(view.start), rows[ii], rows[jj], window)
+    if not ok.any():
+        raise SearchError("min_z needs at least two windows that do not overlap; give a cosine threshold")
+    return Calibration.fit(sims[ii[ok], jj[ok]])
+
+
+def exact_pairs(
+    view: SegmentViewLike,
+    threshold: float,
+    window: float,
+    *,
+    tile: int = EXACT_TILE,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every non-trivial pair (i < j) with cosine >= threshold: (i, j, cosine), by comparing the windows
+    with each other in (tile x tile) blocks of the upper triangle (float32 blocks kept: 4 bytes a value)."""
+    fi, st = np.asarray(view.file_index), np.asarray(view.start, dtype=np.float64)
+    blocks = [(first, np.asarray(b, dtype=np.float32)) for first, b in view.iter_blocks(tile)]
+    out_i, out_j, out_s = [], [], []
+    total = len(blocks) * (len(blocks) + 1) // 2
+    done = 0
+    for bi, (f0, x0) in enumerate(blocks):
+        for f1, x1 in blocks[bi:]:
+            s = x0 @ x1.T
+            if f0 == f1:
+                s[np.tril_indices(s.shape[0])] = -np.inf  # pairs i < j only, and not a window with itself
+            ii, jj = np.nonzero(s >= threshold)
+            if ii.size:
+                gi, gj = ii.astype(np.int64) + f0, jj.astype(np.int64) + f1
+                ok = _non_trivial(fi, st, gi, gj, window)
+                out_i.append(gi[ok])
+                out_j.append(gj[ok])
+                out_s.append(s[ii[ok], jj[ok]])
+            done += 1
+        if progress:
+            progress(f"exact pairs: {done}/{total} tiles")
+    if not out_i:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z.copy(), np.zeros(0, dtype=np.float32)
+    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s).astype(np.float32)
+
+
+def _require_usearch() -> Any:
+    try:
+        from usearch.index import Index
+    except ImportError as exc:
+        raise SearchError(
+            "the approximate (ANN) backend needs usearch: pip install 'mlx-clap[ann]' "
+            "(or use --backend exact)"
+        ) from exc
+    return Index
+
+
+def build_window_index(
+    view: SegmentViewLike, *, progress: Callable[[str], None] | None = None, **params: Any
+) -> Any:
+    """A usearch HNSW index (inner product) over every window vector, keys = window indices;
+    `params` override ANN_PARAMS (connectivity, expansion_add, expansion_search, dtype)."""
+    Index = _require_usearch()
+    p = {**ANN_PARAMS, **params}
+    index = Index(ndim=view.dim, metric="ip", **p)
+    n = len(view)
+    for first, block in view.iter_blocks(ANN_ADD_ROWS):
+        keys = np.arange(first, first + block.shape[0], dtype=np.uint64)
+        index.add(keys, np.ascontiguousarray(block, dtype=np.float32), threads=0)
+        if progress:
+            progress(f"ANN graph: {first + block.shape[0]}/{n} windows")
+    return index
+
+
+def ann_pairs(
+    view: SegmentViewLike,
+    threshold: float,
+    window: float,
+    hop: float,
+    *,
+    k_neighbors: int = 10,
+    index: Any | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Non-trivial pairs (i < j, cosine >= threshold) among each window's `k_neighbors` approximate
+    nearest non-trivial neighbours; cosines near the threshold are rescored exactly from the view."""
+    if index is None:
+        index = build_window_index(view, progress=progress)
+    fi, st = np.asarray(view.file_index), np.asarray(view.start, dtype=np.float64)
+    # The query's own overlapping windows come first among its neighbours: ask for them too.
+    trivial = 2 * math.ceil(window / hop) - 1 if hop > 0 else 1
+    kq = min(len(view), k_neighbors + trivial)
+    out_i, out_j, out_s = [], [], []
+    n = len(view)
+    for first, block in view.iter_blocks(ANN_SEARCH_ROWS):
+        x = np.ascontiguousarray(block, dtype=np.float32)
+        res = index.search(x, kq, threads=0)
+        keys = np.atleast_2d(np.asarray(res.keys)).astype(np.int64)
+        cos = 1.0 - np.atleast_2d(np.asarray(res.distances, dtype=np.float32))
+        counts = np.atleast_1d(np.asarray(res.counts))
+        valid = np.arange(keys.shape[1])[None, :] < counts[:, None]
+        qi = np.broadcast_to(np.arange(first, first + x.shape[0])[:, None], keys.shape)
+        cand = valid & (cos >= threshold - RESCORE_MARGIN) & (keys != qi)
+        a, b = qi[cand], keys[cand]
+        ok = _non_trivial(fi, st, a, b, window)
+        a, b, c = a[ok], b[ok], cos[cand][ok]
+        # Rescore the doubtful ones exactly (f16 graph distances are off by ~1e-3).
+        doubt = np.flatnonzero(c < threshold + RESCORE_MARGIN)
+        if doubt.size:
+            c = c.copy()
+            c[doubt] = np.einsum("ij,ij->i", x[a[doubt] - first], view.take(b[doubt]))
+        keep = c >= threshold
+        out_i.append(np.minimum(a[keep], b[keep]))
+        out_j.append(np.maximum(a[keep], b[keep]))
+        out_s.append(c[keep])
+        if progress:
+            progress(f"ANN neighbours: {first + x.shape[0]}/{n} windows")
+    i, j, s = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s).astype(np.float32)
+    # Both ends of a pair may have found it: keep it once.
+    _, first_of = np.unique(i * n + j, return_index=True)
+    return i[first_of], j[first_of], s[first_of]
+
+
+# ------------------------------------------------------------------------------------------- groups
+def group_pairs(
+    view: SegmentViewLike,
+    i: np.ndarray,
+    j: np.ndarray,
+    scores: np.ndarray,
+    *,
+    min_occurrences: int = 2,
+    gap: float = 0.0,
+) -> list[Group]:
+    """Groups of occurrences from window pairs (i, j, cosine): matched windows merged into runs per
+    file, runs linked by a pair joined; groups of >= min_occurrences runs, largest first."""
+    if i.size == 0:
+        return []
+    fi = np.asarray(view.file_index)
+    st = np.asarray(view.start, dtype=np.float64)
+    en = np.asarray(view.end, dtype=np.float64)
+    matched = np.unique(np.concatenate([i, j]))
+    rid = run_ids(fi[matched], st[matched], en[matched], gap)
+    ri = rid[np.searchsorted(matched, i)]
+    rj = rid[np.searchsorted(matched, j)]
+    cross = ri != rj  # a pair inside one run links nothing
+    ri, rj, sc = ri[cross], rj[cross], np.asarray(scores, dtype=np.float64)[cross]
+    n_runs = int(rid[-1]) + 1
+    uf = _UnionFind(n_runs)
+    uf.union(ri, rj)
+    label = uf.labels()
+    firsts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]])
+    run_file = fi[matched[firsts]]
+    run_start = np.minimum.reduceat(st[matched], firsts)
+    run_end = np.maximum.reduceat(en[matched], firsts)
+    run_windows = np.diff(np.r_[firsts, matched.size])
+    size = np.bincount(label, minlength=n_runs)
+    link_label = label[ri]
+    link_sum = np.bincount(link_label, weights=sc, minlength=n_runs)
+    link_cnt = np.bincount(link_label, minlength=n_runs)
+    link_max = np.full(n_runs, -np.inf)
+    np.maximum.at(link_max, link_label, sc)
+    groups = []
+    for root in np.flatnonzero(size >= max(min_occurrences, 2)):
+        members = np.flatnonzero(label == root)  # run order = (file, start) order
+        occ = [
+            Occurrence(int(run_file[r]), float(run_start[r]), float(run_end[r]), int(run_windows[r]))
+            for r in members
+        ]
+        groups.append(
+            Group(occ, float(link_sum[root] / link_cnt[root]), float(link_max[root]), int(link_cnt[root]))
+        )
+    groups.sort(
+        key=lambda g: (-len(g.occurrences), -g.score, g.occurrences[0].file_index, g.occurrences[0].start)
+    )
+    return groups
+
+
+def find_recurring(
+    view: SegmentViewLike,
+    *,
+    threshold: float | None = None,
+    min_z: float | None = None,
+    min_occurrences: int = 2,
+    k_neighbors: int = 10,
+    backend: str = "auto",
+    window: float | None = None,
+    hop: float | None = None,
+    gap: float = 0.0,
+    index: Any | None = None,
+    progress: Callable[[str], None] | None = None,
+    stats: dict[str, Any] | None = None,
+) -> list[Group]:
+    """Groups of recurring stretches, largest first (see the module docstring).
+
+    Two windows match when their cosine reaches `threshold` (default 0.9), or, with `min_z`, when it is
+    that many standard deviations above the cosine of two random windows of the store. backend "exact"
+    compares every pair; "ann" asks a usearch graph (`index`, else one built now) for each window's
+    `k_neighbors` nearest; "auto" is exact up to EXACT_AUTO_WINDOWS windows or without usearch.
+    `window` / `hop` default to what the view's times show; matched windows of one file merge into one
+    occurrence when they overlap or lie within `gap` seconds. `stats`, when given, is filled with the
+    backend used, the threshold, counts and seconds per stage.
+    """
+    if backend not in BACKENDS:
+        raise SearchError(f"backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    if threshold is not None and min_z is not None:
+        raise SearchError("give at most one of threshold, min_z")
+    if threshold is not None and not -1.0 <= threshold <= 1.0:
+        raise SearchError(f"threshold must be a cosine between -1 and 1 (got {threshold})")
+    if min_occurrences < 2:
+        raise SearchError(f"min_occurrences must be at least 2 (got {min_occurrences})")
+    if k_neighbors < 1:
+        raise SearchError(f"k_neighbors must be at least 1 (got {k_neighbors})")
+    if not gap >= 0:
+        raise SearchError(f"gap must be 0 or more seconds (got {gap})")
+    if len(view) == 0:
+        raise SearchError(NO_SEGMENTS)
+    stats = {} if stats is None else stats
+    notes: list[str] = stats.setdefault("notes", [])
+    seen_window, seen_hop = window_geometry(view)
+    window = seen_window if window is None else float(window)
+    hop = seen_hop if hop is None else float(hop)
+    t0 = time.perf_counter()
+    if min_z is not None:
+        cal = _pair_threshold(view, window, min_z)
+        threshold = min(cal.score_for_z(min_z), 1.0)
+        stats["pair_calibration"] = cal.to_dict()
+    threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    if backend == "auto":
+        backend = "exact" if len(view) <= EXACT_AUTO_WINDOWS else "ann"
+        if backend == "ann":
+            try:
+                _require_usearch()
+            except SearchError:
+                backend = "exact"
+                notes.append(
+                    f"usearch is not installed: comparing all {len(view)} windows with each other (slow; "
+                    "pip install 'mlx-clap[ann]')"
+                )
+    stats.update(backend=backend, threshold=round(threshold, 6), windows=len(view), window=window, hop=hop)
+    if backend == "exact":
+        i, j, s = exact_pairs(view, threshold, window, progress=progress)
+    else:
+        if index is None:
+            t = time.perf_counter()
+            index = build_window_index(view, progress=progress)
+            stats["ann_build_s"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        i, j, s = ann_pairs(
+            view, threshold, window, hop, k_neighbors=k_neighbors, index=index, progress=progress
+        )
+        stats["ann_search_s"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    groups = group_pairs(view, i, j, s, min_occurrences=min_occurrences, gap=gap)
+    stats.update(
+        pairs=int(i.size),
+        groups=len(groups),
+        group_s=round(time.perf_counter() - t, 3),
+        total_s=round(time.perf_counter() - t0, 3),
+    )
+    return groups

@@ -1,0 +1,423 @@
+"""The library behind the page: one store, its model kept warm, and the questions the page asks.
+
+Queries are vectors: a text's or a dropped sound's embedding, or a stored row's (or segment's) own
+vector for "more like this". They are answered by exact search (`ExactSearch`: one in-memory matrix
+product when the vectors fit a budget, else `FlatIndex` streaming the shards). A store with segments
+is searched segment by segment; results are then files, each with its best segment (where playback
+starts) and the scores of all its segments for the file view's timeline. A store without segments
+(or a store class without the segment API) is searched file by file. Every score comes with its
+z-score (`mlx_clap.search.calibration`): how many standard deviations it lies above the query's mean
+score over a fixed sample of the store.
+
+MLX work (the model, the indexes, clustering, duplicates) runs on one thread of its own (`MLXThread`),
+one call at a time: MLX streams belong to the thread that made them, and the page's requests arrive
+on Starlette's worker threads (or, under a test client, on a thread that ends).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESIDENT_BYTES = 1 << 30  # float32 vectors kept in MLX memory up to this size (else memory-mapped)
+MAX_K = 200
+CANDIDATES_PER_RESULT = 8  # segments fetched per wanted file
+MIN_CANDIDATES = 64
+MAX_TEXT = 1000
+MAX_GROUPS = 200
+# Rows a query's scores are calibrated on (z-score), drawn as mlx_clap.search.calibration draws them:
+# z from 20k rows is within ~1% of z from every row (std error of a std estimate ~ 1/sqrt(2n)).
+CALIBRATION_ROWS = 20_000
+
+
+class QueryError(ValueError):
+    """A query the library cannot answer; `status` is the HTTP status, `str()` says why."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class MLXThread:
+    """A daemon thread with its own MLX stream that runs the calls handed to it, in order.
+
+    A daemon that never exits, as `mlx_clap.ops.parallel`'s workers: a thread that has run an
+    `mx.compile`d function aborts the process when it ends (MLX 0.32)."""
+
+    _shared: MLXThread | None = None
+    _shared_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._work, name="mlx-clap-serve", daemon=True).start()
+
+    @classmethod
+    def shared(cls) -> MLXThread:
+        """The process's one MLX thread (made on first use)."""
+        with cls._shared_lock:
+            if cls._shared is None:
+                cls._shared = cls()
+            return cls._shared
+
+    def _work(self) -> None:
+        import mlx.core as mx
+
+        with mx.stream(mx.new_stream(mx.default_device())):
+            while True:
+                fn, args, kwargs, future = self.tasks.get()
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:  # re-raised in the caller by Future.result()
+                    future.set_exception(exc)
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """fn(*args, **kwargs) on the MLX thread; waits for it and returns (or raises) its result."""
+        future: Future = Future()
+        self.tasks.put((fn, args, kwargs, future))
+        return future.result()
+
+
+class SegmentRows:
+    """A store's segment vectors in the shape `FlatIndex` reads (rows = segments)."""
+
+    def __init__(self, store: Any, view: Any):
+        self.path = Path(store.path)
+        self.dim = int(view.dim)
+        self.items: list[dict[str, Any]] = []
+        self.manifest = store.manifest
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def iter_shards(self) -> Iterator[tuple[int, np.ndarray]]:
+        return self.view.iter_blocks()
+
+
+def segment_view(store: Any) -> Any | None:
+    """The store's SegmentView when it has segments (None for stores without, or without the API)."""
+    if not getattr(store, "has_segments", False) or not hasattr(store, "segment_view"):
+        return None
+    view = store.segment_view()
+    return view if len(view) else None
+
+
+@dataclass
+class Ranked:
+    """One query's best rows (or segments), best first, with the query's calibration; `scores_of`
+    gives the query's scores of any index range (a file's segments, for its timeline)."""
+
+    rows: np.ndarray
+    scores: np.ndarray
+    calibration: Any
+    scores_of: Callable[[int, int], np.ndarray]
+
+
+def top_k(scores: np.ndarray, k: int, exclude: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of `scores` outside [exclude[0], exclude[1]), by score then index (as FlatIndex)."""
+    lo, hi = exclude
+    if hi > lo:
+        scores = scores.copy()
+        scores[lo:hi] = -np.inf
+    k = min(k, scores.size - max(0, hi - lo))
+    idx = np.argpartition(-scores, k - 1)[:k] if k < scores.size else np.arange(scores.size)
+    idx = idx[np.lexsort((idx, -scores[idx]))]
+    return idx.astype(np.int64), scores[idx]
+
+
+class ExactSearch:
+    """Exact top-k by cosine over one set of vectors (the file rows, or the segments).
+
+    Held in memory as one float32 matrix when it fits RESIDENT_BYTES: a query is then one BLAS
+    matrix-vector product (100k x 512 in ~10 ms on 2 cores, where FlatIndex's MLX product took
+    ~25 ms; benchmarks/serve_latency.py), and its scores give the calibration sample for free. A
+    larger set streams through `FlatIndex` on the MLX thread, with the sample's vectors kept instead.
+    """
+
+    def __init__(self, rows: Any, take: Callable[[np.ndarray], np.ndarray], mlx: MLXThread):
+        from mlx_clap.search.calibration import sample_rows
+        from mlx_clap.search.index import FlatIndex, iter_blocks
+
+        self.n, self.dim, self.take, self.mlx = len(rows), int(rows.dim), take, mlx
+        self.sample = sample_rows(self.n, CALIBRATION_ROWS)
+        self.matrix: np.ndarray | None = None
+        self.flat = None
+        if self.n * self.dim * 4 <= RESIDENT_BYTES:
+            self.matrix = np.empty((self.n, self.dim), dtype=np.float32)
+            for first, block in iter_blocks(rows):
+                self.matrix[first : first + block.shape[0]] = block
+        else:
+            self.flat = FlatIndex(rows)
+            self.sample_vectors = take(self.sample)
+
+    def search(self, q: np.ndarray, k: int, exclude: tuple[int, int] = (0, 0)) -> Ranked:
+        """The k best for the unit query `q`, leaving out indexes exclude[0] .. exclude[1] - 1."""
+        from mlx_clap.search.calibration import Calibration
+
+        if self.matrix is not None:
+            every = self.matrix @ q
+            rows, scores = top_k(every, k, exclude)
+            return Ranked(rows, scores, Calibration.fit(every[self.sample]), lambda a, b: every[a:b])
+        res = self.mlx.call(self.flat.search, q, k, exclude=list(range(*exclude)))
+        keep = res.rows[0] >= 0
+        return Ranked(
+            res.rows[0][keep],
+            res.scores[0][keep],
+            Calibration.fit(self.sample_vectors @ q),
+            lambda a, b: self.take(np.arange(a, b, dtype=np.int64)) @ q,
+        )
+
+
+def item_summary(items: list[dict[str, Any]], row: int) -> dict[str, Any]:
+    """What the page shows of a file row."""
+    it = items[row]
+    path = str(it["path"])
+    duration = it.get("duration")
+    return {
+        "row": row,
+        "name": os.path.basename(path),
+        "folder": os.path.dirname(path),
+        "path": path,
+        "duration": None if duration is None else round(float(duration), 3),
+    }
+
+
+class Library:
+    """A store and its model, answering the page's questions (see the module docstring)."""
+
+    def __init__(self, store: Any, model: Any, *, audio_options: dict[str, Any] | None = None):
+        from mlx_clap.search.index import RowReader
+
+        self.store = store
+        self.items: list[dict[str, Any]] = store.items
+        self.model = model
+        self.audio_options = dict(audio_options or {})
+        self.mlx = MLXThread.shared()
+        family = getattr(model, "family", None)
+        if family is not None:
+            import mlx.core as mx
+
+            # Weights load lazily, as graph nodes on this thread's stream, which the MLX thread cannot
+            # run: materialize them here, as mlx_clap.ops.parallel does before its workers start.
+            mx.eval(family.text_modules, family.audio_modules)
+        self.rows = RowReader(store)
+        self.files = ExactSearch(store, self.rows.take, self.mlx)
+        self.view = segment_view(store)
+        self.segments = None
+        if self.view is not None:
+            self.segments = ExactSearch(SegmentRows(store, self.view), self.view.take, self.mlx)
+            self._index_file_segments()
+        self._duplicates: dict[float, list[Any]] = {}
+
+    def _index_file_segments(self) -> None:
+        """seg_first[row], seg_end[row]: each file's run of segments (-1 for a file with none)."""
+        fi = np.asarray(self.view.file_index, dtype=np.int64)
+        cuts = np.flatnonzero(np.diff(fi)) + 1
+        starts = np.concatenate([[0], cuts]).astype(np.int64)
+        ends = np.concatenate([cuts, [fi.size]]).astype(np.int64)
+        self.seg_first = np.full(len(self.items), -1, dtype=np.int64)
+        self.seg_end = np.full(len(self.items), -1, dtype=np.int64)
+        self.seg_first[fi[starts]] = starts
+        self.seg_end[fi[starts]] = ends
+        self.seg_start = np.asarray(self.view.start, dtype=np.float64)
+        self.seg_stop = np.asarray(self.view.end, dtype=np.float64)
+        self.seg_file = fi
+
+    # ------------------------------------------------------------------------------------- queries
+    def warm(self) -> None:
+        """Run one text query end to end, so the first real one pays no first-call costs."""
+        self.search(self.text_vector("warm up"), 1)
+
+    def text_vector(self, text: str) -> np.ndarray:
+        """The unit embedding of a description."""
+        text = text.strip() if isinstance(text, str) else ""
+        if not text:
+            raise QueryError("type a description to search for")
+        if len(text) > MAX_TEXT:
+            raise QueryError(f"the description is longer than {MAX_TEXT} characters")
+        try:
+            return self.mlx.call(self.model.embed_text, [text])[0]
+        except RuntimeError as exc:  # a model folder without tokenizer files
+            raise QueryError(f"text search is not available: {exc}", 500) from exc
+
+    def audio_vector(self, path: Path, label: str) -> np.ndarray:
+        """The unit embedding of an uploaded sound (decoded with the store's embedding settings)."""
+        from mlx_clap.preprocess.audio import AudioDecodeError
+
+        try:
+            return self.mlx.call(self.model.embed_audio, [path], **self.audio_options)[0]
+        except AudioDecodeError as exc:
+            raise QueryError(f"{label}: {exc.cause}") from exc
+
+    def row_vector(self, row: int) -> np.ndarray:
+        """A stored file row's vector."""
+        self.check_row(row)
+        return self.rows.take(np.array([row]))[0]
+
+    def segment_vector(self, row: int, segment: int) -> np.ndarray:
+        """A stored segment's vector; it must be one of file row `row`'s segments."""
+        self.check_row(row)
+        if self.view is None or not 0 <= segment < len(self.view):
+            raise QueryError(f"no segment {segment} in the store", 404)
+        if int(self.seg_file[segment]) != row:
+            raise QueryError(f"segment {segment} is not a segment of row {row}")
+        return self.view.take(np.array([segment], dtype=np.int64))[0]
+
+    def check_row(self, row: int) -> None:
+        """QueryError 404 unless `row` is a row of the store."""
+        if not 0 <= row < len(self.items):
+            raise QueryError(f"no row {row} in the store (it holds {len(self.items)})", 404)
+
+    def search(self, query: np.ndarray, k: int = 20, *, exclude_row: int | None = None) -> dict[str, Any]:
+        """The k files closest to `query` (best first), by segment when the store has segments.
+
+        `exclude_row` leaves one file out (the file a "more like this" started from)."""
+        if not 1 <= k <= MAX_K:
+            raise QueryError(f"k must be from 1 to {MAX_K}")
+        from mlx_clap.search.index import SearchError, unit_queries
+
+        t0 = time.perf_counter()
+        try:
+            q = unit_queries(query, self.store.dim)[0]
+        except SearchError as exc:
+            raise QueryError(str(exc)) from exc
+        if self.segments is not None:
+            results, notes = self._search_segments(q, k, exclude_row)
+        else:
+            results, notes = self._search_files(q, k, exclude_row)
+        return {
+            "results": results,
+            "notes": notes,
+            "segments": self.segments is not None,
+            "took_ms": round((time.perf_counter() - t0) * 1000, 2),
+        }
+
+    def _search_files(self, q: np.ndarray, k: int, exclude_row: int | None) -> tuple[list, list]:
+        exclude = (0, 0) if exclude_row is None else (exclude_row, exclude_row + 1)
+        if len(self.items) - (exclude[1] - exclude[0]) < 1:
+            return [], ["the store holds no other file"]
+        ranked = self.files.search(q, k, exclude)
+        out = []
+        for row, score in zip(ranked.rows, ranked.scores, strict=True):
+            out.append({**item_summary(self.items, int(row)), **self._score(float(score), ranked)})
+        return out, []
+
+    def _search_segments(self, q: np.ndarray, k: int, exclude_row: int | None) -> tuple[list, list]:
+        exclude = (0, 0)
+        if exclude_row is not None and self.seg_first[exclude_row] >= 0:
+            exclude = (int(self.seg_first[exclude_row]), int(self.seg_end[exclude_row]))
+        available = len(self.view) - (exclude[1] - exclude[0])
+        if available < 1:
+            return [], ["the store holds no other segment"]
+        # A file's overlapping windows crowd the top: fetch several per wanted file, list each file once.
+        ranked = self.segments.search(q, max(MIN_CANDIDATES, k * CANDIDATES_PER_RESULT), exclude)
+        out: list[dict[str, Any]] = []
+        seen: set[int] = set()
+        for seg, score in zip(ranked.rows, ranked.scores, strict=True):
+            if len(out) == k:
+                break
+            row = int(self.seg_file[seg])
+            if row in seen:
+                continue  # a file is listed once, at its best segment
+            seen.add(row)
+            out.append(
+                {
+                    **item_summary(self.items, row),
+                    **self._score(float(score), ranked),
+                    "segment": int(seg),
+                    "start": round(float(self.seg_start[seg]), 3),
+                    "end": round(float(self.seg_stop[seg]), 3),
+                    "timeline": self._timeline(row, ranked),
+                }
+            )
+        return out, []
+
+    @staticmethod
+    def _score(score: float, ranked: Ranked) -> dict[str, float]:
+        """The cosine and its z-score: standard deviations above the query's mean score over the
+        store's sample (raw cosines differ between models, and between text and audio queries)."""
+        return {"score": round(score, 4), "z": round(float(ranked.calibration.z(score)), 2)}
+
+    def _timeline(self, row: int, ranked: Ranked) -> dict[str, list]:
+        """Every segment of one file with its score for the query (the file view's strip)."""
+        a, b = int(self.seg_first[row]), int(self.seg_end[row])
+        return {
+            "start": [round(float(v), 3) for v in self.seg_start[a:b]],
+            "end": [round(float(v), 3) for v in self.seg_stop[a:b]],
+            "score": [round(float(v), 4) for v in ranked.scores_of(a, b)],
+        }
+
+    # ---------------------------------------------------------------------------------- other views
+    def item(self, row: int) -> dict[str, Any]:
+        """A file row's details, with its segment times when the store has segments."""
+        self.check_row(row)
+        it = self.items[row]
+        out = {
+            **item_summary(self.items, row),
+            "size": it.get("size"),
+            "channels": it.get("channels"),
+            "source_rate": it.get("source_rate"),
+        }
+        if self.view is not None and self.seg_first[row] >= 0:
+            a, b = int(self.seg_first[row]), int(self.seg_end[row])
+            out["segments"] = {
+                "first": a,
+                "start": [round(float(v), 3) for v in self.seg_start[a:b]],
+                "end": [round(float(v), 3) for v in self.seg_stop[a:b]],
+            }
+        return out
+
+    def duplicates(self, threshold: float) -> dict[str, Any]:
+        """Near-duplicate groups at cosine >= threshold (computed once per threshold, then cached)."""
+        from mlx_clap.search.index import near_duplicates
+
+        if not 0.5 <= threshold <= 1.0:
+            raise QueryError("threshold must be a cosine from 0.5 to 1")
+        threshold = round(threshold, 4)
+        t0 = time.perf_counter()
+        groups = self._duplicates.get(threshold)
+        if groups is None:
+            groups = self.mlx.call(near_duplicates, self.store, threshold)
+            self._duplicates[threshold] = groups
+        return {
+            "threshold": threshold,
+            "count": len(groups),
+            "groups": [
+                {
+                    "score": round(g.score, 4),
+                    "min_score": round(g.min_score, 4),
+                    "items": [item_summary(self.items, r) for r in g.rows],
+                }
+                for g in groups[:MAX_GROUPS]
+            ],
+            "took_ms": round((time.perf_counter() - t0) * 1000, 1),
+        }
+
+    def library_map(self) -> tuple[dict[str, Any], list[str]]:
+        """The 2-D map (see `layout`), made on the MLX thread (clustering runs in MLX)."""
+        from mlx_clap.serve.layout import library_map
+
+        return self.mlx.call(library_map, self.store)
+
+    def describe(self) -> dict[str, Any]:
+        """The store at a glance, for the page's header."""
+        ref = self.store.manifest.get("model")
+        return {
+            "store": str(self.store.path),
+            "items": len(self.items),
+            "segments": 0 if self.view is None else len(self.view),
+            "dim": self.store.dim,
+            "model": ref if isinstance(ref, str) else (ref or {}).get("path") or (ref or {}).get("id"),
+            "max_k": MAX_K,
+        }
