@@ -831,11 +831,39 @@ def already_mirrored(
     """The summary of a run with nothing to do (every file unchanged, none to remove, same model and
     settings as the store records), or None when there is work or any doubt. Costs one stat per file,
     so a rerun over an unchanged library of 100k files takes seconds and never loads the model."""
-    from mlx_clap.search.store import MANIFEST_NAME, EmbeddingStore, StoreError
+    from mlx_clap.search.store import MANIFEST_NAME
 
     if not (out / MANIFEST_NAME).is_file() or (out / ERRORS_NAME).exists():
         return None  # a new store, or failures to retry and an error log to bring up to date
+    from mlx_clap.search import lock
+
     t0 = time.perf_counter()
+    try:
+        lock.acquire(out)  # a store another run is writing is not "up to date": the full path says so
+    except OSError:
+        return None
+    try:
+        return _mirrored_locked(
+            out, model_id, wanted, store_dtype, segments, files, paths, recursive, no_prune, t0
+        )
+    finally:
+        lock.release(out)
+
+
+def _mirrored_locked(
+    out: Path,
+    model_id: str,
+    wanted: dict,
+    store_dtype: str,
+    segments: bool,
+    files: list[InputFile],
+    paths: tuple[str, ...],
+    recursive: bool,
+    no_prune: bool,
+    t0: float,
+) -> dict | None:
+    from mlx_clap.search.store import EmbeddingStore, StoreError
+
     try:
         store = EmbeddingStore.open(out, repair=False)
     except StoreError:
