@@ -400,3 +400,15 @@ def test_segment_hits_and_printing(applause_store, capsys):
     assert len(out) == len(hits) and "0:14.0-0:28.0" in out[0] and out[0].endswith("/audio/file_2.wav")
     with pytest.raises(Exception, match="at most one"):
         segment_hits(store, store.segment_view(), q, threshold=0.5, min_z=1.0)
+
+
+def test_zscores_against_file_rows_and_segment_windows(tmp_path):
+    from mlx_clap.search.calibration import zscores
+
+    view, pattern = planted_view()
+    store = make_segment_store(tmp_path / "s", view)
+    scores = np.array([0.0, 0.5, 0.9])
+    files = Calibration.fit(store.matrix() @ pattern)
+    windows = Calibration.fit(view.matrix() @ pattern)
+    np.testing.assert_allclose(zscores(store, pattern, scores), files.z(scores), rtol=1e-5)
+    np.testing.assert_allclose(zscores(store, pattern, scores, segments=True), windows.z(scores), rtol=1e-5)
