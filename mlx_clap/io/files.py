@@ -28,6 +28,20 @@ def _file_mode() -> int:
 _FILE_MODE = _file_mode()
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the renames inside a folder durable (POSIX); skipped where folders cannot be fsynced."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `path` via a temp file + fsync + rename: readers see the old or the whole new content."""
     path = Path(path)

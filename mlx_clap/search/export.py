@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mlx_clap.io.files import fsync_dir as _fsync_path
 from mlx_clap.search.store import json_line
 
 if TYPE_CHECKING:  # the view's contract (EmbeddingStore.segment_view()); a type only, not loaded
@@ -87,20 +88,6 @@ def _why(exc: OSError) -> str:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "permission denied"
     return exc.strerror or str(exc)
-
-
-def _fsync_path(path: Path) -> None:
-    # A folder's fsync makes the renames in it durable; not supported everywhere, where it is skipped.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_new_file(path: Path, data: bytes) -> None:

@@ -65,6 +65,7 @@ from typing import Any
 import numpy as np
 
 from mlx_clap.io.files import atomic_write_bytes, atomic_write_json
+from mlx_clap.io.files import fsync_dir as _fsync_dir  # a module name the crash tests patch
 from mlx_clap.search import lock as _lock
 
 # 1: one table at the store's root. 2 adds generations (data-N/ after a compaction), a segment table, and
@@ -108,20 +109,6 @@ def _shard_name(index: int) -> str:
 
 def _sum_name(index: int) -> str:
     return f"emb-{index:05d}.sum.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes a rename durable on POSIX; not supported everywhere (e.g. Windows), where it is skipped.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
