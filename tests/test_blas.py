@@ -36,7 +36,6 @@ REBINDABLE = _LIBMLX is not None and set(blas._got_slots(_LIBMLX, blas.REBOUND_S
 )
 
 
-
 needs_linux = pytest.mark.skipif(
     not REBINDABLE,
     reason=f"the BLAS rebinding and glibc malloc tuning run on Linux, where libmlx.so imports "
@@ -124,6 +123,9 @@ report.update(slots_after=after, owners_after=owners(after), info=blas.blas_info
 a = np.random.default_rng(1).standard_normal((300, 200)).astype(np.float32)
 got = np.array(mx.array(a) @ mx.array(a).T)
 report["err"] = float(np.abs(got - a.astype(np.float64) @ a.T.astype(np.float64)).max())
+m, v = a[:, :64].copy(), a[0, :64].copy()
+report["matvec_gemv"] = blas._active("cblas_sgemv") is not None
+report["matvec_err"] = float(np.abs(blas.matvec(m, v) - m.astype(np.float64) @ v.astype(np.float64)).max())
 print(json.dumps(report))
 """
 
@@ -198,6 +200,9 @@ def test_prepare_cpu_rebinds_blas_and_tunes_malloc():
     assert r["mmapped"] is False, "glibc still serves a 64 MB block with mmap after tune_malloc"
     assert isinstance(r["threads"], int) and r["threads"] >= 1
     assert r["err"] < 1e-3
+    # matvec runs on the same library (one thread pool), with float32 accuracy.
+    assert r["matvec_gemv"] is True
+    assert r["matvec_err"] < 1e-4
 
 
 @needs_wheel
@@ -223,6 +228,7 @@ def test_cpu_optimizations_off_leaves_the_process_as_mlx_ships():
     assert r["prepared"] == {"blas": r["info"], "malloc_tuned": False}
     assert r["tuned"] is False and r["mmapped"] is True
     assert r["threads"] is None
+    assert r["matvec_gemv"] is False and r["matvec_err"] < 1e-4  # numpy's product
     # Called directly, setup_blas records the switch instead of rebinding.
     direct = _probe("setup_blas", MLX_CLAP_CPU_OPTIMIZATIONS="off")
     _assert_untouched(direct)
@@ -329,3 +335,18 @@ def test_set_num_threads_round_trip(prepared: dict):
     finally:
         assert blas.set_num_threads(before) is True
     assert blas.get_num_threads() == before
+
+
+def test_matvec_equals_numpy_for_any_input():
+    """The sgemv path (when an OpenBLAS is active here) and numpy's product for what it does not take."""
+    rng = np.random.default_rng(4)
+    m = rng.standard_normal((513, 77)).astype(np.float32)
+    v = rng.standard_normal(77).astype(np.float32)
+    exact = m.astype(np.float64) @ v.astype(np.float64)
+    assert blas.matvec(m, v).dtype == np.float32
+    assert np.abs(blas.matvec(m, v) - exact).max() < 1e-4
+    # Not taken by sgemv: float64, a strided matrix, a strided vector. Each equals numpy's product.
+    for mm, vv in ((m.astype(np.float64), v.astype(np.float64)), (m[::2], v), (m[:, ::2], v[::2])):
+        np.testing.assert_array_equal(blas.matvec(mm, vv), mm @ vv)
+    with pytest.raises(ValueError):
+        blas.matvec(m, v[:10])  # a shape mismatch is numpy's error

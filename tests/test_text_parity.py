@@ -93,7 +93,9 @@ def run_ours(text_model, projection, ids, mask) -> dict[str, np.ndarray]:
     out = text_model.forward(mx.array(ids), mx.array(mask), output_hidden_states=True)
     projected = projection(out.pooler_output)
     unit = l2_normalize(projected)
-    mx.eval(out.hidden_states, out.pooler_output, projected, unit)
+    # The model's call, which runs its last layer for position 0 only (the pooler's input).
+    pooled_call = text_model(mx.array(ids), mx.array(mask))
+    mx.eval(out.hidden_states, out.pooler_output, projected, unit, pooled_call)
 
     def f32(x: mx.array) -> np.ndarray:
         return np.array(x.astype(mx.float32))
@@ -101,6 +103,7 @@ def run_ours(text_model, projection, ids, mask) -> dict[str, np.ndarray]:
     return {
         "hidden_states": [f32(h) for h in out.hidden_states],
         "pooler": f32(out.pooler_output),
+        "pooled_call": f32(pooled_call),
         "projected": f32(projected),
         "unit": f32(unit),
     }
@@ -137,6 +140,7 @@ def test_full_size_every_hidden_state(full_size):
 def test_full_size_pooler_and_unit_embedding(full_size):
     ref, ours, _ = full_size
     assert rel_err(ref["pooler"], ours["pooler"]) <= 1e-5
+    assert rel_err(ref["pooler"], ours["pooled_call"]) <= 1e-5
     assert rel_err(ref["projected"], ours["projected"]) <= 1e-5
     assert np.abs(ref["unit"] - ours["unit"]).max() <= 1e-5
     assert cosine(ref["unit"], ours["unit"]).min() >= 0.999999
@@ -171,6 +175,7 @@ def test_tiny_parity_and_long_sequences(tiny):
     ref, ours = run_reference(hf, ids, mask), run_ours(text_model, projection, ids, mask)
     for i, (r, o) in enumerate(zip(ref["hidden_states"], ours["hidden_states"], strict=True)):
         assert rel_err(r, o) <= 1e-5, f"hidden state {i}"
+    assert rel_err(ref["pooler"], ours["pooled_call"]) <= 1e-5
     assert np.abs(ref["unit"] - ours["unit"]).max() <= 1e-5
 
 

@@ -94,19 +94,23 @@ class ClapTextSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def __call__(self, x: mx.array, additive_mask: mx.array | None) -> mx.array:
-        B, L, _ = x.shape
+    def __call__(
+        self, x: mx.array, additive_mask: mx.array | None, queries: mx.array | None = None
+    ) -> mx.array:
+        """Attention of `queries` (default: every position of x) over the keys and values of x."""
+        B = x.shape[0]
+        queries = x if queries is None else queries
 
         def heads(t: mx.array) -> mx.array:
-            return t.reshape(B, L, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+            return t.reshape(B, t.shape[1], self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
 
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        q, k, v = heads(self.query(queries)), heads(self.key(x)), heads(self.value(x))
         # (q k^T) * scale as HF's eager path; scores, mask and softmax in float32 even in half mode.
         scores = (q @ k.transpose(0, 1, 3, 2)).astype(mx.float32) * self.scale
         if additive_mask is not None:
             scores = scores + additive_mask
         probs = mx.softmax(scores, axis=-1).astype(v.dtype)
-        return (probs @ v).transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return (probs @ v).transpose(0, 2, 1, 3).reshape(B, queries.shape[1], -1)
 
 
 class ClapTextSelfOutput(nn.Module):
@@ -126,8 +130,10 @@ class ClapTextAttention(nn.Module):
         self.self = ClapTextSelfAttention(config)
         self.output = ClapTextSelfOutput(config)
 
-    def __call__(self, x: mx.array, additive_mask: mx.array | None) -> mx.array:
-        return self.output(self.self(x, additive_mask), x)
+    def __call__(
+        self, x: mx.array, additive_mask: mx.array | None, queries: mx.array | None = None
+    ) -> mx.array:
+        return self.output(self.self(x, additive_mask, queries), x if queries is None else queries)
 
 
 class ClapTextIntermediate(nn.Module):
@@ -159,8 +165,14 @@ class ClapTextLayer(nn.Module):
         self.intermediate = ClapTextIntermediate(config)
         self.output = ClapTextOutputLayer(config)
 
-    def __call__(self, x: mx.array, additive_mask: mx.array | None) -> mx.array:
-        h = self.attention(x, additive_mask)
+    def __call__(
+        self, x: mx.array, additive_mask: mx.array | None, queries: mx.array | None = None
+    ) -> mx.array:
+        """The layer's output at the positions of `queries` (default: every position of x).
+
+        Positions are independent after attention, so the output at a subset needs the attention of
+        that subset only, over all of x's keys and values, and the feed-forward of that subset."""
+        h = self.attention(x, additive_mask, queries)
         return self.output(self.intermediate(h), h)
 
 
@@ -205,6 +217,32 @@ class ClapTextModel(nn.Module):
         input_ids: (B, L) integer token ids; attention_mask: (B, L), nonzero for real tokens
         (None means all ones, as HF).
         """
+        input_ids, additive = self._checked_inputs(input_ids, attention_mask)
+        h = self.embeddings(input_ids)
+        states = [h] if output_hidden_states else []
+        for layer in self.encoder.layer:
+            h = layer(h, additive)
+            if output_hidden_states:
+                states.append(h)
+        return ClapTextOutput(last_hidden_state=h, pooler_output=self.pooler(h), hidden_states=states)
+
+    def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
+        """pooler_output (B, hidden) = tanh(dense(h[:, 0])) for token ids (B, L) and mask (B, L).
+
+        The pooler reads position 0 only, so the last layer runs for position 0 alone (its queries,
+        output and feed-forward; keys and values still come from every position): the same numbers as
+        `forward(...).pooler_output`, with 1/num_hidden_layers less work per extra token."""
+        input_ids, additive = self._checked_inputs(input_ids, attention_mask)
+        h = self.embeddings(input_ids)
+        *layers, last = self.encoder.layer
+        for layer in layers:
+            h = layer(h, additive)
+        return self.pooler(last(h, additive, queries=h[:, :1]))
+
+    def _checked_inputs(
+        self, input_ids: mx.array, attention_mask: mx.array | None
+    ) -> tuple[mx.array, mx.array | None]:
+        """input_ids checked against the model, and the additive key mask (None without a mask)."""
         input_ids = mx.array(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, length); got shape {tuple(input_ids.shape)}")
@@ -217,24 +255,13 @@ class ClapTextModel(nn.Module):
             raise ValueError(
                 f"{input_ids.shape[1]} tokens is more than the text model's {self.max_tokens} positions"
             )
-        additive = None
-        if attention_mask is not None:
-            attention_mask = mx.array(attention_mask)
-            if tuple(attention_mask.shape) != tuple(input_ids.shape):
-                raise ValueError(
-                    f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                    f"{tuple(input_ids.shape)}"
-                )
-            # (B, 1, 1, L): masks padded keys for every head and query.
-            additive = mx.where(attention_mask[:, None, None, :] != 0, 0.0, MASK_VALUE).astype(mx.float32)
-        h = self.embeddings(input_ids)
-        states = [h] if output_hidden_states else []
-        for layer in self.encoder.layer:
-            h = layer(h, additive)
-            if output_hidden_states:
-                states.append(h)
-        return ClapTextOutput(last_hidden_state=h, pooler_output=self.pooler(h), hidden_states=states)
-
-    def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
-        """pooler_output (B, hidden) = tanh(dense(h[:, 0])) for token ids (B, L) and mask (B, L)."""
-        return self.forward(input_ids, attention_mask).pooler_output
+        if attention_mask is None:
+            return input_ids, None
+        attention_mask = mx.array(attention_mask)
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                f"{tuple(input_ids.shape)}"
+            )
+        # (B, 1, 1, L): masks padded keys for every head and query.
+        return input_ids, mx.where(attention_mask[:, None, None, :] != 0, 0.0, MASK_VALUE).astype(mx.float32)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -36,11 +37,12 @@ def sample_rows(n: int, limit: int = DEFAULT_SAMPLE, seed: int = 0) -> np.ndarra
 
 @dataclass(frozen=True)
 class Calibration:
-    """A query's score distribution: mean, std and the sorted sample (for percentiles)."""
+    """A query's score distribution: mean, std and the sample (sorted on first use, for percentiles:
+    a page that shows z-scores only never pays for the sort)."""
 
     mean: float
     std: float
-    sorted_scores: np.ndarray  # float64, ascending
+    scores: np.ndarray  # float64, the sample in any order
 
     @classmethod
     def fit(cls, sample_scores: np.ndarray) -> Calibration:
@@ -48,16 +50,21 @@ class Calibration:
         s = np.asarray(sample_scores, dtype=np.float64).ravel()
         if s.size == 0:
             raise ValueError("cannot calibrate scores from an empty sample")
-        if not np.all(np.isfinite(s)):
+        lo, hi = s.min(), s.max()
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # min/max propagate NaN, and inf is an end
             raise ValueError("cannot calibrate: the sample holds non-finite scores")
-        s = np.sort(s)
-        if s[0] == s[-1]:  # one value: exactly that mean and no spread (summing would add rounding)
-            return cls(float(s[0]), 0.0, s)
+        if lo == hi:  # one value: exactly that mean and no spread (summing would add rounding)
+            return cls(float(lo), 0.0, s)
         return cls(float(s.mean()), float(s.std()), s)
+
+    @cached_property
+    def sorted_scores(self) -> np.ndarray:
+        """The sample, ascending."""
+        return np.sort(self.scores)
 
     @property
     def n(self) -> int:
-        return int(self.sorted_scores.size)
+        return int(self.scores.size)
 
     @property
     def scale(self) -> float:

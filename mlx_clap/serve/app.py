@@ -148,8 +148,7 @@ def create_app(
         if "text" in body:
             if not isinstance(body["text"], str):
                 raise QueryError("text must be a string")
-            query = await run_in_threadpool(library.text_vector, body["text"])
-            return JSON(await run_in_threadpool(library.search, query, k))
+            return JSON(await run_in_threadpool(library.text_search, body["text"], k))
         row, segment = body_int(body, "row"), body_int(body, "segment")
         if row is None:
             raise QueryError('give "text" or "row" (and optionally "segment")')

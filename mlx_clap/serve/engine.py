@@ -140,8 +140,9 @@ class ExactSearch:
     """Exact top-k by cosine over one set of vectors (the file rows, or the segments).
 
     Held in memory as one float32 matrix when it fits RESIDENT_BYTES: a query is then one BLAS
-    matrix-vector product (100k x 512 in ~10 ms on 2 cores, where FlatIndex's MLX product took
-    ~25 ms; benchmarks/serve_latency.py), and its scores give the calibration sample for free. A
+    matrix-vector product (100k x 512 in ~15 ms on 2 cores, where FlatIndex's MLX product took
+    ~40 ms; benchmarks/serve_latency.py), on the BLAS the model uses (`ops.blas.matvec`), and its
+    scores give the calibration sample for free. A
     larger set streams through `FlatIndex` on the MLX thread, with the sample's vectors kept instead.
     """
 
@@ -166,7 +167,9 @@ class ExactSearch:
         from mlx_clap.search.calibration import Calibration
 
         if self.matrix is not None:
-            every = self.matrix @ q
+            from mlx_clap.ops.blas import matvec
+
+            every = matvec(self.matrix, np.ascontiguousarray(q, dtype=np.float32))
             rows, scores = top_k(every, k, exclude)
             return Ranked(rows, scores, Calibration.fit(every[self.sample]), lambda a, b: every[a:b])
         res = self.mlx.call(self.flat.search, q, k, exclude=list(range(*exclude)))
@@ -250,6 +253,10 @@ class Library:
             return self.mlx.call(self.model.embed_text, [text])[0]
         except RuntimeError as exc:  # a model folder without tokenizer files
             raise QueryError(f"text search is not available: {exc}", 500) from exc
+
+    def text_search(self, text: str, k: int = 20) -> dict[str, Any]:
+        """`search` for a description's embedding (one call: the page's text query)."""
+        return self.search(self.text_vector(text), k)
 
     def audio_vector(self, path: Path, label: str) -> np.ndarray:
         """The unit embedding of an uploaded sound (decoded with the store's embedding settings)."""
