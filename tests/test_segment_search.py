@@ -412,3 +412,18 @@ def test_zscores_against_file_rows_and_segment_windows(tmp_path):
     windows = Calibration.fit(view.matrix() @ pattern)
     np.testing.assert_allclose(zscores(store, pattern, scores), files.z(scores), rtol=1e-5)
     np.testing.assert_allclose(zscores(store, pattern, scores, segments=True), windows.z(scores), rtol=1e-5)
+
+
+def test_stretch_around_is_the_merged_run_holding_the_best_window():
+    from mlx_clap.search.segments import stretch_around
+
+    start = np.arange(8, dtype=np.float64) * 2.0  # 4-s windows every 2 s
+    end = start + 4.0
+    scores = np.array([0.1, 0.6, 0.7, 0.9, 0.2, 0.1, 0.8, 0.1])
+    # Windows 1-3 pass 0.5 and overlap: one stretch; window 6 is its own (windows 4-5 fail between).
+    assert stretch_around(start, end, scores, 3, 0.5, gap=1.0) == (2.0, 10.0, 3)
+    assert stretch_around(start, end, scores, 6, 0.5, gap=1.0) == (12.0, 16.0, 1)
+    # A gap of 2 s joins window 6 (starting 2 s after window 3 ends), as run_ids does: one stretch.
+    assert stretch_around(start, end, scores, 3, 0.5, gap=2.0) == (2.0, 16.0, 4)
+    # The best window below the threshold: itself alone.
+    assert stretch_around(start, end, scores, 3, 0.95, gap=1.0) == (6.0, 10.0, 1)

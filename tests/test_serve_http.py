@@ -293,6 +293,44 @@ def test_symbolic_links_in_the_store_are_refused(tmp_path, tiny_model):
     assert c.get(f"/audio/2?t={TOKEN}").status_code == 404  # gone: said so, nothing else served
 
 
+def test_a_library_reached_through_a_linked_folder_is_served(tmp_path, tiny_model_dir, tiny_model):
+    """As macOS's /tmp -> /private/tmp, or ~/Music on another volume: the link was there at embed time."""
+    from mlx_clap.cli import main
+
+    real = tmp_path / "volume" / "Music"
+    paths = write_sounds(real)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "Music").symlink_to(real, target_is_directory=True)
+    out = tmp_path / "store"
+    args = [
+        "embed",
+        str(tmp_path / "home" / "Music"),
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_model_dir),
+        "-q",
+    ]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    store = EmbeddingStore.open(out)
+    by_name = {Path(it["path"]).name: row for row, it in enumerate(store.items)}
+    assert all(str(it["path"]).startswith(str(tmp_path / "home")) for it in store.items)  # as reached
+    c = client_for(store, tiny_model)
+    row = by_name[paths[0].name]
+    r = c.get(f"/audio/{row}?t={TOKEN}")
+    assert r.status_code == 200 and r.content == paths[0].read_bytes()
+    assert c.get(f"/api/peaks/{row}", headers=AUTH).status_code == 200
+    # Pointed elsewhere while the server runs: refused, without saying where it points now.
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    shutil.copy(paths[0], other / paths[0].name)
+    (tmp_path / "home" / "Music").unlink()
+    (tmp_path / "home" / "Music").symlink_to(other, target_is_directory=True)
+    r = c.get(f"/audio/{row}?t={TOKEN}")
+    assert r.status_code == 403 and "elsewhere" not in r.text
+
+
 # ---------------------------------------------------------------------------------- thumbs, items
 def test_peaks_and_item(client):
     doc = client.get("/api/peaks/3?n=50", headers=AUTH).json()
@@ -361,7 +399,34 @@ def test_segment_store_returns_time_ranges_and_timelines(tmp_path, tiny_model_di
     assert first["row"] == int(view.file_index[best]) and first["score"] == pytest.approx(
         seg_scores[best], abs=1e-4
     )
-    assert (first["start"], first["end"]) == pytest.approx((view.start[best], view.end[best]), abs=1e-3)
+    assert (first["best_start"], first["best_end"]) == pytest.approx(
+        (view.start[best], view.end[best]), abs=1e-3
+    )
+    # The result's time range is the stretch `search --segments` merges around that window (at z >= 2;
+    # with every window passing, the whole file), or that window alone when no window passes.
+    import mlx_clap.serve.engine as engine
+    from mlx_clap.search.segments import search_segments
+
+    def expected(result: dict, min_z: float) -> tuple:
+        at = result["best_start"]
+        hits = search_segments(view, q, k=None, min_z=min_z)[0]
+        hits = [g for g in hits if g.file_index == result["row"] and g.start <= at + 1e-6 and at < g.end]
+        if not hits:
+            return result["best_start"], result["best_end"], 1
+        return pytest.approx(hits[0].start, abs=1e-3), pytest.approx(hits[0].end, abs=1e-3), hits[0].windows
+
+    for r in doc["results"]:
+        assert (r["start"], r["end"], r["windows"]) == expected(r, 2.0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "DEFAULT_MIN_Z", -100.0)
+        every = post_search(client_for(store, tiny_model), {"text": "a pure tone", "k": 3}).json()["results"]
+    for r in every:
+        windows = np.nonzero(view.file_index == r["row"])[0]
+        assert r["windows"] == windows.size > 1
+        assert (r["start"], r["end"]) == pytest.approx(
+            (view.start[windows[0]], view.end[windows[-1]]), abs=1e-3
+        )
+        assert (r["start"], r["end"], r["windows"]) == expected(r, -100.0)
     mine = np.nonzero(view.file_index == first["row"])[0]
     assert first["timeline"]["score"] == pytest.approx(seg_scores[mine], abs=1e-4)
     assert first["timeline"]["start"] == pytest.approx(view.start[mine], abs=1e-3)
@@ -372,7 +437,6 @@ def test_segment_store_returns_time_ranges_and_timelines(tmp_path, tiny_model_di
     assert post_search(c, {"row": first["row"], "segment": other}).status_code == 400
     item = c.get(f"/api/item/{first['row']}", headers=AUTH).json()
     assert item["segments"]["first"] == int(mine[0]) and len(item["segments"]["start"]) == mine.size
-    import mlx_clap.serve.engine as engine
 
     with pytest.MonkeyPatch.context() as mp:  # segments streamed through FlatIndex: the same answer
         mp.setattr(engine, "RESIDENT_BYTES", 0)

@@ -213,6 +213,22 @@ def merge_kept(
     ]
 
 
+def stretch_around(
+    start: np.ndarray, end: np.ndarray, scores: np.ndarray, best: int, threshold: float, gap: float
+) -> tuple[float, float, int]:
+    """(start, end, windows) of the stretch of one file's windows around window `best`: the run that
+    `search_segments` would merge there (windows scoring >= `threshold`, joined when they overlap or
+    lie within `gap` seconds), or the best window alone when it scores below the threshold."""
+    keep = np.asarray(scores) >= threshold
+    keep[best] = True
+    idx = np.flatnonzero(keep)
+    st = np.asarray(start, dtype=np.float64)[idx]
+    en = np.asarray(end, dtype=np.float64)[idx]
+    rid = run_ids(np.zeros(idx.size, dtype=np.int64), st, en, gap)
+    mine = rid == rid[int(np.searchsorted(idx, best))]
+    return float(st[mine].min()), float(en[mine].max()), int(mine.sum())
+
+
 def _check_options(k: int | None, gap: float | None, min_length: float) -> None:
     if k is not None and k < 1:
         raise SearchError(f"k must be at least 1 (got {k})")

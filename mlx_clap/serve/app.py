@@ -114,6 +114,7 @@ def create_app(
     token = token or security.new_token()
     page = (STATIC / "index.html").read_text(encoding="utf-8").replace("{{TOKEN}}", token)
     peaks = PeakCache()
+    files = media.RowFiles(library.items)
 
     def refuse(request: Request, sent: str | None) -> JSON | None:
         own = f"{request.url.scheme}://{request.headers.get('host', '')}"
@@ -177,7 +178,7 @@ def create_app(
         n = int_param(request, "n", 120, 8, MAX_BUCKETS)
         start = float_param(request, "start", 0.0, 1e7)
         end = float_param(request, "end", 0.0, 1e7)
-        path, st = media.row_file(library.items, row)
+        path, st = files.file(row)
         key = (str(path), st.st_size, st.st_mtime_ns)
         rate = library.items[row].get("source_rate")
         # The file's own rate (no resampling); one a decoder can always give when the row lacks it.
@@ -207,7 +208,7 @@ def create_app(
             return refused
         try:
             row = media.parse_row(request.path_params["row"], len(library.items))
-            return media.audio_response(library.items, row)
+            return files.response(row)
         except media.MediaError as exc:
             return error(exc.status, str(exc))
 

@@ -3,11 +3,12 @@
 Queries are vectors: a text's or a dropped sound's embedding, or a stored row's (or segment's) own
 vector for "more like this". They are answered by exact search (`ExactSearch`: one in-memory matrix
 product when the vectors fit a budget, else `FlatIndex` streaming the shards). A store with segments
-is searched segment by segment; results are then files, each with its best segment (where playback
-starts) and the scores of all its segments for the file view's timeline. A store without segments
-(or a store class without the segment API) is searched file by file. Every score comes with its
-z-score (`mlx_clap.search.calibration`): how many standard deviations it lies above the query's mean
-score over a fixed sample of the store.
+is searched segment by segment; results are then files, each with its best segment, the stretch
+of matching windows around it (merged as `search --segments` merges them: windows at z >= 2 within
+one hop; playback starts there) and the scores of all its segments for the file view's timeline. A
+store without segments (or a store class without the segment API) is searched file by file. Every
+score comes with its z-score (`mlx_clap.search.calibration`): how many standard deviations it lies
+above the query's mean score over a fixed sample of the store.
 
 MLX work (the model, the indexes, clustering, duplicates) runs on one thread of its own (`MLXThread`),
 one call at a time: MLX streams belong to the thread that made them, and the page's requests arrive
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mlx_clap.search.segments import DEFAULT_MIN_Z, stretch_around, window_geometry
 
 RESIDENT_BYTES = 1 << 30  # float32 vectors kept in MLX memory up to this size (else memory-mapped)
 MAX_K = 200
@@ -236,6 +239,7 @@ class Library:
         self.seg_start = np.asarray(self.view.start, dtype=np.float64)
         self.seg_stop = np.asarray(self.view.end, dtype=np.float64)
         self.seg_file = fi
+        self.gap = window_geometry(self.view)[1]  # windows within one hop merge, as search --segments
 
     # ------------------------------------------------------------------------------------- queries
     def warm(self) -> None:
@@ -329,6 +333,7 @@ class Library:
             return [], ["the store holds no other segment"]
         # A file's overlapping windows crowd the top: fetch several per wanted file, list each file once.
         ranked = self.segments.search(q, max(MIN_CANDIDATES, k * CANDIDATES_PER_RESULT), exclude)
+        threshold = ranked.calibration.score_for_z(DEFAULT_MIN_Z)
         out: list[dict[str, Any]] = []
         seen: set[int] = set()
         for seg, score in zip(ranked.rows, ranked.scores, strict=True):
@@ -338,14 +343,22 @@ class Library:
             if row in seen:
                 continue  # a file is listed once, at its best segment
             seen.add(row)
+            a, b = int(self.seg_first[row]), int(self.seg_end[row])
+            file_scores = ranked.scores_of(a, b)
+            start, end, windows = stretch_around(
+                self.seg_start[a:b], self.seg_stop[a:b], file_scores, int(seg) - a, threshold, self.gap
+            )
             out.append(
                 {
                     **item_summary(self.items, row),
                     **self._score(float(score), ranked),
                     "segment": int(seg),
-                    "start": round(float(self.seg_start[seg]), 3),
-                    "end": round(float(self.seg_stop[seg]), 3),
-                    "timeline": self._timeline(row, ranked),
+                    "start": round(start, 3),
+                    "end": round(end, 3),
+                    "windows": windows,
+                    "best_start": round(float(self.seg_start[seg]), 3),
+                    "best_end": round(float(self.seg_stop[seg]), 3),
+                    "timeline": self._timeline(a, b, file_scores),
                 }
             )
         return out, []
@@ -356,13 +369,12 @@ class Library:
         store's sample (raw cosines differ between models, and between text and audio queries)."""
         return {"score": round(score, 4), "z": round(float(ranked.calibration.z(score)), 2)}
 
-    def _timeline(self, row: int, ranked: Ranked) -> dict[str, list]:
-        """Every segment of one file with its score for the query (the file view's strip)."""
-        a, b = int(self.seg_first[row]), int(self.seg_end[row])
+    def _timeline(self, a: int, b: int, scores: np.ndarray) -> dict[str, list]:
+        """Segments a..b-1 (one file's) with their scores for the query (the file view's strip)."""
         return {
             "start": [round(float(v), 3) for v in self.seg_start[a:b]],
             "end": [round(float(v), 3) for v in self.seg_stop[a:b]],
-            "score": [round(float(v), 4) for v in ranked.scores_of(a, b)],
+            "score": [round(float(v), 4) for v in scores],
         }
 
     # ---------------------------------------------------------------------------------- other views

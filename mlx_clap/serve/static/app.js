@@ -269,7 +269,8 @@ function drawTimeline() {
     }
     ctx.strokeStyle = "#f472b6"; ctx.lineWidth = 2;
     ctx.strokeRect((f.result.start / dur) * w, 1, ((f.result.end - f.result.start) / dur) * w, h - 2);
-    $("fv-legend").textContent = `Segment scores for ${state.label}: brighter is closer; best ${f.result.score.toFixed(3)} at ${seconds(f.result.start)}–${seconds(f.result.end)}. Click to play from a segment.`;
+    const r = f.result, stretch = r.windows > 1 ? `, in a match from ${seconds(r.start)} to ${seconds(r.end)} (${r.windows} windows)` : "";
+    $("fv-legend").textContent = `Segment scores for ${state.label}: brighter is closer; best ${r.score.toFixed(3)} at ${seconds(r.best_start)}–${seconds(r.best_end)}${stretch}. Click to play from a segment.`;
   } else if (f.item.segments) {
     ctx.fillStyle = "#334155";
     f.item.segments.start.forEach((s) => ctx.fillRect((s / dur) * w, 0, 1, h));
