@@ -1,6 +1,6 @@
 """Server-side latency of a text query in `mlx-clap serve` over a synthetic 100k-item store.
 
-    python benchmarks/serve_latency.py                       # 100,000 x 512, 50 queries
+    python benchmarks/serve_latency.py                       # 100,000 x 512, 3 rounds of 50 queries
     python benchmarks/serve_latency.py --model DIR           # real weights (a converted or HF folder)
     python benchmarks/serve_latency.py --text-tower tiny     # the tests' tiny text tower (fast, unrealistic)
 
