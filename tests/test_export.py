@@ -268,7 +268,7 @@ def test_unwritable_parent_is_named(tmp_path, fmt):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        with pytest.raises(ExportError, match=re.escape(f"{locked}: cannot write there (permission denied")):
+        with pytest.raises(ExportError, match=re.escape(f"{locked}: cannot write there: permission denied")):
             export_store(store, locked / "out", fmt)
         assert os.listdir(locked) == []
     finally:
@@ -338,3 +338,36 @@ def test_cli_interrupt_says_nothing_was_written(tmp_path, monkeypatch):
         cli_export.export, [str(tmp_path / "st"), "--to", "npy", str(tmp_path / "o"), "-q"]
     )
     assert res.exit_code == 130 and "nothing was written" in res.output
+
+
+@pytest.mark.parametrize("fmt", ["npy", "parquet"])
+def test_a_killed_exports_leftovers_are_removed_by_the_next(tmp_path, fmt):
+    """SIGKILL mid-export leaves its staging beside OUT; the next export to OUT removes it, while the
+    staging of an export still running (here: this process's id) is left alone."""
+    import signal
+    import subprocess
+
+    store = segmented_store(tmp_path / "st")
+    out = tmp_path / "out"
+    code = (
+        "import sys, time\n"
+        "from mlx_clap.search.store import EmbeddingStore\n"
+        "from mlx_clap.search.export import export_store\n"
+        "def hang(done, total):\n"
+        "    if done:\n"
+        "        print('half', flush=True); time.sleep(600)\n"
+        f"export_store(EmbeddingStore.open(sys.argv[1]), sys.argv[2], {fmt!r}, batch_rows=2, progress=hang)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(store.path), str(out)], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline().strip() == b"half"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    left = leftovers(tmp_path)
+    assert len(left) == 1 and left[0].startswith(f".out.export-{child.pid}-"), left
+    running = tmp_path / f".out.export-{os.getpid()}-live"
+    running.mkdir()
+    export_store(store, out, fmt)
+    assert leftovers(tmp_path) == [running.name]
+    assert out.exists()

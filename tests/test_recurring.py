@@ -166,3 +166,23 @@ def test_recurring_command(planted_store, tmp_path):
     assert r.exit_code == 2
     r = CliRunner().invoke(recurring, ["--help"])
     assert r.exit_code == 0 and "Example" in r.output and "mlx-clap recurring" in r.output
+
+
+def test_auto_without_usearch_falls_back_to_exact_only_where_that_ends(planted, monkeypatch):
+    """Without usearch, "auto" compares every pair of a store up to EXACT_FALLBACK_WINDOWS windows (with
+    a note); past it the hours of O(S^2) work are refused with the fix, unless "exact" is asked."""
+    import mlx_clap.search.recurring as rec
+
+    def missing():
+        raise SearchError("the approximate (ANN) backend needs usearch")
+
+    monkeypatch.setattr(rec, "_require_usearch", missing)
+    monkeypatch.setattr(rec, "EXACT_AUTO_WINDOWS", 10)  # the planted view holds more: "auto" wants the ANN
+    stats: dict = {}
+    groups = find_recurring(planted, backend="auto", stats=stats)
+    assert stats["backend"] == "exact" and any("usearch is not installed" in n for n in stats["notes"])
+    assert spans(groups) == spans(find_recurring(planted, backend="exact"))
+    monkeypatch.setattr(rec, "EXACT_FALLBACK_WINDOWS", 10)
+    with pytest.raises(SearchError, match=r"too many.*mlx-clap\[ann\].*--backend exact"):
+        find_recurring(planted, backend="auto")
+    assert spans(find_recurring(planted, backend="exact")) == spans(groups)

@@ -427,3 +427,17 @@ def test_stretch_around_is_the_merged_run_holding_the_best_window():
     assert stretch_around(start, end, scores, 3, 0.5, gap=2.0) == (2.0, 16.0, 4)
     # The best window below the threshold: itself alone.
     assert stretch_around(start, end, scores, 3, 0.95, gap=1.0) == (6.0, 10.0, 1)
+
+
+def test_timeline_z_agrees_with_search_segments():
+    """Both calibrate on every window by default, so the same window gets the same z in both."""
+    view, pattern = planted_view()
+    rows = timeline(view, 3, pattern)
+    best = search_segments(view, pattern, k=1)[0][0]
+    assert best.file_index == 3
+    row = next(r for r in rows if r.start == best.best_start)
+    assert row.z == pytest.approx(best.z, abs=1e-9)
+    # A sample calibrates on fewer windows: the same scores, other z.
+    sampled = timeline(view, 3, pattern, sample=50)
+    assert [r.score for r in sampled] == pytest.approx([r.score for r in rows], abs=1e-6)
+    assert max(abs(a.z - b.z) for a, b in zip(sampled, rows, strict=True)) > 1e-3

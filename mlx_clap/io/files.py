@@ -6,12 +6,23 @@ files) goes through here: a temp file in the same folder, fsync, then rename ove
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+
+def write_failure(exc: OSError) -> str:
+    """Why a write failed, in words a user acts on (a full disk and a read-only folder are the usual
+    causes, and their strerror texts differ between systems)."""
+    if exc.errno == errno.ENOSPC:
+        return "no space left on the device"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "permission denied (read-only folder?)"
+    return exc.strerror or str(exc)
 
 
 def _umask() -> int:

@@ -27,6 +27,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mlx_clap.io.files import fsync_dir as _fsync_path
+from mlx_clap.io.files import write_failure
 from mlx_clap.search.store import json_line
 
 if TYPE_CHECKING:  # the view's contract (EmbeddingStore.segment_view()); a type only, not loaded
@@ -82,14 +84,6 @@ class ExportSummary:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _why(exc: OSError) -> str:
-    if exc.errno == errno.ENOSPC:
-        return "no space left on the device"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "permission denied"
-    return exc.strerror or str(exc)
-
-
 def _write_new_file(path: Path, data: bytes) -> None:
     with open(path, "xb") as fh:
         fh.write(data)
@@ -477,14 +471,51 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _staging_prefix(name: str, kind: str, pid: int | None = None) -> str:
+    """`.OUT.export-PID-` (or `.OUT.old-PID-`): the exporting process's id in the name lets a later
+    export tell the leftovers of a killed one from those of one still running."""
+    return f".{name}.{kind}-{os.getpid() if pid is None else pid}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # gone, or an id no process can have
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_staging(parent: Path, name: str) -> list[Path]:
+    """Remove what killed exports to `parent / name` left beside it (temp folders and files named
+    `_staging_prefix`, whose process is gone); returns what was removed. A running export's are kept."""
+    removed = []
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(export|old)-(\d+)-")
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or _process_alive(int(m.group(2))):
+            continue
+        path = Path(entry.path)
+        _remove(path)
+        removed.append(path)
+    return removed
+
+
 def _make_staging(parent: Path, name: str, folder: bool) -> Path:
     """A temp folder (json, npy) or file (parquet) beside OUT, with the usual umask-based mode (mkdtemp
     and mkstemp make owner-only entries)."""
+    remove_stale_staging(parent, name)
+    prefix = _staging_prefix(name, "export")
     if folder:
-        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.export-"))
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
         tmp.chmod(0o777 & ~_umask())
         return tmp
-    fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f".{name}.export-", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=prefix, suffix=".tmp")
     os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     return Path(tmp_name)  # ParquetWriter truncates and fills it (its mode is kept)
@@ -494,7 +525,7 @@ def _publish(tmp: Path, out: Path, replace: bool) -> None:
     """Rename the finished export into place. A replaced OUT is first moved aside (and put back if the
     swap fails), so OUT is always either the old export or the whole new one."""
     if replace and (out.exists() or out.is_symlink()):
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-")) / "old"
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=_staging_prefix(out.name, "old"))) / "old"
         try:
             os.replace(out, old)
             try:
@@ -589,7 +620,7 @@ def export_store(
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ExportError(f"{parent}: cannot create the folder for {out.name}: {_why(exc)}") from exc
+        raise ExportError(f"{parent}: cannot create the folder for {out.name}: {write_failure(exc)}") from exc
 
     files = len(store) if level in ("file", "both") or fmt == "json" else 0
     segments = len(view) if view is not None and level in ("segment", "both") else 0
@@ -624,13 +655,17 @@ def export_store(
         _publish(tmp, out, replace=exists)
     except OSError as exc:
         if tmp is None:
-            raise ExportError(f"{parent}: cannot write there ({_why(exc)}); choose another OUT") from exc
+            raise ExportError(
+                f"{parent}: cannot write there: {write_failure(exc)}; choose another OUT"
+            ) from exc
         _remove(tmp)
         if isinstance(exc, FileExistsError):
             raise ExportError(
                 f"{out}: was created by another process during the export; nothing written"
             ) from exc
-        raise ExportError(f"{out}: cannot write the export: {_why(exc)}; nothing was written") from exc
+        raise ExportError(
+            f"{out}: cannot write the export: {write_failure(exc)}; nothing was written"
+        ) from exc
     except BaseException:
         if tmp is not None:
             _remove(tmp)

@@ -555,7 +555,7 @@ class AnnIndex:
 
     @classmethod
     def status(cls, store: StoreLike) -> str:
-        """"current" (the saved graph matches the store), "stale" (the store changed since it was
+        """ "current" (the saved graph matches the store), "stale" (the store changed since it was
         built), "partial" (a checkpoint of an interrupted build) or "missing" (none saved, or
         unreadable metadata)."""
         graph_path, meta_path = cls.paths(store)
@@ -686,7 +686,7 @@ class DuplicateGroup:
         }
 
 
-class _UnionFind:
+class UnionFind:
     """Vectorised union-find over int rows: union whole arrays of pairs at a time."""
 
     def __init__(self, n: int):
@@ -735,7 +735,7 @@ def near_duplicates(
         raise SearchError(f"{store.path}: the store is empty; embed some audio into it first")
     if not -1.0 <= threshold <= 1.0:
         raise SearchError(f"threshold must be a cosine between -1 and 1 (got {threshold})")
-    uf = _UnionFind(n)
+    uf = UnionFind(n)
     best = np.full(n, -np.inf, dtype=np.float32)  # each row's strongest link
     edge_sum = np.zeros(n, dtype=np.float64)  # per row: sum and count of its links (to score groups)
     edge_cnt = np.zeros(n, dtype=np.int64)

@@ -27,11 +27,14 @@ from typing import Any
 import numpy as np
 
 from mlx_clap.search.calibration import Calibration, sample_rows
-from mlx_clap.search.index import SearchError, _UnionFind
+from mlx_clap.search.index import SearchError, UnionFind
 from mlx_clap.search.segments import NO_SEGMENTS, SegmentViewLike, run_ids, window_geometry
 
 DEFAULT_THRESHOLD = 0.9
 EXACT_AUTO_WINDOWS = 20_000  # "auto" compares every pair up to this many windows (seconds on 2 cores)
+# Without usearch, "auto" falls back to every pair only up to this many windows (~15 min on 2 cores);
+# past it the O(S^2) work runs to hours (1M windows: ~7 h), so it is refused unless "exact" is asked.
+EXACT_FALLBACK_WINDOWS = 200_000
 EXACT_TILE = 4096  # rows per tile side of the exact self-comparison
 ANN_ADD_ROWS = 16384
 ANN_SEARCH_ROWS = 16384
@@ -240,7 +243,7 @@ def group_pairs(
     cross = ri != rj  # a pair inside one run links nothing
     ri, rj, sc = ri[cross], rj[cross], np.asarray(scores, dtype=np.float64)[cross]
     n_runs = int(rid[-1]) + 1
-    uf = _UnionFind(n_runs)
+    uf = UnionFind(n_runs)
     uf.union(ri, rj)
     label = uf.labels()
     firsts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]])
@@ -290,7 +293,8 @@ def find_recurring(
     Two windows match when their cosine reaches `threshold` (default 0.9), or, with `min_z`, when it is
     that many standard deviations above the cosine of two random windows of the store. backend "exact"
     compares every pair; "ann" asks a usearch graph (`index`, else one built now) for each window's
-    `k_neighbors` nearest; "auto" is exact up to EXACT_AUTO_WINDOWS windows or without usearch.
+    `k_neighbors` nearest; "auto" is exact up to EXACT_AUTO_WINDOWS windows, and without usearch up
+    to EXACT_FALLBACK_WINDOWS (more is refused: hours of work).
     `window` / `hop` default to what the view's times show; matched windows of one file merge into one
     occurrence when they overlap or lie within `gap` seconds. `stats`, when given, is filled with the
     backend used, the threshold, counts and seconds per stage.
@@ -326,6 +330,12 @@ def find_recurring(
             try:
                 _require_usearch()
             except SearchError:
+                if len(view) > EXACT_FALLBACK_WINDOWS:
+                    raise SearchError(
+                        f"{len(view)} windows are too many to compare each with each other without an "
+                        "approximate index (hours of work): pip install 'mlx-clap[ann]' for usearch, "
+                        "or ask for it anyway with --backend exact"
+                    ) from None
                 backend = "exact"
                 notes.append(
                     f"usearch is not installed: comparing all {len(view)} windows with each other (slow; "

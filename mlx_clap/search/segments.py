@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from mlx_clap.search.calibration import DEFAULT_SAMPLE, Calibration, calibrate_query
+from mlx_clap.search.calibration import Calibration, calibrate_query
 from mlx_clap.search.index import SearchError, unit_queries
 
 DEFAULT_MIN_Z = 2.0
@@ -298,25 +298,28 @@ def timeline(
     query: np.ndarray,
     *,
     calibration: Calibration | None = None,
-    sample: int = DEFAULT_SAMPLE,
+    sample: int | None = None,
     seed: int = 0,
 ) -> list[TimelineRow]:
     """Every window of one file (`file_index` into the store's items) with its cosine to `query`
-    and that cosine's z-score. z is calibrated on the query against `sample` windows of the whole
-    store (all of them when it holds no more), unless a `calibration` is given."""
+    and that cosine's z-score. z is calibrated as `search_segments` calibrates it, on the query's
+    scores against every window of the store (one pass over it), so a window's z here and in a
+    search agree; `sample` calibrates on that many windows instead (faster on a huge store), and a
+    given `calibration` is used as it is."""
     if len(view) == 0:
         raise SearchError(NO_SEGMENTS)
     q = unit_queries(query, view.dim)[0]
     idx = np.flatnonzero(np.asarray(view.file_index) == int(file_index))
     if idx.size == 0:
         return []
-    cal = (
-        calibration
-        if calibration is not None
-        else calibrate_query(view.take, len(view), q, limit=sample, seed=seed)
-    )
-    scores = np.asarray(view.take(idx), dtype=np.float32) @ q
-    z = cal.z(scores.astype(np.float64))
+    if calibration is None and (sample is None or sample >= len(view)):
+        every = score_windows(view, q[None, :])[0]
+        calibration, scores = Calibration.fit(every), every[idx]
+    else:
+        if calibration is None:
+            calibration = calibrate_query(view.take, len(view), q, limit=sample, seed=seed)
+        scores = np.asarray(view.take(idx), dtype=np.float32) @ q
+    z = calibration.z(scores.astype(np.float64))
     st = np.asarray(view.start, dtype=np.float64)[idx]
     en = np.asarray(view.end, dtype=np.float64)[idx]
     return [

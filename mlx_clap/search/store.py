@@ -64,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from mlx_clap.io.files import atomic_write_bytes, atomic_write_json
+from mlx_clap.io.files import atomic_write_bytes, atomic_write_json, write_failure
 from mlx_clap.io.files import fsync_dir as _fsync_dir  # a module name the crash tests patch
 from mlx_clap.search import lock as _lock
 
@@ -115,14 +115,6 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())
-
-
-def _why(exc: OSError) -> str:
-    if exc.errno == errno.ENOSPC:
-        return "no space left on the device"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "permission denied (read-only folder?)"
-    return exc.strerror or str(exc)
 
 
 def row_crcs(rows: np.ndarray) -> list[int]:
@@ -465,7 +457,7 @@ class EmbeddingStore:
             _cleanup_stale_builds(path.parent, path.name)
             tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.creating-"))
         except OSError as exc:
-            raise StoreError(f"{path}: cannot create the store: {_why(exc)}") from exc
+            raise StoreError(f"{path}: cannot create the store: {write_failure(exc)}") from exc
         try:
             _lock.acquire(tmp)
             try:
@@ -481,7 +473,7 @@ class EmbeddingStore:
             raise StoreBusyError(str(exc)) from None
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise StoreError(f"{path}: cannot create the store: {_why(exc)}") from exc
+            raise StoreError(f"{path}: cannot create the store: {write_failure(exc)}") from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
