@@ -241,6 +241,16 @@ def main() -> None:
             rounds.append(summary(times))
             log(f"round {r + 1}: server p50 {rounds[-1]['p50']} ms, p95 {rounds[-1]['p95']} ms")
         tokens = [int(clap.family.text_inputs([t])[0].shape[1]) for t in texts]
+        # The map of the whole library: computed (PCA + k-means) on the first request and cached in
+        # map.json; then the cached answer (what a later page load or restart gets).
+        map_s = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            res = client.get("/api/map", headers=headers)
+            res.raise_for_status()
+            map_s.append(round(time.perf_counter() - t0, 3))
+        map_points = len(res.json()["x"]) if "x" in res.json() else None
+        log(f"map: first {map_s[0]} s, cached {map_s[1]} s, {len(res.content) / 1e6:.1f} MB")
         clip_tokens = clip_token_counts(texts)
         doc = {
             "benchmark": "serve_latency",
@@ -253,6 +263,7 @@ def main() -> None:
             "tokens_per_query": {"min": min(tokens), "max": max(tokens), "mean": mean_of(tokens)},
             "clip_bpe_tokens_per_query": None if clip_tokens is None else mean_of(clip_tokens),
             "startup_s": round(startup_s, 2),
+            "map": {"first_s": map_s[0], "cached_s": map_s[1], "bytes": len(res.content), "points": map_points},
             "server_ms": {**summary(server_ms), "mean": round(statistics.fmean(server_ms), 1)},
             "server_ms_by_round": rounds,
             "text_embedding_ms": summary(embed_ms),
