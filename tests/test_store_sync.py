@@ -29,6 +29,16 @@ def run(args: list) -> object:
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def embed_args(
+    inputs: Path | list[Path], model: Path, out: Path, *options: str, recursive: bool = True
+) -> list[str]:
+    """`mlx-clap embed` of `inputs` (with -r unless recursive=False) into the store `out`, quiet (-q),
+    then `options`. As strings, so the same list also runs in a subprocess."""
+    named = inputs if isinstance(inputs, list) else [inputs]
+    args = ["embed", *named, *(["-r"] if recursive else []), "--model", model, "--out", out, "-q", *options]
+    return [str(a) for a in args]
+
+
 def summary_of(result) -> dict:
     """The --summary-json object (the last JSON line of the output)."""
     for line in reversed(result.stdout.strip().splitlines()):
@@ -63,19 +73,7 @@ def library(tmp_path) -> Path:
 # ------------------------------------------------------------------------------------------- sync
 def test_edit_delete_rename_copy_touch_mirrors_the_folder(tiny_model_dir, library, tmp_path):
     store = tmp_path / "store"
-    args = [
-        "embed",
-        library,
-        "-r",
-        "--model",
-        tiny_model_dir,
-        "--out",
-        store,
-        "-q",
-        "--summary-json",
-        "--batch-size",
-        "1",
-    ]
+    args = embed_args(library, tiny_model_dir, store, "--summary-json", "--batch-size", "1")
     first = run(args)
     assert first.exit_code == 0, first.output
     assert summary_of(first)["embedded"] == 6
@@ -96,12 +94,7 @@ def test_edit_delete_rename_copy_touch_mirrors_the_folder(tiny_model_dir, librar
     # The same vectors as a fresh embed of the library as it is now.
     fresh = tmp_path / "fresh"
     # One file per model call in both runs: batch neighbours change float32 sums in their last bits.
-    assert (
-        run(
-            ["embed", library, "-r", "--model", tiny_model_dir, "--out", fresh, "-q", "--batch-size", "1"]
-        ).exit_code
-        == 0
-    )
+    assert run(embed_args(library, tiny_model_dir, fresh, "--batch-size", "1")).exit_code == 0
     fresh_items, fresh_vectors = live_state(fresh)
     assert sorted(fresh_items) == now
     for p in now:
@@ -120,7 +113,7 @@ def test_edit_delete_rename_copy_touch_mirrors_the_folder(tiny_model_dir, librar
 
 def test_search_and_dedupe_see_one_row_per_path(tiny_model_dir, library, tmp_path):
     store = tmp_path / "store"
-    base = ["embed", library, "-r", "--model", tiny_model_dir, "--out", store, "-q"]
+    base = embed_args(library, tiny_model_dir, store)
     assert run(base).exit_code == 0
     write_clip(library / "b.wav", seed=42)
     assert run(base).exit_code == 0
@@ -141,40 +134,25 @@ def test_no_prune_keeps_gone_files_and_prune_is_scoped_to_the_folders_named(
     other = tmp_path / "other"
     other.mkdir()
     write_clip(other / "x.wav", seed=7)
-    assert (
-        run(["embed", library, other, "-r", "--model", tiny_model_dir, "--out", store, "-q"]).exit_code == 0
-    )
+    assert run(embed_args([library, other], tiny_model_dir, store)).exit_code == 0
     (library / "a.wav").unlink()
-    r = run(
-        [
-            "embed",
-            library,
-            "-r",
-            "--model",
-            tiny_model_dir,
-            "--out",
-            store,
-            "-q",
-            "--no-prune",
-            "--summary-json",
-        ]
-    )
+    r = run(embed_args(library, tiny_model_dir, store, "--no-prune", "--summary-json"))
     assert summary_of(r)["removed"] == 0
     assert str(library / "a.wav") in live_state(store)[0]
     # Only `library` is named: other/x.wav stays although it was not part of this run.
-    r = run(["embed", library, "-r", "--model", tiny_model_dir, "--out", store, "-q", "--summary-json"])
+    r = run(embed_args(library, tiny_model_dir, store, "--summary-json"))
     assert summary_of(r)["removed"] == 1
     items = live_state(store)[0]
     assert str(library / "a.wav") not in items and str(other / "x.wav") in items
     # Without -r, files in sub-folders are out of scope, so they are not pruned either.
-    r = run(["embed", library, "--model", tiny_model_dir, "--out", store, "-q", "--summary-json"])
+    r = run(embed_args(library, tiny_model_dir, store, "--summary-json", recursive=False))
     assert summary_of(r)["removed"] == 0
     assert str(library / "sub" / "f.wav") in live_state(store)[0]
 
 
 def test_a_changed_file_that_now_fails_loses_its_stale_row(tiny_model_dir, library, tmp_path):
     store = tmp_path / "store"
-    args = ["embed", library, "-r", "--model", tiny_model_dir, "--out", store, "-q", "--summary-json"]
+    args = embed_args(library, tiny_model_dir, store, "--summary-json")
     assert run(args).exit_code == 0
     (library / "a.wav").write_bytes(b"not audio any more")
     r = run(args)
@@ -188,7 +166,7 @@ def test_a_changed_file_that_now_fails_loses_its_stale_row(tiny_model_dir, libra
 
 def test_deleted_and_recreated_folder(tiny_model_dir, library, tmp_path):
     store = tmp_path / "store"
-    args = ["embed", library, "-r", "--model", tiny_model_dir, "--out", store, "-q", "--summary-json"]
+    args = embed_args(library, tiny_model_dir, store, "--summary-json")
     assert run(args).exit_code == 0
     shutil.rmtree(library)
     r = run(args)  # the folder is gone: a clear error, and the store keeps its rows
@@ -204,30 +182,14 @@ def test_deleted_and_recreated_folder(tiny_model_dir, library, tmp_path):
 def test_kill_during_sync_then_rerun_gives_the_same_store(tiny_model_dir, library, tmp_path):
     """SIGKILL a sync run (changes pending) at several moments; a rerun always ends as a fresh embed."""
     store = tmp_path / "store"
-    args = [
-        "embed",
-        str(library),
-        "-r",
-        "--model",
-        str(tiny_model_dir),
-        "--out",
-        str(store),
-        "-q",
-        "--batch-size",
-        "1",
-    ]
+    args = embed_args(library, tiny_model_dir, store, "--batch-size", "1")
     assert run(args).exit_code == 0
     write_clip(library / "b.wav", seed=77)
     (library / "c.wav").unlink()
     for i in range(8):
         write_clip(library / f"new{i}.wav", seed=200 + i, seconds=3.0)
     fresh = tmp_path / "fresh"
-    assert (
-        run(
-            ["embed", library, "-r", "--model", tiny_model_dir, "--out", fresh, "-q", "--batch-size", "1"]
-        ).exit_code
-        == 0
-    )
+    assert run(embed_args(library, tiny_model_dir, fresh, "--batch-size", "1")).exit_code == 0
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for delay in (1.5, 3.0):
         proc = subprocess.Popen([sys.executable, "-m", "mlx_clap.cli", *args], env=env, cwd=REPO_ROOT)
@@ -418,8 +380,8 @@ def test_a_store_from_a_newer_format_is_refused(tmp_path):
 
 def test_segments_option_on_a_store_made_without_them_is_refused(tiny_model_dir, library, tmp_path):
     store = tmp_path / "store"
-    assert run(["embed", library, "--model", tiny_model_dir, "--out", store, "-q"]).exit_code == 0
-    r = run(["embed", library, "--model", tiny_model_dir, "--out", store, "-q", "--segments"])
+    assert run(embed_args(library, tiny_model_dir, store, recursive=False)).exit_code == 0
+    r = run(embed_args(library, tiny_model_dir, store, "--segments", recursive=False))
     assert r.exit_code != 0
     assert "made without --segments" in r.output and "--overwrite" in r.output
 
@@ -431,7 +393,7 @@ def test_embed_segments_stores_windows_beside_the_file_vector(tiny_model_dir, tm
     write_clip(lib / "long.wav", seed=2, seconds=31.0)  # streamed past 30 s
     write_clip(lib / "mid.wav", seed=3, seconds=14.0)
     store = tmp_path / "store"
-    args = ["embed", lib, "--model", tiny_model_dir, "--out", store, "-q", "--segments", "--hop", "4"]
+    args = embed_args(lib, tiny_model_dir, store, "--segments", "--hop", "4", recursive=False)
     r = run([*args, "--summary-json"])
     assert r.exit_code == 0, r.output
     st = EmbeddingStore.open(store)
@@ -447,12 +409,12 @@ def test_embed_segments_stores_windows_beside_the_file_vector(tiny_model_dir, tm
     # The file vectors are those of a store made without segments (up to float16 steps: the two runs
     # batch their windows differently).
     plain = tmp_path / "plain"
-    assert run(["embed", lib, "--model", tiny_model_dir, "--out", plain, "-q"]).exit_code == 0
+    assert run(embed_args(lib, tiny_model_dir, plain, recursive=False)).exit_code == 0
     p = EmbeddingStore.open(plain)
     np.testing.assert_allclose(st.matrix()[[st.row_of(x["path"]) for x in p.items]], p.matrix(), atol=1e-4)
     # A rerun without --segments keeps making them; a rename reuses the long file's windows.
     (lib / "long.wav").rename(lib / "long2.wav")
-    r = run(["embed", lib, "--model", tiny_model_dir, "--out", store, "-q", "--summary-json"])
+    r = run(embed_args(lib, tiny_model_dir, store, "--summary-json", recursive=False))
     assert summary_of(r)["reused"] == 1 and summary_of(r)["removed"] == 1
     st = EmbeddingStore.open(store)
     view = st.segment_view()
@@ -475,7 +437,7 @@ def test_search_segments_finds_a_planted_sound_within_one_hop(tiny_model_dir, tm
     write_clip(lib / "noise.wav", seed=9, seconds=40.0)
     sf.write(tmp_path / "query.wav", chirp, SR)
     store = tmp_path / "store"
-    r = run(["embed", lib, "--model", tiny_model_dir, "--out", store, "-q", "--segments"])
+    r = run(embed_args(lib, tiny_model_dir, store, "--segments", recursive=False))
     assert r.exit_code == 0, r.output
     r = run(["search", store, "--audio", tmp_path / "query.wav", "--segments", "-k", "2", "--json"])
     assert r.exit_code == 0, r.output

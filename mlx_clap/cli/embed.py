@@ -14,6 +14,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +42,20 @@ LONG_AUDIO_CHOICES = ("windows-mean", "head", "center", "fusion", "reference")
 
 
 # ------------------------------------------------------------------------------------------- model
+def recorded_model_id(model_id: str) -> str:
+    """How the manifest names the model: a local one by its absolute path, so the store can be searched
+    from any folder; a hub id as typed."""
+    local = Path(model_id).expanduser()
+    return str(local.resolve()) if local.exists() else model_id
+
+
 def build_manifest(model, model_id: str, settings: dict, store_dtype: str | None) -> dict:
     from mlx_clap.version import __version__
 
-    # A local model is recorded by its absolute path, so the store can be searched from any folder;
-    # hub ids are recorded as typed.
-    local = Path(model_id).expanduser()
-    recorded = str(local.resolve()) if local.exists() else model_id
     return {
         "tool": "mlx-clap embed",
         "mlx_clap_version": __version__,
-        "model": recorded,
+        "model": recorded_model_id(model_id),
         "model_source": model.config.source or (str(model.source_dir) if model.source_dir else None),
         "weights_sha256": weights_sha256(model),
         "embedding_dim": int(model.embedding_dim),
@@ -703,9 +707,10 @@ def embed(
             "quantize_int16": bool(quantize_int16),
             "compute_dtype": dtype,
         }
-        done = already_mirrored(
+        request = MirrorRequest(
             out, model_id, wanted, store_dtype, segments, files, paths, recursive, no_prune
         )
+        done = already_mirrored(request)
         if done is not None:  # nothing changed: answered from file stats alone, the model is not loaded
             done["not_considered"] = ignored
             if summary_json:
@@ -817,22 +822,28 @@ def embed(
         sys.exit(1)
 
 
-def already_mirrored(
-    out: Path,
-    model_id: str,
-    wanted: dict,
-    store_dtype: str,
-    segments: bool,
-    files: list[InputFile],
-    paths: tuple[str, ...],
-    recursive: bool,
-    no_prune: bool,
-) -> dict | None:
+@dataclass(frozen=True)
+class MirrorRequest:
+    """What a run into an existing store asks for, as `already_mirrored` compares it with the store."""
+
+    out: Path
+    model_id: str
+    wanted: dict  # the settings the manifest must record (long_audio, seed, quantize_int16, compute_dtype)
+    store_dtype: str
+    segments: bool
+    files: list[InputFile]
+    paths: tuple[str, ...]  # the arguments as given: the folders whose gone files would be pruned
+    recursive: bool
+    no_prune: bool
+
+
+def already_mirrored(request: MirrorRequest) -> dict | None:
     """The summary of a run with nothing to do (every file unchanged, none to remove, same model and
     settings as the store records), or None when there is work or any doubt. Costs one stat per file,
     so a rerun over an unchanged library of 100k files takes seconds and never loads the model."""
     from mlx_clap.search.store import MANIFEST_NAME
 
+    out = request.out
     if not (out / MANIFEST_NAME).is_file() or (out / ERRORS_NAME).exists():
         return None  # a new store, or failures to retry and an error log to bring up to date
     from mlx_clap.search import lock
@@ -843,72 +854,81 @@ def already_mirrored(
     except OSError:
         return None
     try:
-        return _mirrored_locked(
-            out, model_id, wanted, store_dtype, segments, files, paths, recursive, no_prune, t0
-        )
+        return _mirrored_locked(request, t0)
     finally:
         lock.release(out)
 
 
-def _mirrored_locked(
-    out: Path,
-    model_id: str,
-    wanted: dict,
-    store_dtype: str,
-    segments: bool,
-    files: list[InputFile],
-    paths: tuple[str, ...],
-    recursive: bool,
-    no_prune: bool,
-    t0: float,
-) -> dict | None:
+def _mirrored_locked(request: MirrorRequest, t0: float) -> dict | None:
     from mlx_clap.search.store import EmbeddingStore, StoreError
 
     try:
-        store = EmbeddingStore.open(out, repair=False)
+        store = EmbeddingStore.open(request.out, repair=False)
     except StoreError:
         return None  # the full path reports it
-    manifest = store.manifest
-    local = Path(model_id).expanduser()
-    recorded = str(local.resolve()) if local.exists() else model_id
-    settings = manifest.get("settings") or {}
     if (
-        manifest.get("model") != recorded
-        or manifest.get("store_dtype") != store_dtype
-        or any(settings.get(k) != v for k, v in wanted.items())
-        or (segments and not store.has_segments)
+        _store_differs(store, request)
+        or _any_file_changed(store, request.files)
+        or (not request.no_prune and _has_rows_to_prune(store, request))
+    ):
+        return None
+    return _up_to_date_summary(store, request, time.perf_counter() - t0)
+
+
+def _store_differs(store: Any, request: MirrorRequest) -> bool:
+    """Whether the store was made with another model or other settings, or holds something the full run
+    would clean up (superseded rows; notes, when it was opened writable)."""
+    manifest = store.manifest
+    settings = manifest.get("settings") or {}
+    return bool(
+        manifest.get("model") != recorded_model_id(request.model_id)
+        or manifest.get("store_dtype") != request.store_dtype
+        or any(settings.get(k) != v for k, v in request.wanted.items())
+        or (request.segments and not store.has_segments)
         or store.dead_rows
         or store.read_only is False
         and store.notes
-    ):
-        return None
+    )
+
+
+def _any_file_changed(store: Any, files: list[InputFile]) -> bool:
+    """Whether an input is new, changed or unreadable: not stored with its current stat key (path, size,
+    mtime)."""
     done = store.done_keys()
     for f in files:
         try:
             if stat_key(f.path) not in done:
-                return None
+                return True
         except OSError:
-            return None
-    if not no_prune:
-        present = {str(f.path) for f in files}
-        for raw in paths:
-            root = os.path.abspath(os.path.expanduser(raw))
-            scope = root.rstrip(os.sep) + os.sep
-            for it in store.items:
-                p = str(it["path"])
-                if p in present:
-                    continue
-                if p == root or (
-                    p.startswith(scope) and (recursive or os.path.dirname(p) == root.rstrip(os.sep))
-                ):
-                    return None
-    seconds = time.perf_counter() - t0
+            return True
+    return False
+
+
+def _has_rows_to_prune(store: Any, request: MirrorRequest) -> bool:
+    """Whether the store holds a row of a file gone from the inputs named (which the run would remove)."""
+    present = {str(f.path) for f in request.files}
+    for raw in request.paths:
+        root = os.path.abspath(os.path.expanduser(raw))
+        scope = root.rstrip(os.sep) + os.sep
+        for it in store.items:
+            p = str(it["path"])
+            if p in present:
+                continue
+            if p == root or (
+                p.startswith(scope) and (request.recursive or os.path.dirname(p) == root.rstrip(os.sep))
+            ):
+                return True
+    return False
+
+
+def _up_to_date_summary(store: Any, request: MirrorRequest, seconds: float) -> dict:
+    """The --summary-json of a run that found every file stored already."""
     return {
-        "files": len(files),
+        "files": len(request.files),
         "embedded": 0,
         "reused": 0,
         "removed": 0,
-        "skipped": len(files),
+        "skipped": len(request.files),
         "failed": 0,
         "failures": [],
         "warnings": [],
@@ -917,8 +937,8 @@ def _mirrored_locked(
         "realtime_factor": None,
         "files_per_second": None,
         "format": "store",
-        "out": str(out),
-        "model": manifest.get("model"),
+        "out": str(request.out),
+        "model": store.manifest.get("model"),
         "errors_file": None,
         "up_to_date": True,
     }

@@ -64,34 +64,21 @@ def export(
       mlx-clap export vectors/ --to json vectors-json/ --overwrite
       python -c "import numpy as np; print(np.load('vectors-npy/vectors.npy').shape)"
     """
-    from tqdm import tqdm
-
-    from mlx_clap.cli.stores import open_store
+    from mlx_clap.cli.stores import VectorProgress, open_store
     from mlx_clap.search.export import ExportError, export_store
 
     store = open_store(store_path)
-    bar = None
-
-    def on_progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(
-                total=total, unit="vec", desc="export", disable=quiet, file=sys.stderr, dynamic_ncols=True
-            )
-        bar.update(done - bar.n)
-
+    progress = VectorProgress("export", quiet)
     try:
-        summary = export_store(store, out, fmt, level=level, overwrite=overwrite, progress=on_progress)
+        summary = export_store(store, out, fmt, level=level, overwrite=overwrite, progress=progress)
     except ExportError as exc:
         raise click.ClickException(printable(exc)) from exc
     except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
+        progress.close()  # end the bar first, so the message starts on a line of its own
         click.echo(f"interrupted: nothing was written ({printable(out)} is as it was)", err=True)
         sys.exit(INTERRUPTED_STATUS)  # the group then exits quietly: the message is said
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
     if as_json:
         click.echo(json.dumps(summary.to_dict(), sort_keys=True))
     else:

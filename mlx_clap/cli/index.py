@@ -6,7 +6,6 @@ only uses the index it leaves (never builds one).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -43,23 +42,12 @@ def index(store_path: Path, rebuild: bool, connectivity: int, expansion_add: int
       mlx-clap index vectors/
       mlx-clap search vectors/ --text "a dog barking" --backend ann
     """
-    from tqdm import tqdm
-
-    from mlx_clap.cli.stores import open_store
+    from mlx_clap.cli.stores import VectorProgress, open_store
     from mlx_clap.search.index import AnnIndex, SearchError
 
     store = open_store(store_path)
     before = "missing" if rebuild else AnnIndex.status(store)
-    bar = None
-
-    def on_rows(added: int, to_add: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(
-                total=to_add, unit="vec", desc="index", disable=quiet, file=sys.stderr, dynamic_ncols=True
-            )
-        bar.update(added - bar.n)
-
+    progress = VectorProgress("index", quiet)
     try:
         ann = AnnIndex.open(
             store,
@@ -67,13 +55,12 @@ def index(store_path: Path, rebuild: bool, connectivity: int, expansion_add: int
             connectivity=connectivity,
             expansion_add=expansion_add,
             progress=None if quiet else (lambda m: click.echo(printable(m), err=True)),
-            on_rows=on_rows,
+            on_rows=progress,
         )
     except SearchError as exc:
         raise click.ClickException(f"{printable(store_path)}: {exc}") from exc
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
     graph = AnnIndex.paths(store)[0]
     if AnnIndex.status(store) != "current":
         raise click.ClickException(f"{printable(store_path)}: the index could not be saved next to the store")

@@ -1,8 +1,7 @@
 """`mlx-clap search | dedupe | cluster | classify`: questions asked of an embedding store or of files.
 
-Text and audio queries need the model the store was embedded with: it is taken from the store's
-manifest (`--model` overrides it), and a model whose embedding size or weights differ from the
-store's is refused, since vectors from two models do not share a space.
+Text and audio queries are embedded with the model the store was embedded with (mlx_clap.cli.stores
+says how it is chosen and checked).
 """
 
 from __future__ import annotations
@@ -14,22 +13,16 @@ from typing import Any
 import click
 import numpy as np
 
-from mlx_clap.cli.common import (
-    trust_pickle_option,
-)
+from mlx_clap.cli.common import trust_pickle_option
 from mlx_clap.cli.output import printable
-from mlx_clap.cli.stores import (  # noqa: F401 (re-exported for the other commands)
-    check_store_model,
+from mlx_clap.cli.stores import (
     embed_settings,
     emit_json,
     load_model,
     load_store_model,
-    model_given,
     note,
     open_store,
-    recorded_model_path,
     store_model_option,
-    store_model_ref,
     store_override,
 )
 

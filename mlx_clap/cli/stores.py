@@ -1,5 +1,6 @@
 """What the store commands share: the --model option of a store, opening a store with a clear error,
-loading the model its manifest names (refusing one whose space differs), and output helpers.
+loading the model its manifest names (refusing one whose space differs), a progress bar, and output
+helpers.
 
 Text and audio queries need the model the store was embedded with: it is taken from the store's
 manifest (`--model` overrides it), and a model whose embedding size or weights differ from the
@@ -9,6 +10,7 @@ store's is refused, since vectors from two models do not share a space.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +139,34 @@ def embed_settings(manifest: dict[str, Any]) -> dict[str, Any]:
     settings = manifest.get("settings") or {}
     out = {k: settings[k] for k in ("long_audio", "quantize_int16", "seed") if settings.get(k) is not None}
     return out
+
+
+class VectorProgress:
+    """A progress callback `(done, total)` drawing a bar of vectors on stderr. The bar is made on the
+    first call, since only then is the total known; a run that reports nothing draws no bar."""
+
+    def __init__(self, desc: str, quiet: bool) -> None:
+        self.desc = desc
+        self.quiet = quiet
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total,
+                unit="vec",
+                desc=self.desc,
+                disable=self.quiet,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def note(message: str) -> None:
