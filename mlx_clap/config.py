@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 FORMAT_VERSION = 1
 
@@ -36,6 +36,26 @@ def _to_dict(obj) -> dict[str, Any]:
             value = list(value)
         out[f.name] = value
     return dict(sorted(out.items()))
+
+
+_Config = TypeVar("_Config", bound="DictSerializable")
+
+
+class DictSerializable:
+    """`from_dict` / `to_dict` of a config dataclass: the JSON a config.json section holds.
+
+    Defined once for the config classes here and in `models.msclap.config`; a class with nested sections
+    overrides `from_dict` to build each section with its own class.
+    """
+
+    @classmethod
+    def from_dict(cls: type[_Config], data: dict[str, Any] | None) -> _Config:
+        """The config from a dict: unknown keys ignored, lists turned into tuples, missing keys defaulted."""
+        return _from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, keys sorted, nested configs as dicts and tuples as lists."""
+        return _to_dict(self)
 
 
 # ------------------------------------------------------------------ validation
@@ -93,7 +113,7 @@ def check_heads(where: str, width: int, heads: int) -> None:
 
 
 @dataclass
-class FeatureConfig:
+class FeatureConfig(DictSerializable):
     """Mel frontend settings, named as in the hub `preprocessor_config.json` (docs/numerics.md §1.1, §2)."""
 
     feature_size: int = 64
@@ -106,13 +126,6 @@ class FeatureConfig:
     padding: str = "repeatpad"
     truncation: str = "rand_trunc"
     top_db: float | None = None
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> FeatureConfig:
-        return _from_dict(cls, data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
 
     def validate(self, prefix: str = "feature_config") -> None:
         """ValueError naming the first field outside its type or sane bounds."""
@@ -139,7 +152,7 @@ class FeatureConfig:
 
 
 @dataclass
-class ClapAudioConfig:
+class ClapAudioConfig(DictSerializable):
     """HTSAT audio tower (HF `ClapAudioConfig` names; docs/numerics.md §1.2)."""
 
     window_size: int = 8
@@ -162,10 +175,6 @@ class ClapAudioConfig:
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-5
     projection_hidden_act: str = "relu"
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> ClapAudioConfig:
-        return _from_dict(cls, data)
 
     def validate(self, prefix: str = "audio_config") -> None:
         """ValueError naming the first field outside its type or sane bounds (HTSAT's shape rules too)."""
@@ -207,12 +216,9 @@ class ClapAudioConfig:
         check_bool(p + "qkv_bias", self.qkv_bias)
         check_float(p + "layer_norm_eps", self.layer_norm_eps, 0.0, 1.0, low_open=True)
 
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
 
 @dataclass
-class ClapTextConfig:
+class ClapTextConfig(DictSerializable):
     """RoBERTa text tower (HF `ClapTextConfig` names; docs/numerics.md §5.1)."""
 
     vocab_size: int = 50265
@@ -232,10 +238,6 @@ class ClapTextConfig:
     projection_hidden_act: str = "relu"
     # LAION trained with 77 tokens (LAION-AI/CLAP#125); the tokenizer pads and truncates to this.
     max_length: int = 77
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> ClapTextConfig:
-        return _from_dict(cls, data)
 
     def validate(self, prefix: str = "text_config") -> None:
         """ValueError naming the first field outside its type or sane bounds."""
@@ -257,12 +259,9 @@ class ClapTextConfig:
             check_int(p + name, getattr(self, name), 0, vocab - 1)
         check_int(p + "max_length", self.max_length, 1, positions)
 
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
 
 @dataclass
-class ClapConfig:
+class ClapConfig(DictSerializable):
     """A whole CLAP model: both towers, the joint space and the frontend."""
 
     audio_config: ClapAudioConfig = field(default_factory=ClapAudioConfig)
@@ -280,7 +279,7 @@ class ClapConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ClapConfig:
         data = dict(data or {})
-        cfg = _from_dict(cls, {k: v for k, v in data.items() if not k.endswith("_config")})
+        cfg = super().from_dict({k: v for k, v in data.items() if not k.endswith("_config")})
         cfg.audio_config = ClapAudioConfig.from_dict(data.get("audio_config"))
         cfg.text_config = ClapTextConfig.from_dict(data.get("text_config"))
         cfg.feature_config = FeatureConfig.from_dict(data.get("feature_config"))
@@ -305,9 +304,6 @@ class ClapConfig:
         self.feature_config.validate()
         check_int("projection_dim", self.projection_dim, 1, MAX_WIDTH)
         check_float("logit_scale_init_value", self.logit_scale_init_value, 0.0, 1e6, low_open=True)
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
 
 
 # ------------------------------------------------------------------ Hugging Face config translation

@@ -15,16 +15,9 @@ from typing import Any
 import numpy as np
 
 from mlx_clap.config import config_from_hf
-from mlx_clap.convert.common import (
-    check_tokenizer_fits,
-    hf_state_to_mlx,
-    read_safetensors,
-    sha256_file,
-    to_numpy,
-    torch_state_dict,
-)
-from mlx_clap.io.folder import WeightsError, already_converted_problem, save_converted_arrays
-from mlx_clap.models.clap import ClapModel
+from mlx_clap.convert.common import hf_state_to_mlx, read_safetensors, to_numpy, torch_state_dict
+from mlx_clap.convert.output import provenance_manifest, save_clap_folder
+from mlx_clap.io.folder import WeightsError, already_converted_problem
 from mlx_clap.version import __version__
 
 CONVERTER = "mlx_clap.convert.hf"
@@ -103,19 +96,11 @@ def convert_hf_folder(
     sources = [src / "config.json", *files]
     if (src / "preprocessor_config.json").is_file():
         sources.append(src / "preprocessor_config.json")
-    manifest = {
-        "converter": CONVERTER,
-        "converter_version": CONVERTER_VERSION,
-        "source": source_name or str(src),
-        "source_format": "huggingface",
-        "revision": revision,
-        "source_files": {p.name: sha256_file(p) for p in sources},
-    }
-    tok = Path(tokenizer_dir) if tokenizer_dir is not None else src
-    check_tokenizer_fits(tok, config.text_config)
-    return save_converted_arrays(
-        Path(dest), config, weights, manifest, tokenizer_dir=tok, expected=ClapModel.parameter_shapes(config)
+    manifest = provenance_manifest(
+        CONVERTER, CONVERTER_VERSION, source_name or str(src), "huggingface", sources, revision=revision
     )
+    tok = Path(tokenizer_dir) if tokenizer_dir is not None else src
+    return save_clap_folder(dest, config, weights, manifest, tokenizer_dir=tok)
 
 
 def main(argv: list[str] | None = None) -> None:

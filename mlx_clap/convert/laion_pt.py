@@ -17,15 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from mlx_clap.config import ClapAudioConfig, ClapConfig, ClapTextConfig, FeatureConfig
-from mlx_clap.convert.common import (
-    check_tokenizer_fits,
-    hf_state_to_mlx,
-    sha256_file,
-    to_numpy,
-    torch_state_dict,
-)
-from mlx_clap.io.folder import WeightsError, save_converted_arrays
-from mlx_clap.models.clap import ClapModel
+from mlx_clap.convert.common import hf_state_to_mlx, to_numpy, torch_state_dict
+from mlx_clap.convert.output import provenance_manifest, save_clap_folder
+from mlx_clap.io.folder import WeightsError
 from mlx_clap.version import __version__
 
 log = logging.getLogger(__name__)
@@ -205,27 +199,17 @@ def convert_laion_pt(
         notes.append(
             "no tokenizer: LAION .pt checkpoints do not include one (roberta-base's is needed for text)"
         )
-    manifest = {
-        "converter": CONVERTER,
-        "converter_version": CONVERTER_VERSION,
-        "source": source_name or str(src),
-        "source_format": "laion-pt",
-        "revision": None,
-        "source_files": {src.name: sha256_file(src)},
-        "notes": notes,
-    }
+    manifest = provenance_manifest(
+        CONVERTER, CONVERTER_VERSION, source_name or str(src), "laion-pt", [src], revision=None, notes=notes
+    )
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else None
     if tok is not None and not any((tok / n).is_file() for n in ("tokenizer.json", "vocab.json")):
         raise WeightsError(f"{tok}: no tokenizer.json or vocab.json + merges.txt to copy")
-    if tok is not None:
-        check_tokenizer_fits(tok, config.text_config)
-    return save_converted_arrays(
-        Path(dest), config, weights, manifest, tokenizer_dir=tok, expected=ClapModel.parameter_shapes(config)
-    )
+    return save_clap_folder(dest, config, weights, manifest, tokenizer_dir=tok)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m mlx_clap.convert.laion_pt CHECKPOINT DEST`: the same as `mlx-clap convert CHECKPOINT DEST`."""
+    """`python -m mlx_clap.convert.laion_pt CHECKPOINT DEST`: what `mlx-clap convert CHECKPOINT DEST` does."""
     import argparse
     import sys
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from mlx_clap.convert.common import sha256_file, to_numpy, torch_state_dict
 from mlx_clap.convert.laion_pt import RENAMES as LAION_TO_HF_RENAMES
+from mlx_clap.convert.output import provenance_manifest
 from mlx_clap.dsp import periodic_hann, slaney_mel_filterbank
 from mlx_clap.io.files import atomic_write_json, publish_folder
 from mlx_clap.io.folder import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME, WeightsError, check_replaceable
@@ -348,19 +349,19 @@ def convert_msclap(
             write_tokenizer_json(tok_dir, config.text_model, tmp / TOKENIZER_NAME, vocab)
         else:
             notes.append("no tokenizer written: embed_text needs tokenizer.json (convert with --tokenizer)")
-        manifest = {
-            "converter": CONVERTER,
-            "converter_version": CONVERTER_VERSION,
-            "source": source_name or str(src),
-            "source_format": "msclap-pth",
-            "version": version,
-            "source_files": {src.name: sha256_file(src)},
-            "dropped": {k: dropped[k] for k in sorted(dropped)},
-            "unexpected_ignored": unexpected,
-            "notes": notes,
-            "format_version": config.format_version,
-            "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
-        }
+        manifest = provenance_manifest(
+            CONVERTER,
+            CONVERTER_VERSION,
+            source_name or str(src),
+            "msclap-pth",
+            [src],
+            version=version,
+            dropped={k: dropped[k] for k in sorted(dropped)},
+            unexpected_ignored=unexpected,
+            notes=notes,
+            format_version=config.format_version,
+            files={p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+        )
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
         publish_folder(tmp, dest)
     except BaseException:

@@ -9,6 +9,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_clap.models.clap import ClapModel
+from mlx_clap.pipeline.family_base import FamilyBase
 from mlx_clap.preprocess.features import (
     LONG_AUDIO_MODES,
     ClapFeatureExtractor,
@@ -20,34 +21,30 @@ DEFAULT_TEMPLATE = "This is a sound of {}."
 OPTIONS = ("quantize_int16",)
 
 
-class LaionFamily:
+class LaionFamily(FamilyBase):
     """`pipeline.Family` for `ClapModel`."""
 
     name = "laion"
     default_template = DEFAULT_TEMPLATE
     long_audio_modes = LONG_AUDIO_MODES
+    missing_tokenizer_hint = (
+        "this model has no tokenizer: its folder lacks tokenizer.json (or vocab.json + merges.txt); "
+        "convert it again from a source that has the tokenizer files"
+    )
 
     def __init__(self, model: ClapModel, source_dir: Path | None = None, tokenizer: Any = None):
-        self.model = model
         self.feature_extractor = ClapFeatureExtractor(model.config.feature_config)
         self.sampling_rate = int(model.config.feature_config.sampling_rate)
         self.clip_samples = int(self.feature_extractor.max_samples)
         self.audio_modules = [model.audio_model, model.audio_projection]
         self.text_modules = [model.text_model, model.text_projection]
-        self._tokenizer = tokenizer
-        if tokenizer is None and source_dir is not None:
-            from mlx_clap.preprocess.tokenizer import load_tokenizer
+        # Last, as the tokenizer is read here: a bad config fails before a bad tokenizer file is reported.
+        super().__init__(model, source_dir, tokenizer)
 
-            self._tokenizer = load_tokenizer(source_dir, model.config.text_config)
+    def read_tokenizer(self, folder: Path) -> Any:
+        from mlx_clap.preprocess.tokenizer import load_tokenizer
 
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            raise RuntimeError(
-                "this model has no tokenizer: its folder lacks tokenizer.json (or vocab.json + merges.txt); "
-                "convert it again from a source that has the tokenizer files"
-            )
-        return self._tokenizer
+        return load_tokenizer(folder, self.model.config.text_config)
 
     def describe(self) -> dict[str, Any]:
         """Architecture summary for `mlx-clap info`."""

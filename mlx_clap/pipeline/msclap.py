@@ -1,4 +1,4 @@
-"""The Microsoft CLAP family: 44.1 kHz, 5/7-s clips tiled when short, the in-model log-mel, GPT-2/BERT tokens."""
+"""The Microsoft CLAP family: 44.1 kHz, 5/7-s clips tiled when short, in-model log-mel, GPT-2/BERT tokens."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 
 from mlx_clap.io.folder import WeightsError
 from mlx_clap.models.msclap.model import MsClapModel
+from mlx_clap.pipeline.family_base import FamilyBase
 from mlx_clap.preprocess.msclap_frontend import STEREO_MODES, repeat_to_length, to_mono
 
 # msclap's README and examples prompt with "this is the sound of <class>".
@@ -18,32 +19,38 @@ DEFAULT_TEMPLATE = "this is the sound of {}"
 LONG_AUDIO_MODES = ("windows-mean", "head", "center", "reference")
 
 
-class MsClapFamily:
+class MsClapFamily(FamilyBase):
     """`pipeline.Family` for `MsClapModel`."""
 
     name = "msclap"
     default_template = DEFAULT_TEMPLATE
     long_audio_modes = LONG_AUDIO_MODES
+    missing_tokenizer_hint = (
+        "this msclap model has no tokenizer: its folder lacks tokenizer.json; convert it again "
+        "with the text model's tokenizer files (convert/msclap.py --tokenizer DIR)"
+    )
 
     def __init__(self, model: MsClapModel, source_dir: Path | None = None, tokenizer: Any = None):
-        self.model = model
-        cfg = model.config
-        self.sampling_rate = int(cfg.sampling_rate)
-        self.clip_samples = int(cfg.clip_samples)
+        self.sampling_rate = int(model.config.sampling_rate)
+        self.clip_samples = int(model.config.clip_samples)
         self.audio_modules = [model.audio_encoder]
         self.text_modules = [model.caption_encoder]
-        self._tokenizer = tokenizer
-        if tokenizer is None and source_dir is not None:
-            self._tokenizer = _load_tokenizer(Path(source_dir), cfg)
+        # Last, as the tokenizer is read here: a bad config fails before a bad tokenizer file is reported.
+        super().__init__(model, source_dir, tokenizer)
 
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            raise RuntimeError(
-                "this msclap model has no tokenizer: its folder lacks tokenizer.json; convert it again "
-                "with the text model's tokenizer files (convert/msclap.py --tokenizer DIR)"
-            )
-        return self._tokenizer
+    def read_tokenizer(self, folder: Path) -> Any:
+        from mlx_clap.preprocess.msclap_tokenizer import MsClapTokenizer
+
+        config = self.model.config
+        try:
+            max_pos = config.gpt2.n_positions if config.is_gpt2 else config.bert.max_position_embeddings
+            return MsClapTokenizer.from_folder(folder, config.text_model, config.text_len, max_pos)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # tokenizers raises its own types for a corrupt or foreign file
+            raise WeightsError(
+                f"{folder / 'tokenizer.json'}: cannot use it as the {config.text_model} tokenizer ({exc})"
+            ) from exc
 
     def describe(self) -> dict[str, Any]:
         """Architecture summary for `mlx-clap info`."""
@@ -119,20 +126,6 @@ class MsClapFamily:
         token_type_ids: mx.array | None = None,
     ) -> mx.array:
         return self.model.get_text_features(input_ids, attention_mask, token_type_ids)
-
-
-def _load_tokenizer(folder: Path, config: Any) -> Any:
-    from mlx_clap.preprocess.msclap_tokenizer import MsClapTokenizer
-
-    try:
-        max_pos = config.gpt2.n_positions if config.is_gpt2 else config.bert.max_position_embeddings
-        return MsClapTokenizer.from_folder(folder, config.text_model, config.text_len, max_pos)
-    except FileNotFoundError:
-        return None
-    except Exception as exc:  # tokenizers raises its own types for a corrupt or foreign file
-        raise WeightsError(
-            f"{folder / 'tokenizer.json'}: cannot use it as the {config.text_model} tokenizer ({exc})"
-        ) from exc
 
 
 __all__ = ["DEFAULT_TEMPLATE", "MsClapFamily"]

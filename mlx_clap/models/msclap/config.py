@@ -1,8 +1,8 @@
 """Configuration of the Microsoft CLAP (msclap) models, fully resolved in a converted folder's config.json.
 
 Values follow msclap 1.3.4's `configs/config_{2022,2023}.yml` and, for HTSAT, `models/config.py`
-(docs/numerics.md §1.3). Where the yml is ignored by the original code (`n_fft: 1028`; `fmax: 8000` for HTSAT),
-the value the code really uses is stored, and the comment says so.
+(docs/numerics.md §1.3). Where the yml is ignored by the original code (`n_fft: 1028`; `fmax: 8000` for
+HTSAT), the value the code really uses is stored, and the comment says so.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from mlx_clap.config import (
     MAX_WIDTH,
     MIN_RATE,
     ClapAudioConfig,
+    DictSerializable,
     FeatureConfig,
-    _from_dict,
-    _to_dict,
     check_choice,
     check_float,
     check_heads,
@@ -33,7 +32,7 @@ VERSIONS = ("2022", "2023")
 
 
 @dataclass
-class GPT2TextConfig:
+class GPT2TextConfig(DictSerializable):
     """GPT-2 small (the `gpt2` hub model): pre-LN blocks, gelu_new, LN eps 1e-5."""
 
     vocab_size: int = 50257
@@ -54,7 +53,7 @@ class GPT2TextConfig:
 
 
 @dataclass
-class BertTextConfig:
+class BertTextConfig(DictSerializable):
     """bert-base-uncased: post-LN blocks, exact GELU, LN eps 1e-12, two token types."""
 
     vocab_size: int = 30522
@@ -70,7 +69,7 @@ class BertTextConfig:
 
 
 @dataclass
-class Cnn14Config:
+class Cnn14Config(DictSerializable):
     """PANNs Cnn14 as msclap 2022 builds it (`models/audio.py`)."""
 
     channels: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
@@ -79,7 +78,7 @@ class Cnn14Config:
 
 
 @dataclass
-class MsClapConfig:
+class MsClapConfig(DictSerializable):
     """A whole msclap model: audio tower, text tower, projections, frontend."""
 
     version: str = "2023"
@@ -162,9 +161,9 @@ class MsClapConfig:
     def from_dict(cls, data: dict[str, Any] | None) -> MsClapConfig:
         data = dict(data or {})
         nested = {"gpt2": GPT2TextConfig, "bert": BertTextConfig, "cnn14": Cnn14Config}
-        cfg = _from_dict(cls, {k: v for k, v in data.items() if k not in nested and k != "htsat"})
+        cfg = super().from_dict({k: v for k, v in data.items() if k not in nested and k != "htsat"})
         for name, sub in nested.items():
-            setattr(cfg, name, _from_dict(sub, data.get(name)))
+            setattr(cfg, name, sub.from_dict(data.get(name)))
         cfg.htsat = ClapAudioConfig.from_dict(data.get("htsat"))
         if cfg.version not in VERSIONS:
             raise ValueError(f"unknown msclap version {cfg.version!r}")
@@ -215,6 +214,6 @@ class MsClapConfig:
         self.htsat.validate("htsat")
 
     def to_dict(self) -> dict[str, Any]:
-        out = _to_dict(self)
+        out = super().to_dict()
         out["feature_config"] = self.feature_config.to_dict()
         return dict(sorted(out.items()))
