@@ -1,4 +1,5 @@
-"""Signal processing shared by both frontends: the periodic Hann window, the mel filterbanks, the STFT log-mel.
+"""Signal processing shared by both frontends: the periodic Hann window, the mel filterbanks, the STFT
+log-mel.
 
 The window and filterbanks are numpy float64, cached. The LAION frontend (`preprocess.features`), msclap's
 in-model log-mel (`models.msclap.logmel`) and the msclap converter (which rebuilds `melW` when a checkpoint

@@ -125,7 +125,8 @@ def current() -> Settings:
 
 
 def configure(**changes: object) -> Settings:
-    """Replace some fields of the settings in force (e.g. `configure(cpu_threads=1)`); returns the new ones."""
+    """Replace some fields of the settings in force (e.g. `configure(cpu_threads=1)`); returns the new
+    ones."""
     global _current
     with _lock:
         base = _current if _current is not None else Settings.from_env()

@@ -18,7 +18,8 @@ clamps go through the int32 bits (see the comments below): on one thread, a 1.57
 ms and a 1 M-score softmax 7.3 -> 2.1 ms against the single compiled function of each.
 
 Every function falls back to the MLX primitive when the default device is not the CPU (Metal and CUDA
-have fast transcendental kernels and a fused SDPA) or when `MLX_CLAP_CPU_KERNELS=off` or `MLX_CLAP_CPU_OPTIMIZATIONS=off` (`ops.device.cpu_kernels_on`), and computes in
+have fast transcendental kernels and a fused SDPA) or when `MLX_CLAP_CPU_KERNELS=off` or
+`MLX_CLAP_CPU_OPTIMIZATIONS=off` (`ops.device.cpu_kernels_on`), and computes in
 float32 for half-precision inputs. htsat.py calls `gelu` and `attention` (for `nn.gelu` and
 `mx.fast.scaled_dot_product_attention`), text.py calls `gelu`.
 """

@@ -442,7 +442,8 @@ class ClapFeatureExtractor:
         if sampling_rate is not None and int(sampling_rate) != int(self.config.sampling_rate):
             raise AudioInputError(
                 f"sampling_rate {sampling_rate} Hz does not match the model's "
-                f"{self.config.sampling_rate} Hz; resample the audio first (mlx_clap.preprocess.audio.load_audio does)"
+                f"{self.config.sampling_rate} Hz; resample the audio first "
+                "(mlx_clap.preprocess.audio.load_audio does)"
             )
 
     def _fusion_stack(self, mel: mx.array, picks: Sequence[int]) -> mx.array:
