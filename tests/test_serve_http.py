@@ -163,9 +163,16 @@ def test_a_store_too_big_for_memory_streams_to_the_same_answers(library, tiny_mo
     monkeypatch.setattr(engine, "RESIDENT_BYTES", 0)
     streamed = Library(store, tiny_model)
     assert held.files.matrix is not None and streamed.files.matrix is None
+    every = held.files.matrix @ q
     for exclude in (None, 0):
         a, b = held.search(q, 3, exclude_row=exclude), streamed.search(q, 3, exclude_row=exclude)
-        assert [x["row"] for x in a["results"]] == [x["row"] for x in b["results"]]
+        # The same rows in the same order, except where two rows tie: "tone 440" and its copy differ by
+        # float rounding only, and two BLAS products (numpy's, MLX's) may order such a pair either way.
+        for x, y in zip(a["results"], b["results"], strict=True):
+            assert x["row"] == y["row"] or abs(every[x["row"]] - every[y["row"]]) <= 1e-6, (x, y)
+        assert [x["score"] for x in a["results"]] == pytest.approx(
+            [x["score"] for x in b["results"]], abs=1e-4
+        )
         assert [x["z"] for x in a["results"]] == pytest.approx([x["z"] for x in b["results"]], abs=0.02)
 
 
