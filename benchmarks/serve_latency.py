@@ -1,6 +1,6 @@
 """Server-side latency of a text query in `mlx-clap serve` over a synthetic 100k-item store.
 
-    python benchmarks/serve_latency.py                       # 100,000 x 512, 3 rounds of 50 queries
+    python benchmarks/serve_latency.py                       # 100,000 x 512, 10 rounds of 50 queries
     python benchmarks/serve_latency.py --model DIR           # real weights (a converted or HF folder)
     python benchmarks/serve_latency.py --text-tower tiny     # the tests' tiny text tower (fast, unrealistic)
 
@@ -191,7 +191,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=50, help="timed queries per round")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of queries (this machine's speed drifts)")
+    ap.add_argument("--rounds", type=int, default=10, help="rounds of queries (this machine's speed drifts)")
     ap.add_argument("--model", type=Path, help="real model folder (default: random-init, see above)")
     ap.add_argument("--text-tower", choices=["base", "tiny"], default="base")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -201,7 +201,7 @@ def main() -> None:
 
     import mlx_clap
     from mlx_clap.serve.app import create_app
-    from mlx_clap.serve.engine import Library
+    from mlx_clap.serve.engine import Library, freeze_loaded
 
     model_dir = args.model or random_model(args.text_tower)
     model_kind = f"weights from {args.model}" if args.model else (
@@ -218,6 +218,7 @@ def main() -> None:
         t0 = time.perf_counter()
         library = Library(store, clap)
         library.warm()
+        freeze_loaded()  # as `mlx-clap serve` does
         startup_s = time.perf_counter() - t0
         timed = Timed(create_app(library, token="bench"))
         client = TestClient(timed, base_url="http://127.0.0.1:8765")
@@ -249,7 +250,7 @@ def main() -> None:
             res = client.get("/api/map", headers=headers)
             res.raise_for_status()
             map_s.append(round(time.perf_counter() - t0, 3))
-        map_points = len(res.json()["x"]) if "x" in res.json() else None
+        n_points = len(res.json()["x"]) if "x" in res.json() else None
         log(f"map: first {map_s[0]} s, cached {map_s[1]} s, {len(res.content) / 1e6:.1f} MB")
         clip_tokens = clip_token_counts(texts)
         doc = {
@@ -263,7 +264,7 @@ def main() -> None:
             "tokens_per_query": {"min": min(tokens), "max": max(tokens), "mean": mean_of(tokens)},
             "clip_bpe_tokens_per_query": None if clip_tokens is None else mean_of(clip_tokens),
             "startup_s": round(startup_s, 2),
-            "map": {"first_s": map_s[0], "cached_s": map_s[1], "bytes": len(res.content), "points": map_points},
+            "map": {"first_s": map_s[0], "cached_s": map_s[1], "bytes": len(res.content), "points": n_points},
             "server_ms": {**summary(server_ms), "mean": round(statistics.fmean(server_ms), 1)},
             "server_ms_by_round": rounds,
             "text_embedding_ms": summary(embed_ms),

@@ -107,7 +107,7 @@ def serve(
         import uvicorn
 
         from mlx_clap.serve.app import create_app
-        from mlx_clap.serve.engine import Library
+        from mlx_clap.serve.engine import Library, freeze_loaded
     except ImportError as exc:
         raise click.ClickException(
             f"serve needs the web server packages ({exc.name} is missing): pip install 'mlx-clap[serve]'"
@@ -116,6 +116,7 @@ def serve(
     clap = load_store_model(store, store_override(store, model), trust_pickle=trust_pickle)
     library = Library(store, clap, audio_options=embed_settings(store.manifest))
     library.warm()
+    freeze_loaded()
     app = create_app(library, hosts=allowed_hosts(host), max_upload=max_upload_mb * 1024 * 1024)
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]
