@@ -95,12 +95,11 @@ def segment_hits(store: Any, view: Any, queries: np.ndarray, **opts: Any) -> lis
     file_mask); gap defaults to the store's hop. ClickException naming the store on bad options.
     """
     from mlx_clap.search.index import SearchError
-    from mlx_clap.search.segments import search_segments
+    from mlx_clap.search.segments import merge_gap, search_segments
 
-    settings = getattr(store, "segment_settings", None) or {}
-    if opts.get("gap") is None and settings.get("hop") is not None:
-        opts["gap"] = float(settings["hop"])
     try:
+        if opts.get("gap") is None:
+            opts["gap"] = merge_gap(view, getattr(store, "segment_settings", None))
         results = search_segments(view, queries, **opts)
     except SearchError as exc:
         raise click.ClickException(f"{printable(store.path)}: {exc}") from exc
@@ -185,8 +184,7 @@ def timeline(
     """Score every segment (window) of one stored FILE against a text or a sound.
 
     z is the window's score in standard deviations above the query's mean score over all the store's
-    windows (a sample of 100,000 in bigger stores). FILE is a path as stored (or one that resolves to
-    it).
+    windows, as in `search --segments`. FILE is a path as stored (or one that resolves to it).
 
     \b
     Example:

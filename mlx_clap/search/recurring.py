@@ -28,7 +28,7 @@ import numpy as np
 
 from mlx_clap.search.calibration import Calibration, sample_rows
 from mlx_clap.search.index import SearchError, UnionFind
-from mlx_clap.search.segments import NO_SEGMENTS, SegmentViewLike, run_ids, window_geometry
+from mlx_clap.search.segments import NO_SEGMENTS, SegmentViewLike, merge_runs, window_geometry
 
 DEFAULT_THRESHOLD = 0.9
 EXACT_AUTO_WINDOWS = 20_000  # "auto" compares every pair up to this many windows (seconds on 2 cores)
@@ -237,7 +237,8 @@ def group_pairs(
     st = np.asarray(view.start, dtype=np.float64)
     en = np.asarray(view.end, dtype=np.float64)
     matched = np.unique(np.concatenate([i, j]))
-    rid = run_ids(fi[matched], st[matched], en[matched], gap)
+    runs = merge_runs(fi[matched], st[matched], en[matched], gap)
+    rid = runs.ids
     ri = rid[np.searchsorted(matched, i)]
     rj = rid[np.searchsorted(matched, j)]
     cross = ri != rj  # a pair inside one run links nothing
@@ -246,11 +247,7 @@ def group_pairs(
     uf = UnionFind(n_runs)
     uf.union(ri, rj)
     label = uf.labels()
-    firsts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]])
-    run_file = fi[matched[firsts]]
-    run_start = np.minimum.reduceat(st[matched], firsts)
-    run_end = np.maximum.reduceat(en[matched], firsts)
-    run_windows = np.diff(np.r_[firsts, matched.size])
+    run_file = fi[matched[runs.firsts]]
     size = np.bincount(label, minlength=n_runs)
     link_label = label[ri]
     link_sum = np.bincount(link_label, weights=sc, minlength=n_runs)
@@ -261,7 +258,7 @@ def group_pairs(
     for root in np.flatnonzero(size >= max(min_occurrences, 2)):
         members = np.flatnonzero(label == root)  # run order = (file, start) order
         occ = [
-            Occurrence(int(run_file[r]), float(run_start[r]), float(run_end[r]), int(run_windows[r]))
+            Occurrence(int(run_file[r]), float(runs.start[r]), float(runs.end[r]), int(runs.windows[r]))
             for r in members
         ]
         groups.append(

@@ -109,6 +109,14 @@ def window_geometry(view: SegmentViewLike) -> tuple[float, float]:
     return window, hop
 
 
+def merge_gap(view: SegmentViewLike, settings: dict[str, Any] | None = None) -> float:
+    """The default gap (seconds) within which kept windows of one file merge: the hop the store
+    recorded (`settings`, its segment settings), else the hop the view's times show."""
+    if settings and settings.get("hop") is not None:
+        return float(settings["hop"])
+    return window_geometry(view)[1]
+
+
 def run_ids(file_index: np.ndarray, start: np.ndarray, end: np.ndarray, gap: float) -> np.ndarray:
     """Run id (0, 1, ...) per window of a list sorted like a view (files contiguous, starts ascending):
     a window joins the previous run when it is of the same file and starts at most `gap` seconds after
@@ -129,6 +137,33 @@ def run_ids(file_index: np.ndarray, start: np.ndarray, end: np.ndarray, gap: flo
     brk = new_file
     brk[1:] |= start[1:] > run_end[:-1] + gap
     return np.cumsum(brk) - 1
+
+
+class Runs(NamedTuple):
+    """Windows merged into runs (`merge_runs`): per window its run id; per run the index of its first
+    window, its start (earliest window start), end (latest window end) and window count."""
+
+    ids: np.ndarray
+    firsts: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    windows: np.ndarray
+
+
+def merge_runs(file_index: np.ndarray, start: np.ndarray, end: np.ndarray, gap: float) -> Runs:
+    """The runs `run_ids` forms over a non-empty list of windows (sorted like a view), with their
+    spans: what segment search, timelines and recurring groups all report."""
+    start = np.asarray(start, dtype=np.float64)
+    end = np.asarray(end, dtype=np.float64)
+    ids = run_ids(file_index, start, end, gap)
+    firsts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    return Runs(
+        ids,
+        firsts,
+        np.minimum.reduceat(start, firsts),
+        np.maximum.reduceat(end, firsts),
+        np.diff(np.r_[firsts, ids.size]),
+    )
 
 
 def score_windows(view: SegmentViewLike, queries: np.ndarray, *, block_rows: int = BLOCK_ROWS) -> np.ndarray:
@@ -185,13 +220,10 @@ def merge_kept(
     st = np.asarray(view.start, dtype=np.float64)[idx]
     en = np.asarray(view.end, dtype=np.float64)[idx]
     sc = np.asarray(scores, dtype=np.float64)[idx]
-    rid = run_ids(fi, st, en, gap)
-    firsts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]])
-    seg_start = np.minimum.reduceat(st, firsts)
-    seg_end = np.maximum.reduceat(en, firsts)
-    counts = np.diff(np.r_[firsts, idx.size])
+    runs = merge_runs(fi, st, en, gap)
+    firsts, seg_start, seg_end = runs.firsts, runs.start, runs.end
     # The best window of each run: sorted by run, then score descending (stable: earliest on a tie).
-    order = np.lexsort((-sc, rid))
+    order = np.lexsort((-sc, runs.ids))
     best = order[firsts]
     long_enough = seg_end - seg_start >= min_length
     sel = np.flatnonzero(long_enough)
@@ -206,7 +238,7 @@ def merge_kept(
             score=float(sc[best[r]]),
             z=float(z[r]),
             percentile=float(pct[r]),
-            windows=int(counts[r]),
+            windows=int(runs.windows[r]),
             best_start=float(st[best[r]]),
         )
         for r in ranked
@@ -222,11 +254,9 @@ def stretch_around(
     keep = np.asarray(scores) >= threshold
     keep[best] = True
     idx = np.flatnonzero(keep)
-    st = np.asarray(start, dtype=np.float64)[idx]
-    en = np.asarray(end, dtype=np.float64)[idx]
-    rid = run_ids(np.zeros(idx.size, dtype=np.int64), st, en, gap)
-    mine = rid == rid[int(np.searchsorted(idx, best))]
-    return float(st[mine].min()), float(en[mine].max()), int(mine.sum())
+    runs = merge_runs(np.zeros(idx.size, dtype=np.int64), np.asarray(start)[idx], np.asarray(end)[idx], gap)
+    r = int(runs.ids[np.searchsorted(idx, best)])
+    return float(runs.start[r]), float(runs.end[r]), int(runs.windows[r])
 
 
 def _check_options(k: int | None, gap: float | None, min_length: float) -> None:
@@ -353,17 +383,9 @@ def timeline_segments(
     idx = np.flatnonzero(keep)
     if idx.size == 0:
         return []
-    rid = run_ids(np.zeros(idx.size, dtype=np.int64), st[idx], en[idx], gap)
-    firsts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]])
-    return [
-        (float(a), float(b), float(c))
-        for a, b, c in zip(
-            np.minimum.reduceat(st[idx], firsts),
-            np.maximum.reduceat(en[idx], firsts),
-            np.maximum.reduceat(sc[idx], firsts),
-            strict=True,
-        )
-    ]
+    runs = merge_runs(np.zeros(idx.size, dtype=np.int64), st[idx], en[idx], gap)
+    best = np.maximum.reduceat(sc[idx], runs.firsts)
+    return [(float(a), float(b), float(c)) for a, b, c in zip(runs.start, runs.end, best, strict=True)]
 
 
 def _label_text(label: str) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from mlx_clap.search.segments import DEFAULT_MIN_Z, stretch_around, window_geometry
+from mlx_clap.search.segments import DEFAULT_MIN_Z, merge_gap, stretch_around
 
 RESIDENT_BYTES = 1 << 30  # float32 vectors kept in MLX memory up to this size (else memory-mapped)
 MAX_K = 200
@@ -250,7 +250,7 @@ class Library:
         self.seg_start = np.asarray(self.view.start, dtype=np.float64)
         self.seg_stop = np.asarray(self.view.end, dtype=np.float64)
         self.seg_file = fi
-        self.gap = window_geometry(self.view)[1]  # windows within one hop merge, as search --segments
+        self.gap = merge_gap(self.view, getattr(self.store, "segment_settings", None))  # as search --segments
 
     # ------------------------------------------------------------------------------------- queries
     def warm(self) -> None:
@@ -380,13 +380,16 @@ class Library:
         store's sample (raw cosines differ between models, and between text and audio queries)."""
         return {"score": round(score, 4), "z": round(float(ranked.calibration.z(score)), 2)}
 
-    def _timeline(self, a: int, b: int, scores: np.ndarray) -> dict[str, list]:
-        """Segments a..b-1 (one file's) with their scores for the query (the file view's strip)."""
+    def _segment_times(self, a: int, b: int) -> dict[str, list]:
+        """Start and end seconds of segments a..b-1 (one file's)."""
         return {
             "start": [round(float(v), 3) for v in self.seg_start[a:b]],
             "end": [round(float(v), 3) for v in self.seg_stop[a:b]],
-            "score": [round(float(v), 4) for v in scores],
         }
+
+    def _timeline(self, a: int, b: int, scores: np.ndarray) -> dict[str, list]:
+        """Segments a..b-1 (one file's) with their scores for the query (the file view's strip)."""
+        return {**self._segment_times(a, b), "score": [round(float(v), 4) for v in scores]}
 
     # ---------------------------------------------------------------------------------- other views
     def item(self, row: int) -> dict[str, Any]:
@@ -401,11 +404,7 @@ class Library:
         }
         if self.view is not None and self.seg_first[row] >= 0:
             a, b = int(self.seg_first[row]), int(self.seg_end[row])
-            out["segments"] = {
-                "first": a,
-                "start": [round(float(v), 3) for v in self.seg_start[a:b]],
-                "end": [round(float(v), 3) for v in self.seg_stop[a:b]],
-            }
+            out["segments"] = {"first": a, **self._segment_times(a, b)}
         return out
 
     def duplicates(self, threshold: float) -> dict[str, Any]:
