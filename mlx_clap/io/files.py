@@ -25,7 +25,8 @@ def write_failure(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back: there is no getter)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -33,7 +34,7 @@ def _umask() -> int:
 
 def _file_mode() -> int:
     # mkstemp makes 0600 files; published files get the usual mode (0666 minus the umask), as open() does.
-    return 0o666 & ~_umask()
+    return 0o666 & ~current_umask()
 
 
 _FILE_MODE = _file_mode()
@@ -85,7 +86,7 @@ def publish_folder(tmp: Path, dest: Path) -> None:
     tmp, dest = Path(tmp), Path(dest)
     for p in tmp.iterdir():
         p.chmod(_FILE_MODE)
-    tmp.chmod(0o777 & ~_umask())
+    tmp.chmod(0o777 & ~current_umask())
     old = None
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")

@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mlx_clap.io.files import current_umask, write_failure
 from mlx_clap.io.files import fsync_dir as _fsync_path
-from mlx_clap.io.files import write_failure
-from mlx_clap.search.store import json_line
+from mlx_clap.search.store import json_line, model_id
 
 if TYPE_CHECKING:  # the view's contract (EmbeddingStore.segment_view()); a type only, not loaded
     from mlx_clap.search.segments import SegmentViewLike as SegmentSource
@@ -89,20 +89,6 @@ def _write_new_file(path: Path, data: bytes) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def model_id(manifest: dict) -> str | None:
-    """The model a store was embedded with, as recorded in its manifest (a str, or a nested dict)."""
-    m = manifest.get("model")
-    if isinstance(m, dict):
-        m = m.get("path") or m.get("id")
-    return None if m is None else str(m)
 
 
 def _utf8_text(path: str) -> str:
@@ -513,10 +499,10 @@ def _make_staging(parent: Path, name: str, folder: bool) -> Path:
     prefix = _staging_prefix(name, "export")
     if folder:
         tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
-        tmp.chmod(0o777 & ~_umask())
+        tmp.chmod(0o777 & ~current_umask())
         return tmp
     fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=prefix, suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~_umask())
+    os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
     return Path(tmp_name)  # ParquetWriter truncates and fills it (its mode is kept)
 

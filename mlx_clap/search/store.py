@@ -64,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from mlx_clap.io.files import atomic_write_bytes, atomic_write_json, write_failure
+from mlx_clap.io.files import atomic_write_bytes, atomic_write_json, current_umask, write_failure
 from mlx_clap.io.files import fsync_dir as _fsync_dir  # a module name the crash tests patch
 from mlx_clap.search import lock as _lock
 
@@ -115,6 +115,14 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def model_id(manifest: dict) -> str | None:
+    """The model a store was embedded with, as recorded in its manifest (a str, or a nested dict)."""
+    m = manifest.get("model")
+    if isinstance(m, dict):
+        m = m.get("path") or m.get("id")
+    return None if m is None else str(m)
 
 
 def row_crcs(rows: np.ndarray) -> list[int]:
@@ -491,7 +499,7 @@ class EmbeddingStore:
             (table / SUMS_DIR).mkdir()
             atomic_write_bytes(table / ITEMS_NAME, b"")
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
-        mode = 0o777 & ~_umask()
+        mode = 0o777 & ~current_umask()
         tmp.chmod(mode)  # mkdtemp makes owner-only folders
         _fsync_dir(tmp)
 
@@ -1158,12 +1166,6 @@ class EmbeddingStore:
             append_lines(self.path / ERRORS_NAME, [rec])
         finally:
             _lock.release(self.path)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 # ------------------------------------------------------------------------------------ full check, repair

@@ -441,12 +441,13 @@ class Library:
 
     def describe(self) -> dict[str, Any]:
         """The store at a glance, for the page's header."""
-        ref = self.store.manifest.get("model")
+        from mlx_clap.search.store import model_id
+
         return {
             "store": str(self.store.path),
             "items": len(self.items),
             "segments": 0 if self.view is None else len(self.view),
             "dim": self.store.dim,
-            "model": ref if isinstance(ref, str) else (ref or {}).get("path") or (ref or {}).get("id"),
+            "model": model_id(self.store.manifest),
             "max_k": MAX_K,
         }
