@@ -467,5 +467,9 @@ def test_command_refuses_a_remote_bind_without_the_flag_and_a_busy_port(library)
 
         with pytest.raises(click.ClickException, match="--port"):
             bind_socket("127.0.0.1", busy.getsockname()[1])
+        # The command says so before loading anything (this model does not exist).
+        args = [str(library[0].path), "--port", str(busy.getsockname()[1]), "--model", "/nonexistent/model"]
+        r = CliRunner().invoke(serve, args)
+        assert r.exit_code == 1 and "--port" in r.output and "nonexistent" not in r.output, r.output
     finally:
         busy.close()

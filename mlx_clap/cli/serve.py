@@ -7,6 +7,7 @@ machines can reach needs --allow-remote (see mlx_clap/serve/security.py for what
 
 from __future__ import annotations
 
+import errno
 import socket
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        hint = "; choose another with --port (0 picks a free one)" if exc.errno in (48, 98) else ""
+        hint = "; choose another with --port (0 picks a free one)" if exc.errno == errno.EADDRINUSE else ""
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from exc
     sock.listen(128)
     sock.set_inheritable(True)
@@ -112,13 +113,18 @@ def serve(
         raise click.ClickException(
             f"serve needs the web server packages ({exc.name} is missing): pip install 'mlx-clap[serve]'"
         ) from exc
-    store = open_store(store_path)
-    clap = load_store_model(store, store_override(store, model), trust_pickle=trust_pickle)
-    library = Library(store, clap, audio_options=embed_settings(store.manifest))
-    library.warm()
+    # The port first: a busy one is said at once, not after the model has loaded.
+    sock = bind_socket(host, port)
+    try:
+        store = open_store(store_path)
+        clap = load_store_model(store, store_override(store, model), trust_pickle=trust_pickle)
+        library = Library(store, clap, audio_options=embed_settings(store.manifest))
+        library.warm()
+    except BaseException:
+        sock.close()
+        raise
     freeze_loaded()
     app = create_app(library, hosts=allowed_hosts(host), max_upload=max_upload_mb * 1024 * 1024)
-    sock = bind_socket(host, port)
     bound = sock.getsockname()[1]
     url = page_url(host, bound)
     if not is_loopback(host):
