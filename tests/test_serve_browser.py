@@ -137,6 +137,18 @@ def test_search_play_drop_and_map_in_chromium(served, tmp_path):
         page.wait_for_function(f"() => document.getElementById('map').dataset.total === '{len(store)}'")
         assert page.get_attribute("#map", "data-points") == str(len(store))
 
+        # Duplicates: "tone 440" and its copy in one group, side by side, each playable (random
+        # weights put every file of this tiny store close together, so others may join the group).
+        page.click("#tabs button[data-tab='duplicates']")
+        page.click("#dup-form button[type='submit']")
+        page.wait_for_function("() => document.querySelectorAll('#dup-groups .member').length >= 2")
+        groups = page.locator("#dup-groups .group")
+        names = [groups.nth(g).locator(".member .name").all_text_contents() for g in range(groups.count())]
+        assert any({paths[0].name, paths[4].name} <= set(group) for group in names), names
+        page.click("#dup-groups .member >> nth=1 >> button.play")
+        page.wait_for_function("() => !document.getElementById('player').paused")
+        page.evaluate("() => document.getElementById('player').pause()")
+
         # The screenshot for the README: the results of the dropped sound, its file view open.
         page.click("#tabs button[data-tab='results']")
         page.click("#results li.result >> nth=0 >> button.name")

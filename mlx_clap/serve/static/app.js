@@ -124,20 +124,25 @@ function scoreCell(r) {
   return cell;
 }
 
+// The play button, thumbnail and name (opening the file view) that result rows and duplicate cards share.
+function fileParts(it, start, owner, result) {
+  const play_ = el("button", "play", "▶");
+  play_.type = "button";
+  play_.title = start !== undefined ? `Play from ${seconds(start)}` : "Play";
+  play_.addEventListener("click", () => play(it.row, start || 0, owner));
+  const name = el("button", "name", it.name);
+  name.type = "button";
+  name.title = it.path;
+  name.addEventListener("click", () => openFile(it.row, result));
+  const meta = el("div", "meta");
+  meta.appendChild(name);
+  return { play: play_, thumb: el("canvas", "thumb"), meta };
+}
+
 function resultRow(r) {
   const li = el("li", "result");
   li.dataset.row = r.row;
-  const button = el("button", "play", "▶");
-  button.type = "button";
-  button.title = r.start !== undefined ? `Play from ${seconds(r.start)}` : "Play";
-  button.addEventListener("click", () => play(r.row, r.start || 0, li));
-  const thumb = el("canvas", "thumb");
-  const meta = el("div", "meta");
-  const name = el("button", "name", r.name);
-  name.type = "button";
-  name.title = r.path;
-  name.addEventListener("click", () => openFile(r.row, r));
-  meta.appendChild(name);
+  const { play: button, thumb, meta } = fileParts(r, r.start, li, r);
   const range = r.start !== undefined ? ` · ${seconds(r.start)}–${seconds(r.end)}` : "";
   meta.appendChild(el("div", "folder", `${seconds(r.duration)}${range} · ${r.folder}`));
   const like = el("button", "like", "More like this");
@@ -423,16 +428,8 @@ window.addEventListener("resize", () => { if (!$("tab-map").hidden) drawMap(); }
 // ------------------------------------------------------------------------------------ duplicates
 function memberCard(it) {
   const card = el("div", "member");
-  const button = el("button", "play", "▶");
-  button.type = "button";
-  button.addEventListener("click", () => play(it.row, 0, card));
-  const thumb = el("canvas", "thumb");
-  const meta = el("div", "meta");
-  const name = el("button", "name", it.name);
-  name.type = "button";
-  name.title = it.path;
-  name.addEventListener("click", () => openFile(it.row, null));
-  meta.append(name, el("div", "folder", `${seconds(it.duration)} · ${it.folder}`));
+  const { play: button, thumb, meta } = fileParts(it, undefined, card, null);
+  meta.appendChild(el("div", "folder", `${seconds(it.duration)} · ${it.folder}`));
   const copy = el("button", "copy", "Copy path");
   copy.type = "button";
   copy.addEventListener("click", () => navigator.clipboard && navigator.clipboard.writeText(it.path));
