@@ -343,7 +343,7 @@ def test_cli_interrupt_says_nothing_was_written(tmp_path, monkeypatch):
 @pytest.mark.parametrize("fmt", ["npy", "parquet"])
 def test_a_killed_exports_leftovers_are_removed_by_the_next(tmp_path, fmt):
     """SIGKILL mid-export leaves its staging beside OUT; the next export to OUT removes it, while the
-    staging of an export still running (here: this process's id) is left alone."""
+    staging of an export still running (here: this process's id), or of another machine's, is left alone."""
     import signal
     import subprocess
 
@@ -365,9 +365,12 @@ def test_a_killed_exports_leftovers_are_removed_by_the_next(tmp_path, fmt):
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=60)
     left = leftovers(tmp_path)
-    assert len(left) == 1 and left[0].startswith(f".out.export-{child.pid}-"), left
-    running = tmp_path / f".out.export-{os.getpid()}-live"
+    assert len(left) == 1 and left[0].startswith(f".out.export-{ex._HOST}-{child.pid}-"), left
+    running = tmp_path / f".out.export-{ex._HOST}-{os.getpid()}-live"
     running.mkdir()
+    # Another machine's export (through a shared folder): its process id says nothing here.
+    elsewhere = tmp_path / f".out.export-other_machine-{child.pid}-theirs"
+    elsewhere.mkdir()
     export_store(store, out, fmt)
-    assert leftovers(tmp_path) == [running.name]
+    assert leftovers(tmp_path) == sorted([running.name, elsewhere.name])
     assert out.exists()

@@ -29,6 +29,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -457,10 +458,16 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _staging_prefix(name: str, kind: str, pid: int | None = None) -> str:
-    """`.OUT.export-PID-` (or `.OUT.old-PID-`): the exporting process's id in the name lets a later
-    export tell the leftovers of a killed one from those of one still running."""
-    return f".{name}.{kind}-{os.getpid() if pid is None else pid}-"
+# This machine's name as it goes into staging names: a folder shared over the network may hold the
+# staging of an export running on another machine, whose process id means nothing here.
+_HOST = re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname())[:64] or "host"
+
+
+def _staging_prefix(name: str, kind: str) -> str:
+    """`.OUT.export-HOST-PID-` (or `.OUT.old-HOST-PID-`): the exporting machine and process in the name
+    let a later export on the same machine tell the leftovers of a killed one from those of one still
+    running."""
+    return f".{name}.{kind}-{_HOST}-{os.getpid()}-"
 
 
 def _process_alive(pid: int) -> bool:
@@ -474,10 +481,11 @@ def _process_alive(pid: int) -> bool:
 
 
 def remove_stale_staging(parent: Path, name: str) -> list[Path]:
-    """Remove what killed exports to `parent / name` left beside it (temp folders and files named
-    `_staging_prefix`, whose process is gone); returns what was removed. A running export's are kept."""
+    """Remove what killed exports to `parent / name` on this machine left beside it (temp folders and
+    files named `_staging_prefix`, whose process is gone); returns what was removed. A running export's
+    are kept, and so is any other machine's."""
     removed = []
-    pattern = re.compile(rf"^\.{re.escape(name)}\.(export|old)-(\d+)-")
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(export|old)-{re.escape(_HOST)}-(\d+)-")
     try:
         entries = list(os.scandir(parent))
     except OSError:
