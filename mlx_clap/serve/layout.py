@@ -136,7 +136,7 @@ def cached_map(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
 
 def library_map(store: Any) -> tuple[dict[str, Any], list[str]]:
     """The map of `store` (from map.json when valid, else computed and saved) and notes for the user."""
-    from mlx_clap.io.files import atomic_write_bytes
+    from mlx_clap.io.files import atomic_write_bytes, write_failure
 
     key = store_key(store)
     path = Path(store.path) / MAP_NAME
@@ -150,5 +150,5 @@ def library_map(store: Any) -> tuple[dict[str, Any], list[str]]:
         # Compact (not atomic_write_json's indented form): 100k points stay about 2 MB.
         atomic_write_bytes(path, json.dumps(doc, separators=(",", ":")).encode("utf-8"))
     except OSError as exc:
-        return doc, [f"{path}: cannot cache the map ({exc.strerror or exc}); it is computed on each start"]
+        return doc, [f"{path}: cannot cache the map ({write_failure(exc)}); it is computed on each start"]
     return doc, []
