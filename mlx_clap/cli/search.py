@@ -16,12 +16,12 @@ import numpy as np
 from mlx_clap.cli.common import trust_pickle_option
 from mlx_clap.cli.output import printable
 from mlx_clap.cli.stores import (
-    embed_settings,
     emit_json,
     load_model,
     load_store_model,
     note,
     open_store,
+    query_vector,
     store_model_option,
     store_override,
 )
@@ -142,21 +142,8 @@ def search(
         exclude = [row]
         label = {"like": like}
     else:
-        clap = load_store_model(store, store_override(store, model), trust_pickle=trust_pickle)
-        if text is not None:
-            try:
-                query = clap.embed_text([text])[0]
-            except RuntimeError as exc:  # a model folder without tokenizer files
-                raise click.ClickException(f"--text: {exc}") from exc
-            label = {"text": text}
-        else:
-            from mlx_clap.preprocess.audio import AudioDecodeError
-
-            try:
-                query = clap.embed_audio([audio], **embed_settings(store.manifest))[0]
-            except AudioDecodeError as exc:
-                raise click.ClickException(str(exc)) from exc
-            label = {"audio": str(audio)}
+        query, _ = query_vector(store, text, audio, model, trust_pickle)
+        label = {"text": text} if text is not None else {"audio": str(audio)}
     if sum(v is not None for v in (min_z, min_percentile, min_score)) > 1:
         raise click.UsageError("give at most one of --min-z, --min-percentile, --min-score")
     if segments:

@@ -18,13 +18,11 @@ import numpy as np
 from mlx_clap.cli.common import trust_pickle_option
 from mlx_clap.cli.output import printable
 from mlx_clap.cli.stores import (
-    embed_settings,
     emit_json,
-    load_store_model,
     note,
     open_store,
+    query_vector,
     store_model_option,
-    store_override,
 )
 
 PROGRESS_EVERY_S = 5.0  # a long `recurring` run says where it is this often (stderr)
@@ -40,27 +38,6 @@ def store_segments(store: Any, store_path: Path | str) -> Any:
             "embed again with --segments)"
         )
     return view
-
-
-def query_vector(
-    store: Any, text: str | None, audio: Path | None, model: str, trust_pickle: bool = False
-) -> tuple[np.ndarray, str]:
-    """(unit query vector, label) from --text or --audio with the store's model."""
-    if (text is None) == (audio is None):
-        raise click.UsageError("give exactly one of --text, --audio")
-    clap = load_store_model(store, store_override(store, model), trust_pickle=trust_pickle)
-    if text is not None:
-        try:
-            return np.asarray(clap.embed_text([text])[0], dtype=np.float32), text
-        except RuntimeError as exc:  # a model folder without tokenizer files
-            raise click.ClickException(f"--text: {exc}") from exc
-    from mlx_clap.preprocess.audio import AudioDecodeError
-
-    try:
-        vec = clap.embed_audio([audio], **embed_settings(store.manifest))[0]
-    except AudioDecodeError as exc:
-        raise click.ClickException(str(exc)) from exc
-    return np.asarray(vec, dtype=np.float32), Path(str(audio)).stem
 
 
 def clock(seconds: float) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 
 from mlx_clap.cli.common import (
     DEFAULT_MODEL,
@@ -167,6 +168,28 @@ class VectorProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def query_vector(
+    store: Any, text: str | None, audio: Path | None, model: str, trust_pickle: bool = False
+) -> tuple[np.ndarray, str]:
+    """(unit query vector, label) from --text or --audio, embedded with the store's model (its audio
+    settings from the manifest); ClickException naming the cause when that fails."""
+    if (text is None) == (audio is None):
+        raise click.UsageError("give exactly one of --text, --audio")
+    clap = load_store_model(store, store_override(store, model), trust_pickle=trust_pickle)
+    if text is not None:
+        try:
+            return np.asarray(clap.embed_text([text])[0], dtype=np.float32), text
+        except RuntimeError as exc:  # a model folder without tokenizer files
+            raise click.ClickException(f"--text: {exc}") from exc
+    from mlx_clap.preprocess.audio import AudioDecodeError
+
+    try:
+        vec = clap.embed_audio([audio], **embed_settings(store.manifest))[0]
+    except AudioDecodeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    return np.asarray(vec, dtype=np.float32), Path(str(audio)).stem
 
 
 def note(message: str) -> None:
