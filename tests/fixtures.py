@@ -73,3 +73,39 @@ def train_bpe_files(folder: Path, vocab_size: int = 1000) -> tuple[Path, Path]:
     )
     bpe.save_model(str(folder))
     return folder / "vocab.json", folder / "merges.txt"
+
+
+# ------------------------------------------------------------------------------------------ rankings
+# Two rows whose scores differ by float rounding only (a file and its byte-identical copy) may come in
+# either order: BLAS kernels differ between CPUs and between numpy and MLX. Rankings compare up to such ties.
+RANK_TIE = 1e-6
+
+
+def assert_same_ranking(got: list, want: list, scores, tol: float = RANK_TIE) -> None:
+    """`got` ranks as `want` does, where rows whose `scores` (an array by row, or a dict) agree within
+    `tol` may swap places.
+
+    Position by position, the score of the row got must equal the score of the row wanted (within tol):
+    any other row than a tied one has another score, so this still fails on a wrong ranking."""
+    import numpy as np
+
+    if not isinstance(scores, dict):
+        scores = np.asarray(scores, dtype=np.float64)
+    assert len(got) == len(want), (got, want)
+    assert len(set(got)) == len(got), f"a row is ranked twice: {got}"
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g == w or abs(scores[g] - scores[w]) <= tol, (
+            f"rank {i}: row {g} (score {scores[g]:.9f}) where row {w} (score {scores[w]:.9f}) belongs; "
+            f"got {got}, want {want}"
+        )
+
+
+# ------------------------------------------------------------------------------------------ signals
+def default_sigint() -> None:
+    """preexec_fn for a child a test interrupts: SIGINT back to its default action.
+
+    A shell starts background jobs (`nohup bash .ci/run &`, cron) with SIGINT ignored, and an ignored
+    signal stays ignored across fork and exec, so without this the child would never see the Ctrl-C."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

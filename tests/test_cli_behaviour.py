@@ -19,6 +19,7 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 from conftest import REPO_ROOT
+from fixtures import default_sigint
 from test_index import clustered, make_store, unit
 
 from mlx_clap.cli import main
@@ -156,9 +157,9 @@ def test_errors_jsonl_describes_the_current_failures(tiny_model_dir, clips, tmp_
     args = ["embed", src, "--out", out, "--model", tiny_model_dir]
     r = run(args)
     assert r.exit_code == 1 and f"failures listed in {out / 'errors.jsonl'}" in r.stderr
-    r = run(args)  # a resume: the same two failures, listed once each
+    r = run(args)  # a resume: the same two failures, listed once each, known (status 3)
     errs = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
-    assert r.exit_code == 1 and sorted(Path(e["path"]).name for e in errs) == ["bad.mp3", "later.wav"]
+    assert r.exit_code == 3 and sorted(Path(e["path"]).name for e in errs) == ["bad.mp3", "later.wav"]
     sf.write(src / "later.wav", 0.1 * np.ones(4800), 48000)  # fixed: embedded now, its entry goes
     r = run([*args, "--summary-json", "-q"])
     errs = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
@@ -302,6 +303,7 @@ def test_ctrl_c_exits_130_cleanly_every_time(tiny_model_dir, tmp_path):
             stderr=subprocess.PIPE,
             env=env,
             start_new_session=True,
+            preexec_fn=default_sigint,  # the test must not depend on how its own parent was started
         )
         # From the imports (MLX, the model code) to the middle of the run. Python's own start-up (site,
         # before any mlx-clap code runs) is no moment a handler of ours can cover, so wait for MLX.

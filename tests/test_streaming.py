@@ -23,6 +23,7 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 from conftest import REPO_ROOT
+from fixtures import default_sigint
 
 from mlx_clap.preprocess.audio import AudioStream, load_audio
 from mlx_clap.preprocess.decode_ahead import InputFile, _BlockFeed, decode_file
@@ -479,6 +480,7 @@ def test_ctrl_c_during_a_long_file_is_clean(tiny_model_dir, tmp_path, mode):
         [sys.executable, "-m", "mlx_clap.cli", "embed", *files, "--model", str(tiny_model_dir),
          "--out", str(tmp_path / "out"), "--long-audio", mode, "-q"],
         env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        preexec_fn=default_sigint,  # SIGINT may be ignored in a background CI run; the child must see it
     )  # fmt: skip
     items = tmp_path / "out" / "items.jsonl"
     deadline = time.monotonic() + 120
