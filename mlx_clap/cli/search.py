@@ -44,8 +44,9 @@ from mlx_clap.cli.stores import (
     default="auto",
     show_default=True,
     help="flat: exact, every vector scored; ann: the usearch index `mlx-clap index STORE` built (an error "
-    "when it is missing or out of date); auto: ann when an up-to-date index exists, else flat. A search "
-    "never builds an index.",
+    "when it is missing or out of date); auto: ann for a store of 1,000,000 vectors or more when an "
+    "up-to-date index exists, else flat. A search never builds an index. --segments is always exact "
+    "(flat): there is no index over windows, so ann is refused there.",
 )
 @click.option(
     "--segments",
@@ -128,6 +129,19 @@ def search(
     if k < 1:
         raise click.BadParameter("must be at least 1", param_hint="-k")
     store = open_store(store_path)
+    view = None
+    if segments:  # before the query is embedded: these need no model to say
+        from mlx_clap.cli.segments import store_segments
+
+        view = store_segments(store, store_path)
+        if backend == "ann":
+            # Windows have no saved ANN index (`mlx-clap index` indexes file vectors), and a z threshold
+            # needs every window's score anyway: refuse rather than silently answer with another backend.
+            raise click.ClickException(
+                f"{printable(store_path)}: --backend ann: there is no ANN index over segment windows "
+                "(`mlx-clap index` indexes the file vectors only); segment search is exact: use "
+                "--backend flat or auto"
+            )
     exclude: list[int] = []
     if like is not None:
         from mlx_clap.search.store import StoreError
@@ -147,18 +161,11 @@ def search(
     if sum(v is not None for v in (min_z, min_percentile, min_score)) > 1:
         raise click.UsageError("give at most one of --min-z, --min-percentile, --min-score")
     if segments:
-        from mlx_clap.cli.segments import print_segment_hits, segment_hits, store_segments
-
-        view = store_segments(store, store_path)
-        opts = dict(k=k, threshold=min_score, min_z=min_z, min_percentile=min_percentile, gap=gap)
-        hits = segment_hits(
-            store, view, np.asarray(query)[None, :], **opts, min_length=min_length,
-            file_mask=path_mask(store.items, globs, contains),
+        search_segments_command(
+            store, view, query, label, k=k, min_score=min_score, min_z=min_z,
+            min_percentile=min_percentile, gap=gap, min_length=min_length,
+            file_mask=path_mask(store.items, globs, contains), as_json=as_json,
         )  # fmt: skip
-        if as_json:
-            emit_json({"query": label, "segments": True, "k": len(hits), "results": hits})
-        else:
-            print_segment_hits(hits)
         return
     try:
         index = open_index(store, backend)
@@ -206,6 +213,49 @@ def search(
         )
 
 
+def search_segments_command(
+    store: Any,
+    view: Any,
+    query: np.ndarray,
+    label: dict[str, Any],
+    *,
+    k: int,
+    min_score: float | None,
+    min_z: float | None,
+    min_percentile: float | None,
+    gap: float | None,
+    min_length: float,
+    file_mask: np.ndarray | None,
+    as_json: bool,
+) -> None:
+    """`search --segments`: the time ranges, with the backend, calibration and notes file search gives."""
+    from mlx_clap.cli.segments import hit_dicts, print_segment_hits, segment_results, why_empty
+
+    thresholds = dict(threshold=min_score, min_z=min_z, min_percentile=min_percentile)
+    (result,) = segment_results(
+        store, view, np.asarray(query)[None, :], k=k, **thresholds, gap=gap, min_length=min_length,
+        file_mask=file_mask,
+    )  # fmt: skip
+    hits = hit_dicts(store, [result])
+    empty = why_empty(result, **thresholds, min_length=min_length)
+    notes = [empty] if empty else []
+    if as_json:
+        emit_json(
+            {
+                "query": label,
+                "segments": True,
+                "backend": "flat",
+                "k": len(hits),
+                "calibration": result.calibration.to_dict(),
+                "notes": notes,
+                "results": hits,
+            }
+        )
+        return
+    note(f"backend: flat (exact, every one of {len(view)} windows scored)")
+    print_segment_hits(hits, notes)
+
+
 def calibration_for(store: Any, query: np.ndarray) -> Any:
     """The query's score distribution over (a sample of) the store's file vectors."""
     from mlx_clap.search.calibration import calibrate_query
@@ -237,7 +287,7 @@ def dedupe(store_path: Path, threshold: float, as_json: bool) -> None:
       mlx-clap dedupe vectors/ --threshold 0.97
       mlx-clap dedupe vectors/ --json > duplicates.json
     """
-    from mlx_clap.search.index import SearchError, near_duplicates
+    from mlx_clap.search.index import SearchError, clip_cosine, near_duplicates
 
     store = open_store(store_path)
     try:
@@ -259,7 +309,8 @@ def dedupe(store_path: Path, threshold: float, as_json: bool) -> None:
         return
     for i, g in enumerate(groups, 1):
         click.echo(
-            f"group {i}: {len(g.rows)} items, mean cosine {g.score:.4f} (weakest link {g.min_score:.4f})"
+            f"group {i}: {len(g.rows)} items, mean cosine {clip_cosine(g.score):.4f} "
+            f"(weakest link {clip_cosine(g.min_score):.4f})"
         )
         for r in g.rows:
             click.echo(f"    {printable(store.items[r]['path'])}")

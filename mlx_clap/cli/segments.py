@@ -63,35 +63,84 @@ def _throttled(every_s: float = PROGRESS_EVERY_S):
 
 
 # -------------------------------------------------------------------------------- search --segments
-def segment_hits(store: Any, view: Any, queries: np.ndarray, **opts: Any) -> list[dict[str, Any]]:
-    """The best segments for `queries` ((m, dim) or (dim,)) as JSON-ready dicts, query by query, best
-    first: {"query", "rank", "path", "file_index", "start", "end", "best_start", "windows", "score",
-    "z", "percentile"}.
+def segment_results(store: Any, view: Any, queries: np.ndarray, **opts: Any) -> list[Any]:
+    """`search_segments`'s answer with each query's calibration (`SegmentResult`s), for `queries`
+    ((m, dim) or (dim,)).
 
     `opts` are `search_segments`'s (k, threshold | min_z | min_percentile, gap, min_length,
     file_mask); gap defaults to the store's hop. ClickException naming the store on bad options.
     """
     from mlx_clap.search.index import SearchError
-    from mlx_clap.search.segments import merge_gap, search_segments
+    from mlx_clap.search.segments import merge_gap, segment_search
 
     try:
         if opts.get("gap") is None:
             opts["gap"] = merge_gap(view, getattr(store, "segment_settings", None))
-        results = search_segments(view, queries, **opts)
+        return segment_search(view, queries, **opts)
     except SearchError as exc:
         raise click.ClickException(f"{printable(store.path)}: {exc}") from exc
+
+
+def hit_dicts(store: Any, results: list[Any]) -> list[dict[str, Any]]:
+    """The segments of `segment_results` as JSON-ready dicts, query by query, best first: {"query",
+    "rank", "path", "file_index", "start", "end", "best_start", "windows", "score", "z", "percentile"}."""
     return [
         {"query": qi, "rank": rank, **seg.to_dict(store.items)}
-        for qi, segs in enumerate(results)
-        for rank, seg in enumerate(segs, 1)
+        for qi, res in enumerate(results)
+        for rank, seg in enumerate(res.segments, 1)
     ]
 
 
-def print_segment_hits(hits: list[dict[str, Any]]) -> None:
+def segment_hits(store: Any, view: Any, queries: np.ndarray, **opts: Any) -> list[dict[str, Any]]:
+    """The best segments for `queries` as `hit_dicts` (`opts` as `segment_results` takes them)."""
+    return hit_dicts(store, segment_results(store, view, queries, **opts))
+
+
+def why_empty(
+    result: Any,
+    *,
+    threshold: float | None = None,
+    min_z: float | None = None,
+    min_percentile: float | None = None,
+    min_length: float = 0.0,
+) -> str | None:
+    """Why a query's segment search found nothing, with the best window's z (None when it found some):
+    otherwise an empty answer gives no idea whether the query came close."""
+    from mlx_clap.search.index import clip_cosine
+    from mlx_clap.search.segments import DEFAULT_MIN_Z
+
+    if result.segments:
+        return None
+    if not np.isfinite(result.best_score):
+        return "no window to score: no file the filter keeps has segments"
+    if result.passed:
+        return (
+            f"{result.passed} windows reached the threshold, but every stretch of them is shorter than "
+            f"--min-length {min_length:g} s"
+        )
+    if threshold is not None:
+        cut = f"score >= {threshold:g}"
+    elif min_percentile is not None:
+        cut = f"percentile >= {min_percentile:g}"
+    elif min_z is not None:
+        cut = f"z >= {min_z:g}"
+    else:
+        cut = f"z >= {DEFAULT_MIN_Z:g} (the default; --min-z lowers it)"
+    pct = float(result.calibration.percentile(result.best_score))
+    return (
+        f"no segment reached {cut}; the best window has z {result.best_z:.2f} "
+        f"(score {clip_cosine(result.best_score):.4f}, percentile {pct:.2f})"
+    )
+
+
+def print_segment_hits(hits: list[dict[str, Any]], notes: list[str] | None = None) -> None:
     """Plain text: rank, cosine, z, percentile, start-end and path per hit (a header per query when
-    there are several)."""
+    there are several). `notes` go to stderr first; without any, an empty answer gets a generic one."""
+    for n in notes or []:
+        note(n)
     if not hits:
-        note("no segment reached the threshold")
+        if not notes:
+            note("no segment reached the threshold")
         return
     several = len({h["query"] for h in hits}) > 1
     current = None
@@ -274,7 +323,7 @@ def recurring(
       mlx-clap recurring vectors/ --threshold 0.95 --min-occurrences 3 -k 5
       mlx-clap recurring vectors/ --json > recurring.json
     """
-    from mlx_clap.search.index import SearchError
+    from mlx_clap.search.index import SearchError, clip_cosine
     from mlx_clap.search.recurring import find_recurring
 
     if min_z is not None and threshold is not None:
@@ -322,7 +371,7 @@ def recurring(
         files = len({o.file_index for o in g.occurrences})
         click.echo(
             f"group {i}: {len(g.occurrences)} occurrences in {files} file{'s' if files != 1 else ''}, "
-            f"mean cosine {g.score:.4f}"
+            f"mean cosine {clip_cosine(g.score):.4f}"
         )
         for o in g.occurrences:
             span = f"{clock(o.start)}-{clock(o.end)}"

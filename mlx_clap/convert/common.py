@@ -125,6 +125,22 @@ def _needs_full_unpickler(exc: BaseException) -> bool:
     return isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc)
 
 
+def require_tokenizer_files(folder: str | Path) -> Path:
+    """A tokenizer folder given explicitly (`--tokenizer DIR`) as a Path, checked to hold tokenizer
+    files (tokenizer.json, or vocab.json + merges.txt): without them it would be ignored and the
+    converted folder left without a tokenizer, unsaid. WeightsError naming the folder otherwise."""
+    from mlx_clap.preprocess.tokenizer import has_tokenizer_files
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise WeightsError(f"{folder}: tokenizer folder not found")
+    if not has_tokenizer_files(folder):
+        raise WeightsError(
+            f"{folder}: no tokenizer files (expected tokenizer.json, or vocab.json + merges.txt)"
+        )
+    return folder
+
+
 def check_tokenizer_fits(folder: Path, text_config: Any) -> None:
     """Refuse tokenizer files that do not fit the model's text tower (`ClapTextConfig`).
 
@@ -181,6 +197,7 @@ __all__ = [
     "check_tokenizer_fits",
     "hf_state_to_mlx",
     "read_safetensors",
+    "require_tokenizer_files",
     "sha256_file",
     "to_numpy",
     "torch_state_dict",

@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 
 from mlx_clap.config import config_from_hf
-from mlx_clap.convert.common import hf_state_to_mlx, read_safetensors, to_numpy, torch_state_dict
+from mlx_clap.convert.common import (
+    hf_state_to_mlx,
+    read_safetensors,
+    require_tokenizer_files,
+    to_numpy,
+    torch_state_dict,
+)
 from mlx_clap.convert.output import provenance_manifest, save_clap_folder
 from mlx_clap.io.folder import WeightsError, already_converted_problem
 from mlx_clap.version import __version__
@@ -78,6 +84,9 @@ def convert_hf_folder(
     src = Path(src)
     if not src.is_dir():
         raise WeightsError(f"{src}: not a folder")
+    # A folder given explicitly must hold tokenizer files (it would otherwise be ignored, unsaid); the
+    # source folder's own may be absent (the converted folder then has none, as its manifest says).
+    tok = require_tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else src
     problem = already_converted_problem(src)
     if problem:
         raise WeightsError(problem)
@@ -99,7 +108,6 @@ def convert_hf_folder(
     manifest = provenance_manifest(
         CONVERTER, CONVERTER_VERSION, source_name or str(src), "huggingface", sources, revision=revision
     )
-    tok = Path(tokenizer_dir) if tokenizer_dir is not None else src
     return save_clap_folder(dest, config, weights, manifest, tokenizer_dir=tok)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mlx_clap.config import ClapAudioConfig, ClapConfig, ClapTextConfig, FeatureConfig
-from mlx_clap.convert.common import hf_state_to_mlx, to_numpy, torch_state_dict
+from mlx_clap.convert.common import hf_state_to_mlx, require_tokenizer_files, to_numpy, torch_state_dict
 from mlx_clap.convert.output import provenance_manifest, save_clap_folder
 from mlx_clap.io.folder import WeightsError
 from mlx_clap.version import __version__
@@ -183,6 +183,8 @@ def convert_laion_pt(
     src = Path(src)
     if not src.is_file():
         raise WeightsError(f"{src}: no such checkpoint file")
+    # Before the checkpoint is read (slow): a tokenizer folder without tokenizer files is a mistake.
+    tok = require_tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else None
     hf_state = laion_state_to_hf(read_laion_state(src, trust_pickle=trust_pickle))
     try:
         config = config_from_laion_state(hf_state, source_name or str(src))
@@ -202,9 +204,6 @@ def convert_laion_pt(
     manifest = provenance_manifest(
         CONVERTER, CONVERTER_VERSION, source_name or str(src), "laion-pt", [src], revision=None, notes=notes
     )
-    tok = Path(tokenizer_dir) if tokenizer_dir is not None else None
-    if tok is not None and not any((tok / n).is_file() for n in ("tokenizer.json", "vocab.json")):
-        raise WeightsError(f"{tok}: no tokenizer.json or vocab.json + merges.txt to copy")
     return save_clap_folder(dest, config, weights, manifest, tokenizer_dir=tok)
 
 

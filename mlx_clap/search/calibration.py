@@ -4,8 +4,9 @@ Raw CLAP cosines are not comparable between models, nor between a text query and
 same model (text-to-audio cosines of a good match sit around 0.3-0.5, audio-to-audio ones near 0.9). So
 every score is reported with a calibration fitted on the query's own scores against the store (or a
 random sample of it): a z-score (standard deviations above the query's mean score) and a percentile
-(the share of the store scoring at or below it). Both have an inverse, so a threshold can be given in
-either unit and turned into a cosine once.
+(the share of the store scoring at or below it, scores within float rounding, SCORE_TOL, counting as
+equal: the best item is at 100 % whichever backend computed its score). Both have an inverse, so a
+threshold can be given in either unit and turned into a cosine once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ DEFAULT_SAMPLE = 100_000  # rows a calibration needs at most: percentiles to 0.0
 # Spread used when a sample has (almost) none: one row, or every score equal. z is then ~0 at the
 # mean and large anywhere else, instead of a division by zero.
 MIN_STD = 1e-6
+# Two float32 cosines of the same pair of vectors computed by different code (MLX for the flat scan,
+# BLAS for the calibration sample) differ by a few 1e-7 at 512-d; a sample score within this of a
+# reported score counts as equal, so an item never ranks below its own copy in the sample.
+SCORE_TOL = 1e-6
 
 
 def sample_rows(n: int, limit: int = DEFAULT_SAMPLE, seed: int = 0) -> np.ndarray:
@@ -62,6 +67,12 @@ class Calibration:
         """The sample, ascending."""
         return np.sort(self.scores)
 
+    @cached_property
+    def _lowered(self) -> np.ndarray:
+        """The sorted sample minus SCORE_TOL (still ascending): what `percentile` compares against, and
+        where `score_for_percentile` takes its thresholds from, so the two agree exactly."""
+        return self.sorted_scores - SCORE_TOL
+
     @property
     def n(self) -> int:
         return int(self.scores.size)
@@ -77,8 +88,9 @@ class Calibration:
         return float(out) if out.ndim == 0 else out
 
     def percentile(self, score: float | np.ndarray) -> float | np.ndarray:
-        """0-100: the share of the sample scoring at or below `score`."""
-        below = np.searchsorted(self.sorted_scores, np.asarray(score, dtype=np.float64), side="right")
+        """0-100: the share of the sample scoring at or below `score` (within SCORE_TOL), so the
+        store's best item is at 100."""
+        below = np.searchsorted(self._lowered, np.asarray(score, dtype=np.float64), side="right")
         out = 100.0 * below / self.n
         return float(out) if np.ndim(out) == 0 else out
 
@@ -97,7 +109,7 @@ class Calibration:
             return float("-inf")
         if c > self.n:
             return float("inf")
-        return float(self.sorted_scores[c - 1])
+        return float(self._lowered[c - 1])
 
     def to_dict(self) -> dict[str, float | int]:
         """Mean, std and sample size (for JSON output)."""

@@ -245,30 +245,50 @@ class _Rows:
         )
 
 
+def _reserve(fh: Any, nbytes: int, path: Path) -> None:
+    """Claim `nbytes` for the open file `fh` before anything is written, so a disk too small fails
+    at once with ENOSPC. Without posix_fallocate (macOS), or on a file system that cannot reserve,
+    the free space is compared instead."""
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fh.fileno(), 0, nbytes)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    if shutil.disk_usage(path.parent).free < nbytes:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
 def _write_npy_part(
     tmp: Path, rows: _Rows, batches: Iterator[_Batch], n: int, names: tuple[str, str]
 ) -> None:
-    """One (N, dim) float32 .npy written through a memory map (never whole in memory) + its JSON lines."""
+    """One (N, dim) float32 .npy written batch by batch (never whole in memory) + its JSON lines.
+
+    Plain writes into a reserved file, not a memory map: a memory map written past the free space
+    kills the process with SIGBUS (no message, staging left behind), where a write raises ENOSPC."""
     npy, index = tmp / names[0], tmp / names[1]
     kind = "file" if names[0] == "vectors.npy" else "segment"
     dim = rows.store.dim
-    mm = None
-    if n == 0:  # a zero-length memory map is not possible
-        np.save(npy, np.zeros((0, dim), np.float32), allow_pickle=False)
-    else:
-        mm = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float32, shape=(n, dim))
-    with open(index, "x", encoding="utf-8") as fh:
+    dtype = np.dtype("<f4")
+    with open(npy, "xb") as out, open(index, "x", encoding="utf-8") as fh:
+        np.lib.format.write_array_header_1_0(
+            out, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n, dim)}
+        )
+        _reserve(out, out.tell() + n * dim * dtype.itemsize, npy)
+        written = 0
         for batch in batches:
-            assert mm is not None  # no batch when n == 0
-            mm[batch.first : batch.first + batch.vectors.shape[0]] = batch.vectors
+            if batch.first != written:  # _rebatch yields rows in order; a gap would misplace them
+                raise ExportError(f"{npy}: batch at row {batch.first} does not follow row {written}")
+            out.write(np.ascontiguousarray(batch.vectors, dtype=dtype))  # its buffer, no copy
             fh.write(rows.index_lines(batch, kind))
+            written += batch.vectors.shape[0]
             rows.tick(batch.vectors.shape[0])
-        fh.flush()
-        os.fsync(fh.fileno())
-    if mm is not None:
-        mm.flush()
-        del mm
-    _fsync_file(npy)
+        if written != n:
+            raise ExportError(f"{npy}: {written} rows written, {n} expected")
+        for f in (out, fh):
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _fsync_file(path: Path) -> None:

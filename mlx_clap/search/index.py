@@ -75,7 +75,7 @@ class Hit:
     score: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"row": self.row, "path": self.path, "score": round(self.score, 6)}
+        return {"row": self.row, "path": self.path, "score": round(clip_cosine(self.score), 6)}
 
 
 @dataclass
@@ -100,6 +100,12 @@ class SearchResult:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def clip_cosine(score: float) -> float:
+    """A cosine as reported: clipped to [-1, 1]. Stored unit vectors are unit only to float rounding
+    (float16 ones to ~1e-4), so a vector's cosine with its own copy can come out as 1.00001."""
+    return min(1.0, max(-1.0, float(score)))
+
+
 def unit_queries(queries: np.ndarray, dim: int) -> np.ndarray:
     """Queries as a float32 (m, dim) array of unit rows; a zero or non-finite query is an error."""
     q = np.asarray(queries, dtype=np.float32)
@@ -679,8 +685,8 @@ class DuplicateGroup:
     def to_dict(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return {
             "size": len(self.rows),
-            "score": round(self.score, 6),
-            "min_score": round(self.min_score, 6),
+            "score": round(clip_cosine(self.score), 6),
+            "min_score": round(clip_cosine(self.min_score), 6),
             "paths": [str(items[r]["path"]) for r in self.rows],
             "rows": self.rows,
         }

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from mlx_clap.search.calibration import Calibration, sample_rows
-from mlx_clap.search.index import SearchError, UnionFind
+from mlx_clap.search.index import SearchError, UnionFind, clip_cosine
 from mlx_clap.search.segments import NO_SEGMENTS, SegmentViewLike, merge_runs, window_geometry
 
 DEFAULT_THRESHOLD = 0.9
@@ -78,8 +78,8 @@ class Group:
         return {
             "size": len(self.occurrences),
             "files": len({o.file_index for o in self.occurrences}),
-            "score": round(self.score, 6),
-            "max_score": round(self.max_score, 6),
+            "score": round(clip_cosine(self.score), 6),
+            "max_score": round(clip_cosine(self.max_score), 6),
             "links": self.links,
             "occurrences": [o.to_dict(items) for o in self.occurrences],
         }

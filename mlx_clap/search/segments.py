@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from mlx_clap.search.calibration import Calibration, calibrate_query
-from mlx_clap.search.index import SearchError, unit_queries
+from mlx_clap.search.index import SearchError, clip_cosine, unit_queries
 
 DEFAULT_MIN_Z = 2.0
 BLOCK_ROWS = 65536  # vectors asked of the view at a time
@@ -78,7 +78,7 @@ class Segment:
             end=round(self.end, 6),
             best_start=round(self.best_start, 6),
             windows=self.windows,
-            score=round(self.score, 6),
+            score=round(clip_cosine(self.score), 6),
             z=round(self.z, 4),
             percentile=round(self.percentile, 4),
         )
@@ -280,6 +280,61 @@ def _window_mask(view: SegmentViewLike, file_mask: np.ndarray | None) -> np.ndar
 
 
 # ------------------------------------------------------------------------------------------- search
+@dataclass(frozen=True)
+class SegmentResult:
+    """One query's segment search: its `segments` (best first), the `calibration` its z and percentile
+    come from, the cosine `threshold` a window had to reach, how many windows `passed` it (inside the
+    file filter) and the best window score there (`best_score`, -inf when the filter left none), so an
+    empty answer can say how close the query came."""
+
+    segments: list[Segment]
+    calibration: Calibration
+    threshold: float
+    passed: int
+    best_score: float
+
+    @property
+    def best_z(self) -> float:
+        """The best window's z-score (-inf when there was no window to score)."""
+        return float(self.calibration.z(self.best_score)) if np.isfinite(self.best_score) else -np.inf
+
+
+def segment_search(
+    view: SegmentViewLike,
+    queries: np.ndarray,
+    *,
+    k: int | None = 10,
+    threshold: float | None = None,
+    min_z: float | None = None,
+    min_percentile: float | None = None,
+    gap: float | None = None,
+    min_length: float = 0.0,
+    file_mask: np.ndarray | None = None,
+    block_rows: int = BLOCK_ROWS,
+) -> list[SegmentResult]:
+    """`search_segments` with each query's calibration and threshold kept (`SegmentResult`)."""
+    _check_options(k, gap, min_length)
+    if len(view) == 0:
+        raise SearchError(NO_SEGMENTS)
+    q = unit_queries(queries, view.dim)
+    if gap is None:
+        gap = window_geometry(view)[1]
+    allowed = _window_mask(view, file_mask)
+    scores = score_windows(view, q, block_rows=block_rows)
+    out = []
+    for s in scores:
+        cal = Calibration.fit(s)
+        cut = score_threshold(cal, threshold, min_z, min_percentile)
+        keep = s >= cut
+        eligible = s if allowed is None else s[allowed]
+        if allowed is not None:
+            keep &= allowed
+        segs = merge_kept(view, s, keep, cal, gap=gap, min_length=min_length)
+        best = float(eligible.max()) if eligible.size else -np.inf
+        out.append(SegmentResult(segs if k is None else segs[:k], cal, cut, int(keep.sum()), best))
+    return out
+
+
 def search_segments(
     view: SegmentViewLike,
     queries: np.ndarray,
@@ -300,25 +355,13 @@ def search_segments(
     scores against every window of the store, whatever `file_mask` (a bool per store file) leaves in,
     so a filter does not change what a score means. Kept windows of one file merge when they overlap
     or lie within `gap` seconds (default: the hop); segments shorter than `min_length` are dropped.
-    k=None returns every segment.
+    k=None returns every segment. Segment search is exact: every window is scored.
     """
-    _check_options(k, gap, min_length)
-    if len(view) == 0:
-        raise SearchError(NO_SEGMENTS)
-    q = unit_queries(queries, view.dim)
-    if gap is None:
-        gap = window_geometry(view)[1]
-    allowed = _window_mask(view, file_mask)
-    scores = score_windows(view, q, block_rows=block_rows)
-    out = []
-    for s in scores:
-        cal = Calibration.fit(s)
-        keep = s >= score_threshold(cal, threshold, min_z, min_percentile)
-        if allowed is not None:
-            keep &= allowed
-        segs = merge_kept(view, s, keep, cal, gap=gap, min_length=min_length)
-        out.append(segs if k is None else segs[:k])
-    return out
+    opts = dict(threshold=threshold, min_z=min_z, min_percentile=min_percentile, gap=gap)
+    results = segment_search(
+        view, queries, k=k, **opts, min_length=min_length, file_mask=file_mask, block_rows=block_rows
+    )
+    return [r.segments for r in results]
 
 
 # ----------------------------------------------------------------------------------------- timeline
@@ -412,7 +455,7 @@ def format_timeline(
             {
                 "start": round(r.start, 6),
                 "end": round(r.end, 6),
-                "score": round(r.score, 6),
+                "score": round(clip_cosine(r.score), 6),
                 "z": round(r.z, 4),
             }
             for r in rows
@@ -423,12 +466,12 @@ def format_timeline(
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(["start", "end", "score", "z"])
         for r in rows:
-            writer.writerow([f"{r.start:.6f}", f"{r.end:.6f}", f"{r.score:.6f}", f"{r.z:.4f}"])
+            writer.writerow([f"{r.start:.6f}", f"{r.end:.6f}", f"{clip_cosine(r.score):.6f}", f"{r.z:.4f}"])
         return buf.getvalue()
     if fmt == "audacity":
         text = _label_text(label)
         lines = [
-            f"{a:.6f}\t{b:.6f}\t{(text + ' ' if text else '')}{s:.3f}"
+            f"{a:.6f}\t{b:.6f}\t{(text + ' ' if text else '')}{clip_cosine(s):.3f}"
             for a, b, s in timeline_segments(rows, min_z=min_z, threshold=threshold, gap=gap)
         ]
         return "".join(line + "\n" for line in lines)
