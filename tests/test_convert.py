@@ -499,7 +499,12 @@ def test_load_model_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch, cache
         load_model("laion/clap-htsat-unfused")
     msg = str(info.value)
     assert "laion/clap-htsat-unfused: could not download" in msg
-    assert "offline" in msg.lower() and "mlx-clap convert" in msg
+    assert "offline" in msg.lower() and "--model clap-htsat-unfused/" in msg and "random-model" in msg
+    # The README says the same (the user's door must agree with what the command tells them).
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for step in ("hf download laion/clap-htsat-unfused --local-dir clap-htsat-unfused",
+                 "--model clap-htsat-unfused/", "mlx-clap random-model"):
+        assert step in readme and step in msg, step
 
 
 def test_load_model_unknown_source(tmp_path):

@@ -65,6 +65,7 @@ COMMANDS = {
     "embed-text": ("mlx_clap.cli.embed", "embed_text"),
     "info": ("mlx_clap.cli.embed", "info"),
     "convert": ("mlx_clap.cli.convert", "convert"),
+    "random-model": ("mlx_clap.cli.random_model", "random_model"),
     "search": ("mlx_clap.cli.search", "search"),
     "dedupe": ("mlx_clap.cli.search", "dedupe"),
     "cluster": ("mlx_clap.cli.search", "cluster"),

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from mlx_clap.cli.output import printable
 from mlx_clap.settings import DEFAULT_MODEL
 
 MODEL_ENV = "MLX_CLAP_MODEL"
@@ -39,9 +40,23 @@ def load_model_or_exit(model_id: str, dtype: str = "float32", trust_pickle: bool
     from mlx_clap.loading import load
 
     try:
-        return load(model_id, dtype=dtype, trust_pickle=trust_pickle)
+        model = load(model_id, dtype=dtype, trust_pickle=trust_pickle)
     except Exception as exc:
         raise click.ClickException(f"cannot load model {model_id!r}: {exc}") from exc
+    if has_random_weights(model):
+        click.echo(
+            f"warning: {printable(model.source_dir)} has RANDOM weights (mlx-clap random-model): "
+            "its vectors mean nothing",
+            err=True,
+        )
+    return model
+
+
+def has_random_weights(model: Any) -> bool:
+    """Whether the loaded model's folder is marked random-init (`mlx-clap random-model`)."""
+    from mlx_clap.convert.random_init import has_random_weights as folder_is_random
+
+    return folder_is_random(getattr(model, "source_dir", None))
 
 
 def weights_sha256(model: Any) -> str | None:
@@ -75,6 +90,7 @@ def describe_model(model: Any) -> dict[str, Any]:
         "sampling_rate": fam.sampling_rate,
         "clip_seconds": round(fam.clip_samples / fam.sampling_rate, 3),
         "template": fam.default_template,
+        "random_weights": has_random_weights(model),
     }
     try:
         fam.tokenizer  # noqa: B018

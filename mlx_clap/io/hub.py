@@ -73,8 +73,9 @@ def offline_message(repo_id: str, exc: BaseException | None = None) -> str:
         why = f"{type(exc).__name__}: {first}" if exc is not None else "unknown error"
     return (
         f"{repo_id}: could not download it from the Hugging Face hub ({why}). Next: on a machine with "
-        f"network run `hf download {repo_id} --local-dir {name}`, copy the {name}/ folder here, then "
-        f"run `mlx-clap convert {name} converted/` and pass `--model converted/`."
+        f"network run `hf download {repo_id} --local-dir {name}`, copy the {name}/ folder here and pass "
+        f"`--model {name}/` (it loads in place). To try mlx-clap with no hub at all: "
+        f"`mlx-clap random-model demo/` writes a model with random weights."
     )
 
 
