@@ -35,7 +35,7 @@ def index(store_path: Path, rebuild: bool, connectivity: int, expansion_add: int
     minutes: after Ctrl-C, run the same command again to go on from there. ANN answers are
     approximate: on vectors without cluster structure recall can be low, so `search` stays exact
     (flat) below 1M vectors unless --backend ann is given. Needs the `ann` extra
-    (pip install 'mlx-clap[ann]').
+    (pip install usearch, or pip install -e '.[ann]' in the mlx-clap checkout).
 
     \b
     Example:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from mlx_clap.extras import install_hint
 from mlx_clap.io.files import sha256_file
 from mlx_clap.io.folder import WeightsError, parse_safetensors_header
 
@@ -81,7 +82,7 @@ def torch_state_dict(
     except ImportError as exc:
         raise WeightsError(
             f"{path}: {what} is a torch pickle and converting it needs PyTorch, which is not installed; "
-            "install it with `pip install 'mlx-clap[convert]'` (or convert a folder with model.safetensors)"
+            f"install it with {install_hint('convert')} (or convert a folder with model.safetensors)"
         ) from exc
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mlx_clap.extras import install_hint
 from mlx_clap.io.files import current_umask, write_failure
 from mlx_clap.io.files import fsync_dir as _fsync_path
 from mlx_clap.search.store import json_line, model_id
@@ -58,7 +59,7 @@ NPY_FILES = ("vectors.npy", "index.jsonl", "segments.npy", "segments.jsonl")
 # of RAM with this, +540 MB with 65536-row batches (Arrow's encode buffers hold a few copies of a batch).
 BATCH_BYTES = 32 << 20
 MAX_BATCH_ROWS = 65536
-PARQUET_EXTRA_HINT = "pip install 'mlx-clap[parquet]'"
+PARQUET_EXTRA_HINT = install_hint("parquet")
 
 
 class ExportError(ValueError):

@@ -33,6 +33,8 @@ from typing import Any, Protocol
 import mlx.core as mx
 import numpy as np
 
+from mlx_clap.extras import install_hint
+
 DEFAULT_BLOCK_ROWS = 65536  # 65536 x 512 float32 = 128 MiB of scores per query batch of 1
 SCORE_BUDGET = 1 << 25  # floats in one (queries x block) score matrix: 128 MiB
 DEDUPE_TILE = 4096  # rows per tile side when comparing the store with itself
@@ -322,8 +324,8 @@ def _require_usearch():
         from usearch.index import Index
     except ImportError as exc:
         raise SearchError(
-            "the approximate (ANN) backend needs usearch: pip install 'mlx-clap[ann]' "
-            "(or search with --backend flat)"
+            f"the approximate (ANN) backend needs usearch: {install_hint('ann')}; "
+            "or search with --backend flat"
         ) from exc
     return Index
 

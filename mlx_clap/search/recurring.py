@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from mlx_clap.extras import install_hint
 from mlx_clap.search.calibration import Calibration, sample_rows
 from mlx_clap.search.index import SearchError, UnionFind, clip_cosine
 from mlx_clap.search.segments import NO_SEGMENTS, SegmentViewLike, merge_runs, window_geometry
@@ -147,8 +148,7 @@ def _require_usearch() -> Any:
         from usearch.index import Index
     except ImportError as exc:
         raise SearchError(
-            "the approximate (ANN) backend needs usearch: pip install 'mlx-clap[ann]' "
-            "(or use --backend exact)"
+            f"the approximate (ANN) backend needs usearch: {install_hint('ann')}; or use --backend exact"
         ) from exc
     return Index
 
@@ -330,13 +330,13 @@ def find_recurring(
                 if len(view) > EXACT_FALLBACK_WINDOWS:
                     raise SearchError(
                         f"{len(view)} windows are too many to compare each with each other without an "
-                        "approximate index (hours of work): pip install 'mlx-clap[ann]' for usearch, "
+                        f"approximate index (hours of work): {install_hint('ann')} for usearch, "
                         "or ask for it anyway with --backend exact"
                     ) from None
                 backend = "exact"
                 notes.append(
                     f"usearch is not installed: comparing all {len(view)} windows with each other (slow; "
-                    "pip install 'mlx-clap[ann]')"
+                    f"{install_hint('ann')})"
                 )
     stats.update(backend=backend, threshold=round(threshold, 6), windows=len(view), window=window, hop=hop)
     if backend == "exact":
