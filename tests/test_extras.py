@@ -10,7 +10,7 @@ import pytest
 
 tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 
-from mlx_clap.extras import FALLBACK, extra_requirements, install_hint
+from mlx_clap.extras import FALLBACK, extra_requirements, install_hint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
