@@ -103,7 +103,8 @@ def test_store_vectors_equal_embed_audio(tiny_model_dir, tiny_model, audio_dir, 
     r = _run(["embed", str(audio_dir), "-r", "--model", str(tiny_model_dir), "--out", str(out),
               "--store-dtype", "float32", "--summary-json", "-q"])  # fmt: skip
     summary = json.loads(r.stdout)
-    assert (summary["embedded"], summary["skipped"], summary["failed"], r.exit_code) == (0, 6, 1, 1)
+    # The same failure as the run before: status 3, "only known failures".
+    assert (summary["embedded"], summary["skipped"], summary["failed"], r.exit_code) == (0, 6, 1, 3)
     assert len(EmbeddingStore.open(out)) == 6
 
     # Other settings: a clear error; --overwrite starts fresh.

@@ -8,8 +8,11 @@ or JSON lines on stdout. Reruns resume; failures are recorded and the run goes o
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import math
 import os
+import stat
 import sys
 import time
 from collections import deque
@@ -37,8 +40,22 @@ from mlx_clap.preprocess.decode_ahead import (
     discover,
     stat_key,
 )
+from mlx_clap.search.roots import record_roots
 
 LONG_AUDIO_CHOICES = ("windows-mean", "head", "center", "fusion", "reference")
+SEED_RANGE = click.IntRange(0, 2**32 - 1)  # what numpy's RandomState (the LAION reference crops) takes
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan, which compares false with both bounds and so passes."""
+
+    name = "float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -126,6 +143,7 @@ IGNORED_NOTES = {
     "not_audio_name": "files without an audio extension",
     "symlinked_folders": "symbolic links to folders (not followed)",
     "subfolders": "sub-folders (no --recursive)",
+    "excluded": "files matching --exclude",
 }
 
 
@@ -136,6 +154,110 @@ def describe_ignored(ignored: dict[str, int]) -> str:
     if ignored.get("subfolders"):
         how = "add --recursive for sub-folders; " + how
     return "not considered: " + ", ".join(parts) + "; " + how
+
+
+def exclude_files(
+    files: list[InputFile], paths: tuple[str, ...], patterns: tuple[str, ...]
+) -> tuple[list[InputFile], list[str]]:
+    """(kept, excluded paths): files found inside a folder named in `paths` whose path relative to that
+    folder, or whose file name, matches one of the fnmatch `patterns` (case-sensitive; `*` also matches
+    "/") are excluded. Files named on the command line are always kept, as for the other kinds passed
+    over."""
+    if not patterns:
+        return files, []
+    named = {os.path.abspath(os.path.expanduser(raw)) for raw in paths}
+    folders = [Path(p) for p in named if os.path.isdir(p)]
+    kept: list[InputFile] = []
+    excluded: list[str] = []
+    for f in files:
+        if str(f.path) in named:
+            kept.append(f)
+            continue
+        names = {f.path.name} | {
+            f.path.relative_to(d).as_posix() for d in folders if f.path.is_relative_to(d)
+        }
+        if any(fnmatch.fnmatchcase(n, pat) for n in names for pat in patterns):
+            excluded.append(str(f.path))
+        else:
+            kept.append(f)
+    return kept, excluded
+
+
+FILE_KINDS = (
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISDIR, "folder"),
+)
+
+
+def refuse_non_regular(files: list[InputFile]) -> tuple[list[InputFile], list[tuple[str, str]]]:
+    """(regular files, (path, cause) of the others). Checked with one stat (through a symbolic link)
+    before anything reads a file: opening a FIFO blocks until a writer comes, and a device such as
+    /dev/zero never ends, so hashing, probing or decoding one would hang the run. A file that cannot be
+    stat'ed is kept: the decoder names the cause."""
+    regular: list[InputFile] = []
+    refused: list[tuple[str, str]] = []
+    for f in files:
+        try:
+            mode = os.stat(f.path).st_mode
+        except OSError:
+            regular.append(f)
+            continue
+        if stat.S_ISREG(mode):
+            regular.append(f)
+        else:
+            kind = next((name for test, name in FILE_KINDS if test(mode)), "special file")
+            refused.append((str(f.path), f"not a regular file ({kind})"))
+    return regular, refused
+
+
+def file_gone(path: str) -> bool:
+    """Whether nothing exists at `path` any more (a dangling symbolic link counts as gone). A path that
+    cannot be checked (permission denied, I/O error) is not gone: its row is kept."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def rows_under(out: Path | None, path: str) -> int:
+    """How many rows of the store in `out` are `path` or lie under it (0 without a readable store)."""
+    from mlx_clap.search.store import MANIFEST_NAME, EmbeddingStore, StoreError
+
+    if out is None or not (out / MANIFEST_NAME).is_file():
+        return 0
+    try:
+        items = EmbeddingStore.open(out, repair=False).items  # read only: the writer lock comes later
+    except (StoreError, OSError):
+        return 0
+    scope = path.rstrip(os.sep) + os.sep
+    return sum(1 for it in items if str(it["path"]) == path or str(it["path"]).startswith(scope))
+
+
+def vanished_hint(out: Path | None, missing: list[tuple[str, str]], prune_missing: bool) -> str | None:
+    """For arguments that do not exist but hold rows of the store (a renamed ~/Sounds, a drive unmounted
+    or mounted elsewhere): how to move or drop those rows. None when no such argument."""
+    notes = []
+    for path, _cause in missing:
+        n = rows_under(out, path) if not os.path.lexists(path) else 0
+        if n:
+            notes.append(f"{printable(path)} holds {n} rows of the store")
+    if not notes:
+        return None
+    prune = (
+        "--prune-missing drops them on a run that names a folder that exists"
+        if prune_missing
+        else "to drop the rows of files that no longer exist anywhere, add --prune-missing"
+    )
+    return (
+        "; ".join(notes) + ": if it was renamed or moved, name its new place (the rows of files found "
+        f"there move with them); {prune} (naming the gone path prunes nothing)"
+    )
 
 
 def current_errors(old: list[dict], new: list[dict], succeeded: set[str]) -> list[dict]:
@@ -151,6 +273,18 @@ def current_errors(old: list[dict], new: list[dict], succeeded: set[str]) -> lis
         if path not in succeeded and path not in latest and os.path.lexists(path):
             kept[path] = rec
     return list(kept.values()) + list(latest.values())
+
+
+# Exit statuses of `embed` (0: nothing failed; 2: usage; 130: Ctrl-C): a cron job alerts on 1 only.
+NEW_FAILURES_STATUS = 1
+KNOWN_FAILURES_STATUS = 3
+
+
+def new_failures(failures: list[dict], previous: list[dict]) -> list[dict]:
+    """The failures that the previous run did not record for the same file with the same cause
+    (`previous`: the error log as this run found it)."""
+    known = {(str(r.get("path")), str(r.get("error"))) for r in previous}
+    return [f for f in failures if (str(f["path"]), str(f["error"])) not in known]
 
 
 def read_error_log(path: Path) -> list[dict]:
@@ -575,7 +709,9 @@ class EmbedRun:
     "random rand_trunc/fusion crops as LAION/HF do it; use --seed; decodes the whole file). "
     "Example: mlx-clap embed long.mp3 --long-audio center --format jsonl",
 )
-@click.option("--seed", type=int, default=None, help="Seed for --long-audio reference (per file).")
+@click.option(
+    "--seed", type=SEED_RANGE, default=None, help="Seed for --long-audio reference (per file), 0 to 2**32-1."
+)
 @click.option(
     "--dtype",
     type=click.Choice(["float32", "float16", "bfloat16"]),
@@ -601,7 +737,7 @@ class EmbedRun:
 )
 @click.option(
     "--hop",
-    type=click.FloatRange(0.1, 3600.0),
+    type=FiniteFloatRange(0.1, 3600.0),
     default=2.0,
     show_default=True,
     help="Seconds between the starts of two segment windows (with --segments).",
@@ -610,7 +746,25 @@ class EmbedRun:
     "--no-prune",
     is_flag=True,
     help="Keep the rows of files that are gone from the folders named on this run (by default they are "
-    "removed, so the store mirrors the folders).",
+    "removed, so the store mirrors the folders), and of files found moved.",
+)
+@click.option(
+    "--prune-missing",
+    is_flag=True,
+    help="Also remove the rows of every file of the store that no longer exists, wherever it was (a "
+    "renamed or remounted library root, a folder deleted outside the ones named); one stat per row. Rows "
+    "of files that exist are kept, named or not. A drive that is not mounted counts as missing: run it "
+    "with every library drive attached.",
+)
+@click.option(
+    "--exclude",
+    "excludes",
+    multiple=True,
+    metavar="GLOB",
+    help="Skip files found in the folders named whose path relative to that folder (e.g. 'drafts/*') or "
+    "whose name (e.g. '*.tmp.wav') matches GLOB: fnmatch, case-sensitive, * also matches '/'. Repeatable. "
+    "Counted in the summary; their rows are removed like those of gone files. Files named on the command "
+    "line are always tried.",
 )
 @click.option(
     "--workers",
@@ -642,6 +796,8 @@ def embed(
     segments: bool,
     hop: float,
     no_prune: bool,
+    prune_missing: bool,
+    excludes: tuple[str, ...],
     workers: int,
     quiet: bool,
     summary_json: bool,
@@ -653,14 +809,20 @@ def embed(
     size and mtime), re-embeds changed ones (replacing their rows), reuses the vectors of a file whose
     content (sha256) is already stored under another name (a rename or a copy), and removes the rows of
     files gone from the folders named on this run (--no-prune keeps them); never two rows for one path.
+    A file found under a new path whose old path is gone (same name and content, e.g. a renamed
+    ~/Sounds) takes its old row's place; --prune-missing also removes the rows of files that no longer
+    exist anywhere (a drive mounted elsewhere).
     --segments also stores a vector per window (see `search --segments`, `timeline`, `recurring`).
-    Files that cannot be decoded are reported on stderr; the run goes on and exits with status 1 at
-    the end. With --out, OUT/errors.jsonl is rewritten at the end of every run to list the failures
-    that stand: this run's, plus earlier ones of files still there and not embedded since (the last
-    line names it). Arguments that do not exist are reported before the model loads. Files that
-    decode only in part (a header declaring more audio than the file holds, damaged data the decoder
-    skipped) are embedded with "warnings" in their record and in --summary-json; the decoders' own
-    messages are not printed.
+    Files that cannot be decoded (or are not regular files: a FIFO, a device) are reported on stderr;
+    the run goes on. With --out, OUT/errors.jsonl is rewritten at the end of every run to list the
+    failures that stand: this run's, plus earlier ones of files still there and not embedded since (the
+    last line names it). Exits with status 0 when nothing failed; status 1 when a file failed that the
+    previous run's errors.jsonl does not list with the same cause (any failure, without --out); status 3
+    when only such known failures are left (skip them with --exclude); 2 on a usage error; 130 on
+    Ctrl-C. Arguments that do not exist are reported before the model loads. Files that decode only
+    in part (a header declaring more audio than the file holds, damaged data the decoder skipped) are
+    embedded with "warnings" in their record and in --summary-json; the decoders' own messages are not
+    printed.
 
     Inside folders, files are picked by audio extension; hidden files and folders, other files,
     symbolic links to folders and (without --recursive) sub-folders are passed over and counted in
@@ -692,14 +854,27 @@ def embed(
         raise click.UsageError("--segments needs a store (--out DIR, --format store)")
     if segments and long_audio != "windows-mean":
         raise click.UsageError("--segments needs --long-audio windows-mean (the file vector is their mean)")
+    if prune_missing and fmt != "store":
+        raise click.UsageError("--prune-missing removes rows of a store: it needs --out DIR (--format store)")
+    if prune_missing and no_prune:
+        raise click.UsageError("--prune-missing and --no-prune ask for opposite things: choose one")
     ignored: dict[str, int] = {}
     files, missing = discover(paths, recursive, ignored)
+    files, excluded = exclude_files(files, paths, excludes)
+    if excluded:
+        ignored["excluded"] = len(excluded)
+    # A FIFO or a device is refused before anything opens it (that would block or never end).
+    files, refused = refuse_non_regular(files)
+    missing += refused
     # Inputs are checked before the model loads: loading may take a while or need the network, and a
     # typo must neither wait for it nor leave an empty store behind.
-    check_inputs(paths, files, missing, ignored)
+    hint = vanished_hint(out, missing, prune_missing) if fmt == "store" and not overwrite else None
+    check_inputs(paths, files, missing, ignored, hint)
     check_out(out, fmt)
     for path, cause in missing:
         click.echo(f"error: {printable(path)}: {printable(cause)}", err=True)
+    if hint:
+        click.echo(f"note: {hint}", err=True)
     if fmt == "store" and not overwrite and not missing:
         wanted = {
             "long_audio": long_audio,
@@ -708,7 +883,7 @@ def embed(
             "compute_dtype": dtype,
         }
         request = MirrorRequest(
-            out, model_id, wanted, store_dtype, segments, files, paths, recursive, no_prune
+            out, model_id, wanted, store_dtype, segments, files, paths, recursive, no_prune, prune_missing
         )
         done = already_mirrored(request)
         if done is not None:  # nothing changed: answered from file stats alone, the model is not loaded
@@ -717,6 +892,8 @@ def embed(
                 click.echo(json.dumps(done))
             elif not quiet:
                 click.echo(final_line(done, None), err=True)
+                if ignored:
+                    click.echo(f"note: {describe_ignored(ignored)}", err=True)
             return
     model = load_model_or_exit(model_id, dtype, trust_pickle=trust_pickle)
     fused = model.config.feature_config.truncation == "fusion"
@@ -742,6 +919,10 @@ def embed(
         writer: Any = StoreWriter(out, manifest, model.embedding_dim, store_dtype, overwrite, seg_settings)
         if writer.segments and long_audio != "windows-mean":
             raise click.UsageError(f"{out} keeps segments: it needs --long-audio windows-mean")
+        try:  # the folders `serve` may play files from (mlx_clap.search.roots), before any row is written
+            record_roots(writer.store, paths)
+        except OSError as exc:
+            raise click.ClickException(f"{out}: cannot record the library folders ({exc})") from exc
     elif fmt == "json":
         writer = JsonWriter(out, manifest, overwrite)
     else:
@@ -775,14 +956,14 @@ def embed(
     if not quiet and skipped:
         click.echo(f"{skipped} file(s) already embedded with these settings: skipped", err=True)
     interrupted = False
-    sync = {"reused": 0, "removed": 0}
+    sync = {"reused": 0, "removed": 0, "moved": 0, "missing": 0}
     try:
         if reused:
             writer.reuse(reused)
             sync["reused"] = len(reused)
         run.run(todo)
         if fmt == "store":
-            sync["removed"] = mirror(writer, paths, recursive, files, missing, run, no_prune)
+            sync.update(mirror(writer, paths, recursive, files, run, no_prune, prune_missing, reused))
     except KeyboardInterrupt:
         interrupted = True
         click.echo(INTERRUPTED_MESSAGE, err=True)
@@ -793,7 +974,8 @@ def embed(
         ) from exc
     errors_file = None
     if error_log is not None:
-        succeeded = run.embedded_paths | skipped_paths
+        # Excluded files are no longer tried, so their earlier failures stand no more.
+        succeeded = run.embedded_paths | skipped_paths | set(excluded)
         if fmt == "store":
             succeeded |= {str(it["path"]) for it in writer.store.items}
         records = current_errors(old_errors, run.failures, succeeded)
@@ -807,6 +989,9 @@ def embed(
         warnings_file = rewrite_warnings(out / WARNINGS_NAME, writer, fmt, run, succeeded)
     summary = run.summary(len(files) + len(missing), skipped, str(out) if out else None, fmt)
     summary.update(sync)
+    # After --overwrite there is no previous run to compare with: every failure is new.
+    fresh = new_failures(run.failures, [] if overwrite else old_errors)
+    summary["new_failures"] = len(fresh)
     summary["errors_file"] = errors_file
     summary["warnings_file"] = warnings_file
     summary["not_considered"] = ignored
@@ -818,8 +1003,10 @@ def embed(
         click.echo(f"note: {describe_ignored(ignored)}", err=True)
     if interrupted:
         sys.exit(INTERRUPTED_STATUS)  # the group leaves through os._exit (mlx_clap.cli.__init__)
+    if fresh:
+        sys.exit(NEW_FAILURES_STATUS)
     if run.failures:
-        sys.exit(1)
+        sys.exit(KNOWN_FAILURES_STATUS)
 
 
 @dataclass(frozen=True)
@@ -835,6 +1022,7 @@ class MirrorRequest:
     paths: tuple[str, ...]  # the arguments as given: the folders whose gone files would be pruned
     recursive: bool
     no_prune: bool
+    prune_missing: bool = False
 
 
 def already_mirrored(request: MirrorRequest) -> dict | None:
@@ -870,8 +1058,13 @@ def _mirrored_locked(request: MirrorRequest, t0: float) -> dict | None:
         _store_differs(store, request)
         or _any_file_changed(store, request.files)
         or (not request.no_prune and _has_rows_to_prune(store, request))
+        or (request.prune_missing and any(file_gone(str(it["path"])) for it in store.items))
     ):
         return None
+    try:
+        record_roots(store, request.paths)  # a store made before roots were recorded gets them now
+    except OSError:
+        return None  # the full path says why the store cannot be written
     return _up_to_date_summary(store, request, time.perf_counter() - t0)
 
 
@@ -928,8 +1121,11 @@ def _up_to_date_summary(store: Any, request: MirrorRequest, seconds: float) -> d
         "embedded": 0,
         "reused": 0,
         "removed": 0,
+        "moved": 0,
+        "missing": 0,
         "skipped": len(request.files),
         "failed": 0,
+        "new_failures": 0,
         "failures": [],
         "warnings": [],
         "seconds": round(seconds, 3),
@@ -954,6 +1150,8 @@ def plan_by_content(
 
     def digest(f: InputFile) -> tuple[InputFile, tuple | None, str | None]:
         try:
+            if not stat.S_ISREG(os.stat(f.path).st_mode):
+                return f, None, None  # replaced by a FIFO or device since the walk: the decoder refuses it
             key = stat_key(f.path)
             sha = sha256_file(f.path)
             return f, (key if stat_key(f.path) == key else None), sha
@@ -977,40 +1175,85 @@ def plan_by_content(
     return embed, planned, reused
 
 
+def moved_rows(items: list[dict], reused: list[tuple[dict, int]]) -> set[str]:
+    """Paths of rows that are the old place of a file this run found under a new path: the row's file
+    is gone, a file of the same name and content (sha256) was reused, and the new path lies inside the
+    deepest folder of the old path that still exists (not the filesystem root). So a renamed ~/Sounds is
+    recognised, while a copy that still exists, or one on a drive that is not mounted (its mount folder
+    gone or empty, the new file elsewhere), keeps its row."""
+    new_by_content: dict[str, list[str]] = {}
+    for item, _row in reused:
+        new_by_content.setdefault(str(item["sha256"]), []).append(str(item["path"]))
+    out: set[str] = set()
+    for it in items:
+        old = str(it["path"])
+        candidates = new_by_content.get(str(it.get("sha256")))
+        if not candidates or old in candidates or not file_gone(old):
+            continue
+        anchor = os.path.dirname(old)
+        while anchor != os.path.dirname(anchor) and not os.path.isdir(anchor):
+            anchor = os.path.dirname(anchor)
+        if anchor == os.path.dirname(anchor):
+            continue  # nothing of the old path is left but the root: no evidence of a move
+        scope = anchor.rstrip(os.sep) + os.sep
+        name = os.path.basename(old)
+        if any(new.startswith(scope) and os.path.basename(new) == name for new in candidates):
+            out.add(old)
+    return out
+
+
 def mirror(
     writer: StoreWriter,
     paths: tuple[str, ...],
     recursive: bool,
     files: list[InputFile],
-    missing: list[tuple[str, str]],
     run: EmbedRun,
     no_prune: bool,
-) -> int:
-    """Make the store mirror this run's inputs: remove rows of files gone from the folders named (unless
-    --no-prune) and of files that changed but failed (their old vector no longer describes them); then
-    one compaction reclaims every superseded row. Returns how many files were removed."""
+    prune_missing: bool = False,
+    reused: list[tuple[dict, int]] | None = None,
+) -> dict[str, int]:
+    """Make the store mirror this run's inputs: remove rows of files gone from the folders named, of
+    files found moved (`moved_rows`) and, with `prune_missing`, of every file that no longer exists
+    (none of these with --no-prune), and of files that changed but failed (their old vector no longer
+    describes them); then one compaction reclaims every superseded row. Returns the counts removed in
+    all ("removed"), as moved files ("moved") and as missing elsewhere ("missing")."""
     scopes: list[tuple[str, bool]] = []
     for raw in paths:
         p = os.path.abspath(os.path.expanduser(raw))
         scopes.append((p, recursive) if os.path.isdir(p) else (p, False))
     present = {str(f.path) for f in files}
-    drop = [] if no_prune else writer.prune_candidates(scopes, present)
+    drop: set[str] = set()
+    moved: set[str] = set()
+    missing: set[str] = set()
+    if not no_prune:
+        drop = set(writer.prune_candidates(scopes, present))
+        moved = moved_rows(writer.store.items, reused or [])
+        if prune_missing:  # one stat per row of the store
+            stored = (str(it["path"]) for it in writer.store.items)
+            missing = {p for p in stored if p not in present and file_gone(p)} - drop - moved
     failed = {str(r["path"]) for r in run.failures}
-    drop += [str(it["path"]) for it in writer.store.items if str(it["path"]) in failed]
-    return writer.finish(drop)["removed"]
+    drop |= {str(it["path"]) for it in writer.store.items if str(it["path"]) in failed}
+    removed = writer.finish(sorted(drop | moved | missing))["removed"]
+    return {"removed": removed, "moved": len(moved), "missing": len(missing)}
 
 
 def check_inputs(
-    paths: tuple[str, ...], files: list[InputFile], missing: list[tuple[str, str]], ignored: dict[str, int]
+    paths: tuple[str, ...],
+    files: list[InputFile],
+    missing: list[tuple[str, str]],
+    ignored: dict[str, int],
+    hint: str | None = None,
 ) -> None:
-    """ClickException when the arguments name no file to embed (each bad argument and why)."""
+    """ClickException when the arguments name no file to embed (each bad argument and why, then `hint`)."""
     if files:
         return
     causes = [f"{printable(p)}: {printable(c)}" for p, c in missing]
     if not causes:
         causes = ["no audio files found in " + ", ".join(printable(p) for p in paths)]
     extra = f" ({describe_ignored(ignored)})" if ignored else ""
-    raise click.ClickException("nothing to embed: " + "; ".join(causes) + extra)
+    raise click.ClickException(
+        "nothing to embed: " + "; ".join(causes) + extra + (f". Note: {hint}" if hint else "")
+    )
 
 
 def check_out(out: Path | None, fmt: str) -> None:
@@ -1030,8 +1273,13 @@ def final_line(summary: dict, errors_file: str | None) -> str:
     sync = ""
     if summary.get("reused") or summary.get("removed"):
         sync = f", reused {summary.get('reused', 0)}, removed {summary.get('removed', 0)}"
+        why = [f"{summary[k]} {k}" for k in ("moved", "missing") if summary.get(k)]
+        sync += f" ({', '.join(why)})" if why else ""
+    failed = f"failed {summary['failed']}"
+    if summary["failed"] and summary.get("new_failures", summary["failed"]) < summary["failed"]:
+        failed += f" ({summary['new_failures']} new; the others as on the last run)"
     line = (
-        f"embedded {summary['embedded']}{sync}, skipped {summary['skipped']}, failed {summary['failed']} "
+        f"embedded {summary['embedded']}{sync}, skipped {summary['skipped']}, {failed} "
         f"in {summary['seconds']:.1f} s ({summary['realtime_factor'] or 0:.1f}x realtime)"
     )
     if errors_file:
@@ -1095,6 +1343,10 @@ def embed_text(
 
     if fmt == "npy" and out is None:
         raise click.UsageError("--format npy needs --out FILE")
+    if out is not None and out.is_dir():  # checked before the model loads, not after it embedded
+        raise click.BadParameter(
+            f"{printable(out)}: is a folder; give the path of a file", param_hint="--out"
+        )
     model = load_model_or_exit(model_id, dtype, trust_pickle=trust_pickle)
     try:
         vectors = model.embed_text(list(texts))
@@ -1105,16 +1357,19 @@ def embed_text(
 
         buf = io.BytesIO()
         np.save(buf, vectors.astype(np.float32), allow_pickle=False)
-        atomic_write_bytes(out, buf.getvalue())
-        return
-    lines = "".join(
-        json_line({"text": t, "model": model_id, "embedding": [float(x) for x in v]})
-        for t, v in zip(texts, vectors, strict=True)
-    )
-    if out is not None:
-        atomic_write_bytes(out, lines.encode("utf-8"))
+        data = buf.getvalue()
     else:
-        sys.stdout.write(lines)
+        data = "".join(
+            json_line({"text": t, "model": model_id, "embedding": [float(x) for x in v]})
+            for t, v in zip(texts, vectors, strict=True)
+        ).encode("utf-8")
+    if out is None:
+        sys.stdout.write(data.decode("utf-8"))
+        return
+    try:
+        atomic_write_bytes(out, data)
+    except OSError as exc:  # a missing folder, no permission, a full disk
+        raise click.ClickException(f"{printable(out)}: cannot write ({exc.strerror or exc})") from exc
 
 
 def _versions() -> dict:
@@ -1197,6 +1452,8 @@ def info(model_id: str, as_json: bool, trust_pickle: bool = False) -> None:
             click.echo(f"          not loadable: {printable(m['error'])}")
         else:
             click.echo(f"folder:   {printable(m['folder'])}")
+            if m.get("random_weights"):
+                click.echo("weights:  RANDOM (not a trained model; written by mlx-clap random-model)")
             kind = "fused" if m.get("fused") else "unfused"
             click.echo(f"family:   {m['family']} ({kind}), {m['embedding_dim']}-d")
             click.echo(f"audio:    {m['audio']}")
