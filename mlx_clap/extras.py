@@ -1,6 +1,6 @@
 """What to install for an optional feature, said as a command that works.
 
-mlx-clap is installed from a checkout (it is not on PyPI), so `pip install 'mlx-clap[ann]'` fails
+mlx-clap is installed from a checkout (it is not on PyPI), so installing `mlx-clap[ann]` by name fails
 anywhere but inside one. A hint names the extra's own packages, which pip finds everywhere, with the
 versions pyproject.toml declares (read back from the installed metadata, so the two never disagree),
 and the checkout form beside it.

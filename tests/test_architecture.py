@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mlx_clap"
 
 # Lowest first. A module may import from its own layer or any lower one.
 LAYERS: list[tuple[str, ...]] = [
-    ("mlx_clap.version", "mlx_clap.settings", "mlx_clap.config", "mlx_clap.dsp"),
+    ("mlx_clap.version", "mlx_clap.settings", "mlx_clap.config", "mlx_clap.dsp", "mlx_clap.extras"),
     ("mlx_clap.io",),
     ("mlx_clap.ops",),
     ("mlx_clap.models",),

@@ -27,6 +27,7 @@ from click.testing import CliRunner
 pytest.importorskip("starlette", reason="the serve extra is not installed: pip install 'mlx-clap[serve]'")
 pytest.importorskip("httpx", reason="Starlette's TestClient needs httpx")
 
+from fixtures import assert_same_ranking  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
 from mlx_clap.search.store import EmbeddingStore  # noqa: E402
@@ -74,8 +75,11 @@ def item_of(path: Path) -> dict:
 
 
 def build_store(folder: Path, paths: list[Path], model) -> EmbeddingStore:
-    """A float32 store of `paths` embedded with `model` (EmbeddingStore.create + append)."""
-    store = EmbeddingStore.create(folder, {"model": "tiny"}, dim=model.embedding_dim, dtype="float32")
+    """A float32 store of `paths` embedded with `model` (EmbeddingStore.create + append), recording
+    their folders as its library folders, as `mlx-clap embed` does."""
+    roots = sorted({os.path.realpath(p.parent) for p in paths})
+    manifest = {"model": "tiny", "library_roots": roots}
+    store = EmbeddingStore.create(folder, manifest, dim=model.embedding_dim, dtype="float32")
     store.append([item_of(p) for p in paths], model.embed_audio(paths))
     return EmbeddingStore.open(folder)
 
@@ -137,9 +141,10 @@ def test_text_search_returns_the_rows_a_brute_force_ranks_first(client, library,
     assert r.status_code == 200, r.text
     doc = r.json()
     q = tiny_model.embed_text(["a pure tone"])[0]
-    want = np.argsort(-(store.matrix() @ q), kind="stable")[:3]
-    assert [x["row"] for x in doc["results"]] == want.tolist()
-    assert [x["score"] for x in doc["results"]] == pytest.approx((store.matrix() @ q)[want], abs=1e-4)
+    every = store.matrix() @ q
+    want = np.argsort(-every, kind="stable")[:3]
+    assert_same_ranking([x["row"] for x in doc["results"]], want.tolist(), every)
+    assert [x["score"] for x in doc["results"]] == pytest.approx(every[want], abs=1e-4)
     first = doc["results"][0]
     assert first["path"] == store.items[first["row"]]["path"] and first["duration"] == pytest.approx(3.0)
     assert all(isinstance(x["z"], float) for x in doc["results"])
@@ -378,6 +383,12 @@ def test_duplicates_are_grouped(client, library):
     assert doc["count"] >= 1
     assert [it["row"] for it in doc["groups"][0]["items"]] == [0, 4]
     assert client.get("/api/duplicates?threshold=0.2", headers=AUTH).status_code == 400
+    # Any threshold, not a multiple of a step (the README's own 0.99958), and scores reported as cosines.
+    fine = client.get("/api/duplicates?threshold=0.99958", headers=AUTH).json()
+    assert fine["threshold"] == 0.99958
+    assert all(-1.0 <= g["min_score"] <= g["score"] <= 1.0 for g in fine["groups"])
+    results = post_search(client, {"row": 0, "k": 3}).json()["results"]
+    assert all(-1.0 <= r["score"] <= 1.0 for r in results)
 
 
 # ------------------------------------------------------------------------------------------ segments
@@ -449,7 +460,8 @@ def test_segment_store_returns_time_ranges_and_timelines(tmp_path, tiny_model_di
         mp.setattr(engine, "RESIDENT_BYTES", 0)
         streamed = client_for(store, tiny_model)
         again = post_search(streamed, {"text": "a pure tone", "k": 3}).json()
-    assert [x["row"] for x in again["results"]] == [x["row"] for x in doc["results"]]
+    scores = {x["row"]: x["score"] for x in doc["results"] + again["results"]}
+    assert_same_ranking([x["row"] for x in again["results"]], [x["row"] for x in doc["results"]], scores)
     assert again["results"][0]["timeline"]["score"] == pytest.approx(first["timeline"]["score"], abs=1e-4)
 
 

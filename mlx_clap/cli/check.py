@@ -1,4 +1,5 @@
-"""`mlx-clap check STORE [--repair] [--json]`: verify every vector and item line of a store."""
+"""`mlx-clap check STORE [--repair] [--json]`: verify every vector and item line of a store, and that
+every row names a file `serve` may read (inside the library folders the store records)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import sys
 from pathlib import Path
 
 import click
+
+from mlx_clap.cli.output import printable
 
 
 def _print_report(report: dict) -> None:
@@ -24,10 +27,25 @@ def _print_report(report: dict) -> None:
         )
     for n in report["notes"]:
         click.echo(f"  note: {n}")
+    roots = report.get("library_roots")
+    if roots:
+        click.echo(f"  library folders: {', '.join(printable(r) for r in roots)}")
+    unsafe = report.get("unsafe_rows", [])
+    for u in unsafe[:50]:
+        click.echo(f"  unsafe row {u['row']} ({printable(str(u['path']))}): {u['cause']}")
+    if len(unsafe) > 50:
+        click.echo(f"  ... and {len(unsafe) - 50} more unsafe rows")
     if report.get("repaired"):
         click.echo(f"  repaired: removed {report['removed_rows']} row(s); rerun embed to redo those files")
-    else:
-        click.echo("  ok" if report["ok"] else "  DAMAGED (mlx-clap check STORE --repair removes these rows)")
+    elif not report["ok"]:
+        click.echo("  DAMAGED (mlx-clap check STORE --repair removes these rows)")
+    elif not unsafe:
+        click.echo("  ok")
+    if unsafe:
+        click.echo(
+            "  UNSAFE: rows name files outside the store's library folders or that are not audio; "
+            "`mlx-clap serve` will not play them (a store from elsewhere? embed your own library instead)"
+        )
 
 
 @click.command()
@@ -42,7 +60,11 @@ def check(store_path: Path, repair: bool, as_json: bool) -> None:
     """Verify a store: every row against its checksum (and for NaN/Inf, unit length), every items.jsonl
     line, and orphan shard rows.
 
-    Exit status 0 when the store is sound (or was repaired), 1 when damage was found and not repaired.
+    Rows that name a file outside the library folders the store records (a relative path, a file that is
+    not audio, /etc/passwd in a store received from elsewhere) are listed as unsafe; --repair leaves them.
+
+    Exit status 0 when the store is sound (or was repaired), 1 when damage was found and not repaired,
+    or when a row is unsafe.
     --repair removes the damaged rows' items in steps that each leave a valid store, under the store's
     writer lock; a following `mlx-clap embed` with the same inputs embeds those files again. A store
     from an older mlx-clap (no checksums) gets them recorded by --repair.
@@ -52,11 +74,13 @@ def check(store_path: Path, repair: bool, as_json: bool) -> None:
       mlx-clap check vectors/
       mlx-clap check vectors/ --repair && mlx-clap embed ~/Sounds -r --out vectors/
     """
+    from mlx_clap.search.roots import check_rows
     from mlx_clap.search.store import StoreError, check_store, repair_store
 
     try:
         report = check_store(store_path)
         removed = repair_store(store_path, report) if repair else 0
+        scope = check_rows(store_path)
     except StoreError as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:
@@ -65,9 +89,15 @@ def check(store_path: Path, repair: bool, as_json: bool) -> None:
         ) from exc
     if repair:
         report = {**report, "repaired": True, "removed_rows": removed}
+    report = {
+        **report,
+        "library_roots": scope["library_roots"],
+        "unsafe_rows": scope["unsafe_rows"],
+        "notes": report["notes"] + scope["notes"],
+    }
     if as_json:
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         _print_report(report)
-    if not report["ok"] and not repair:
+    if (not report["ok"] and not repair) or report["unsafe_rows"]:
         sys.exit(1)

@@ -2,7 +2,8 @@
 
 The model the store was embedded with is loaded once and kept warm; the page and its assets come
 from the package (no network needed). Binds to 127.0.0.1 unless told otherwise, and a bind that other
-machines can reach needs --allow-remote (see mlx_clap/serve/security.py for what protects the API).
+machines can reach needs --allow-remote and a token the user brings (see mlx_clap/serve/security.py
+for what protects the API). Only files inside the library folders the store records are played.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import errno
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -22,6 +24,10 @@ from mlx_clap.cli.stores import (
     store_model_option,
     store_override,
 )
+from mlx_clap.extras import install_hint
+
+if TYPE_CHECKING:
+    from mlx_clap.serve.media import RowFiles
 
 DEFAULT_PORT = 8765
 
@@ -46,10 +52,31 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def page_url(host: str, port: int) -> str:
+def page_url(host: str, port: int, token: str | None = None) -> str:
+    """The page's address; with `token`, in the fragment (#token=...), which browsers never send."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     shown = f"[{shown}]" if ":" in shown and not shown.startswith("[") else shown
-    return f"http://{shown}:{port}/"
+    return f"http://{shown}:{port}/" + (f"#token={token}" if token else "")
+
+
+def describe_library(store_path: Path, files: RowFiles) -> list[str]:
+    """What the page will and will not play, said at startup (`files`: the app's `media.RowFiles`)."""
+    where = printable(str(store_path))
+    if not files.has_roots:
+        return [
+            f"note: {where} records no library folders (it was made before mlx-clap recorded them): its "
+            "files will not play; run `mlx-clap embed` over the library once more to record them "
+            "(nothing is embedded again)"
+        ]
+    lines = []
+    if files.refused:
+        lines.append(
+            f"warning: {len(files.refused)} row(s) of {where} name files outside its library folders or "
+            f"without an audio suffix; they will not play (`mlx-clap check {where}` lists them)"
+        )
+    more = f" and {len(files.roots) - 5} more" if len(files.roots) > 5 else ""
+    lines.append("plays files under: " + ", ".join(printable(r) for r in files.roots[:5]) + more)
+    return lines
 
 
 @click.command()
@@ -61,8 +88,16 @@ def page_url(host: str, port: int) -> str:
 @click.option(
     "--allow-remote",
     is_flag=True,
-    help="Allow a --host other machines can reach (0.0.0.0, a LAN address). Anyone who can reach it can "
-    "search the store and play every file in it.",
+    help="Allow a --host other machines can reach (0.0.0.0, a LAN address). The page then asks for the "
+    "token (--token, or one printed here in the URL to open); whoever has it can search the store and "
+    "play its files. Plain HTTP: use it on a network you trust.",
+)
+@click.option(
+    "--token",
+    envvar="MLX_CLAP_SERVE_TOKEN",
+    show_envvar=True,
+    help="The access token with --allow-remote (at least 16 letters, digits, - . _ ~); default: a random "
+    "one, printed in the URL to open.",
 )
 @click.option(
     "--max-upload-mb",
@@ -82,6 +117,7 @@ def serve(
     max_upload_mb: int,
     open_browser: bool,
     model: str | None,
+    token: str | None = None,
     trust_pickle: bool = False,
 ) -> None:
     """Serve a local web page to search, listen to, map and clean a sound library.
@@ -90,20 +126,24 @@ def serve(
     waveform, score, duration, play and "more like this"; segments and a per-file timeline when the
     store has them; a 2-D map of the library (hover to hear, click to open; cached as STORE/map.json);
     near-duplicate groups side by side. Audio is served only for files that are rows of the store.
-    Needs the `serve` extra: pip install 'mlx-clap[serve]'.
+    Needs the `serve` extra: pip install starlette uvicorn (or pip install -e '.[serve]' in the checkout).
 
     \b
     Example:
       mlx-clap serve vectors/                 # then open http://127.0.0.1:8765/
       mlx-clap serve vectors/ --port 0 --open
+      mlx-clap serve vectors/ --host 0.0.0.0 --allow-remote   # open the URL it prints, #token=... included
     """
-    from mlx_clap.serve.security import allowed_hosts, is_loopback
+    from mlx_clap.serve.security import allowed_hosts, is_loopback, new_token, token_problem
 
-    if not is_loopback(host) and not allow_remote:
+    remote = not is_loopback(host)
+    if remote and not allow_remote:
         raise click.UsageError(
             f"--host {host} can be reached from other machines; add --allow-remote if that is what you "
-            "want (anyone who reaches it can search the store and play its files)"
+            "want (anyone with the token it prints can search the store and play its files)"
         )
+    if token is not None and token_problem(token):
+        raise click.UsageError(f"--token (or MLX_CLAP_SERVE_TOKEN) {token_problem(token)}")
     try:
         import uvicorn
 
@@ -111,7 +151,7 @@ def serve(
         from mlx_clap.serve.engine import Library, freeze_loaded
     except ImportError as exc:
         raise click.ClickException(
-            f"serve needs the web server packages ({exc.name} is missing): pip install 'mlx-clap[serve]'"
+            f"serve needs the web server packages ({exc.name} is missing): {install_hint('serve')}"
         ) from exc
     # The port first: a busy one is said at once, not after the model has loaded.
     sock = bind_socket(host, port)
@@ -124,15 +164,26 @@ def serve(
         sock.close()
         raise
     freeze_loaded()
-    app = create_app(library, hosts=allowed_hosts(host), max_upload=max_upload_mb * 1024 * 1024)
+    given = token is not None
+    token = token or new_token()
+    app = create_app(
+        library, token=token, hosts=allowed_hosts(host), max_upload=max_upload_mb * 1024 * 1024, remote=remote
+    )
+    for line in describe_library(store_path, app.state.files):
+        click.echo(line, err=True)
     bound = sock.getsockname()[1]
-    url = page_url(host, bound)
-    if not is_loopback(host):
+    # Remote: the token is handed out here only, never by the page; a token the user chose is not echoed.
+    url = page_url(host, bound, token if remote and not given else None)
+    if remote:
         click.echo(
-            f"warning: listening on {host}: anyone who can reach this machine on port {bound} "
-            "can search the store and play every file in it",
+            f"warning: listening on {host}: whoever reaches port {bound} with the token can search the store "
+            "and play its files; the traffic is not encrypted",
             err=True,
         )
+        if given:
+            click.echo(
+                "the page asks for the token given with --token (or add #token=... to the URL)", err=True
+            )
     click.echo(f"mlx-clap serve: {printable(str(store_path))} ({len(store)} files) at {url}  (Ctrl-C stops)")
     if open_browser:
         import webbrowser

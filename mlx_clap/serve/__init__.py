@@ -3,7 +3,8 @@
 The pieces, one job each:
 
 - `engine`: the store and the warm model behind the page (queries, results, timelines, duplicates);
-- `media`: store rows to audio files, refusing anything the store does not name (no client paths);
+- `media`: store rows to audio files inside the library folders the store records, opened without
+  following links and served from that one descriptor (no client paths);
 - `uploads`: a dropped query sound streamed, size-limited, into a temp folder that is deleted after use;
 - `thumbs`: waveform peaks for the result thumbnails;
 - `layout`: the 2-D map of the library (PCA + clusters), cached as `map.json` beside the store;

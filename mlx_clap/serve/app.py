@@ -1,6 +1,6 @@
 """The Starlette application of `mlx-clap serve`: routes from the page to the library.
 
-    GET  /                      the page (with this session's token in a <meta> tag)
+    GET  /                      the page (with this session's token in a <meta> tag, unless remote)
     GET  /static/...            its script, styles and icon (served from the package: works offline)
     GET  /api/info              the store at a glance
     POST /api/search            {"text": ...} or {"row": R[, "segment": S]} ("more like this"), "k"
@@ -12,7 +12,9 @@
     GET  /audio/R?t=TOKEN       the row's audio file, with byte ranges
 
 Everything under /api and /audio needs the session token and refuses cross-site requests
-(`security`); files are found by row id only (`media`). Errors are JSON: {"error": "..."}.
+(`security`); files are found by row id only, inside the library folders the store records (`media`).
+Errors are JSON: {"error": "..."}; a request this cannot parse (deep nesting, numbers too long to
+read, NaN) is a 400 naming the cause, never a 500.
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from mlx_clap.search.roots import recorded_roots
 from mlx_clap.serve import media, security, uploads
 from mlx_clap.serve.engine import MAX_K, Library, QueryError
 from mlx_clap.serve.thumbs import MAX_BUCKETS, PeakCache
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_JSON_BODY = 64 * 1024
+MAX_JSON_DIGITS = 30  # no number the API takes needs more; int() of thousands of digits is slow, then refused
 DEFAULT_K = 20
 
 
@@ -60,7 +64,8 @@ def int_param(request: Request, name: str, default: int, lo: int, hi: int) -> in
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isascii() or not raw.isdigit() or not lo <= int(raw) <= hi:
+    # The length first: int() refuses (ValueError) a string of more than 4300 digits.
+    if not raw.isascii() or not raw.isdigit() or len(raw) > len(str(hi)) or not lo <= int(raw) <= hi:
         raise QueryError(f"{name} must be a whole number from {lo} to {hi}")
     return int(raw)
 
@@ -70,6 +75,8 @@ def float_param(request: Request, name: str, lo: float, hi: float) -> float | No
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return None
+    if len(raw) > 40:
+        raise QueryError(f"{name} must be a number from {lo:g} to {hi:g}")
     try:
         value = float(raw)
     except ValueError:
@@ -80,6 +87,7 @@ def float_param(request: Request, name: str, lo: float, hi: float) -> float | No
 
 
 def body_int(body: dict[str, Any], name: str, default: int | None = None) -> int | None:
+    """An integer field of a JSON body (`default` when absent); QueryError 400 for any other type."""
     value = body.get(name, default)
     if value is None or (isinstance(value, int) and not isinstance(value, bool)):
         return value
@@ -94,12 +102,26 @@ async def read_json(request: Request) -> dict[str, Any]:
         if len(data) > MAX_JSON_BODY:
             raise QueryError("request body too large", 413)
     try:
-        body = json.loads(bytes(data) or b"{}")
+        body = json.loads(bytes(data) or b"{}", parse_int=_json_int, parse_constant=_json_constant)
+    except QueryError:
+        raise
+    except RecursionError:
+        raise QueryError("the request body is nested too deeply") from None
     except ValueError:
         raise QueryError("the request body is not JSON") from None
     if not isinstance(body, dict):
         raise QueryError("the request body must be a JSON object")
     return body
+
+
+def _json_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_DIGITS:
+        raise QueryError(f"a number in the request body is longer than {MAX_JSON_DIGITS} digits")
+    return int(text)
+
+
+def _json_constant(name: str) -> float:
+    raise QueryError(f"the request body holds {name}, which is not a number JSON allows")
 
 
 def create_app(
@@ -108,17 +130,22 @@ def create_app(
     token: str | None = None,
     hosts: list[str] | None = None,
     max_upload: int = uploads.MAX_UPLOAD_BYTES,
+    remote: bool = False,
 ) -> Starlette:
     """The app for one library. `token` defaults to a fresh random one (`app.state.token`); `hosts`
-    are the accepted Host names (default: the loopback names); uploads above `max_upload` get 413."""
+    are the accepted Host names (default: the loopback names); uploads above `max_upload` get 413.
+
+    `remote` (a bind other machines reach): the page any client can fetch does not carry the token;
+    the user brings it (the URL the command prints, `#token=...`, or typed when the page asks)."""
     token = token or security.new_token()
-    page = (STATIC / "index.html").read_text(encoding="utf-8").replace("{{TOKEN}}", token)
+    page = (STATIC / "index.html").read_text(encoding="utf-8").replace("{{TOKEN}}", "" if remote else token)
     peaks = PeakCache()
-    files = media.RowFiles(library.items)
+    files = media.RowFiles(library.items, recorded_roots(library.store.manifest))
+    hint = security.REMOTE_TOKEN_HINT if remote else security.LOCAL_TOKEN_HINT
 
     def refuse(request: Request, sent: str | None) -> JSON | None:
         own = f"{request.url.scheme}://{request.headers.get('host', '')}"
-        why = security.cross_site_refusal(request.headers, own, token, sent)
+        why = security.cross_site_refusal(request.headers, own, token, sent, hint)
         return None if why is None else error(403, why)
 
     def api(handler):
@@ -164,8 +191,9 @@ def create_app(
             path = await uploads.save_body(
                 request.stream(), folder, name, request.headers.get("content-length"), max_upload
             )
-            query = await run_in_threadpool(library.audio_vector, path, "the dropped file")
-        return JSON(await run_in_threadpool(library.search, query, k))
+            query, notes = await run_in_threadpool(library.audio_vector, path, "the dropped file")
+        found = await run_in_threadpool(library.search, query, k)
+        return JSON({**found, "notes": notes + found["notes"]})
 
     @api
     async def item(request: Request) -> Response:
@@ -178,17 +206,20 @@ def create_app(
         n = int_param(request, "n", 120, 8, MAX_BUCKETS)
         start = float_param(request, "start", 0.0, 1e7)
         end = float_param(request, "end", 0.0, 1e7)
-        path, st = files.file(row)
-        key = (str(path), st.st_size, st.st_mtime_ns)
         rate = library.items[row].get("source_rate")
         # The file's own rate (no resampling); one a decoder can always give when the row lacks it.
         rate = int(rate) if isinstance(rate, int) and 1000 <= rate <= 768_000 else 48_000
         from mlx_clap.preprocess.audio import AudioDecodeError
 
+        opened = files.open(row)  # decoded through this descriptor where the system can name it
         try:
-            values = await run_in_threadpool(peaks.peaks, path, key, rate, n, start, end)
+            st = opened.st
+            key = (opened.named, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            values = await run_in_threadpool(peaks.peaks, opened.decoder_path(), key, rate, n, start, end)
         except AudioDecodeError as exc:
             raise QueryError(f"row {row}: {exc.cause}", 422) from exc
+        finally:
+            opened.close()
         return JSON({"row": row, "peaks": values})
 
     @api
@@ -208,7 +239,7 @@ def create_app(
             return refused
         try:
             row = media.parse_row(request.path_params["row"], len(library.items))
-            return files.response(row)
+            return files.response(row, request.headers, head_only=request.method == "HEAD")
         except media.MediaError as exc:
             return error(exc.status, str(exc))
 
@@ -233,4 +264,5 @@ def create_app(
     )
     app.state.token = token
     app.state.library = library
+    app.state.files = files
     return app

@@ -11,13 +11,18 @@ score comes with its z-score (`mlx_clap.search.calibration`): how many standard 
 above the query's mean score over a fixed sample of the store.
 
 MLX work (the model, the indexes, clustering, duplicates) runs on one thread of its own (`MLXThread`),
-one call at a time: MLX streams belong to the thread that made them, and the page's requests arrive
-on Starlette's worker threads (or, under a test client, on a thread that ends).
+one call at a time: MLX streams belong to the thread that made them, the page's requests arrive on
+Starlette's worker threads (or, under a test client, on a thread that ends), and the model's own
+worker pool and compile cache (`mlx_clap.ops.parallel`) are not made for two callers at once. Queries
+(text embeddings, searches) go first: a dropped sound is decoded on the request's thread, at most its
+first MAX_QUERY_SECONDS, and embedded WINDOWS_PER_CALL windows per call, so a text query waits for one
+such call at most, never for a whole file; the map and duplicate groups also yield to queries.
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import queue
 import threading
@@ -30,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from mlx_clap.search.index import clip_cosine
 from mlx_clap.search.segments import DEFAULT_MIN_Z, merge_gap, stretch_around
 
 RESIDENT_BYTES = 1 << 30  # float32 vectors kept in MLX memory up to this size (else memory-mapped)
@@ -41,6 +47,11 @@ MAX_GROUPS = 200
 # Rows a query's scores are calibrated on (z-score), drawn as mlx_clap.search.calibration draws them:
 # z from 20k rows is within ~1% of z from every row (std error of a std estimate ~ 1/sqrt(2n)).
 CALIBRATION_ROWS = 20_000
+# A dropped sound is embedded up to this length (decoded no further): a 10-hour upload must not hold the
+# model for minutes. Its windows go to the model this many at a time (one batch; queries run between).
+MAX_QUERY_SECONDS = 600
+WINDOWS_PER_CALL = 8
+QUERY, BACKGROUND = 0, 1  # MLXThread lanes: lower runs first
 
 
 class QueryError(ValueError):
@@ -52,7 +63,8 @@ class QueryError(ValueError):
 
 
 class MLXThread:
-    """A daemon thread with its own MLX stream that runs the calls handed to it, in order.
+    """A daemon thread with its own MLX stream that runs the calls handed to it, one at a time: queries
+    (`call`) before background work (`call_background`), each lane in the order it came.
 
     A daemon that never exits, as `mlx_clap.ops.parallel`'s workers: a thread that has run an
     `mx.compile`d function aborts the process when it ends (MLX 0.32)."""
@@ -61,7 +73,8 @@ class MLXThread:
     _shared_lock = threading.Lock()
 
     def __init__(self) -> None:
-        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.tasks: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()  # ties in a lane: first come, first served
         threading.Thread(target=self._work, name="mlx-clap-serve", daemon=True).start()
 
     @classmethod
@@ -77,7 +90,7 @@ class MLXThread:
 
         with mx.stream(mx.new_stream(mx.default_device())):
             while True:
-                fn, args, kwargs, future = self.tasks.get()
+                _, _, (fn, args, kwargs, future) = self.tasks.get()
                 if not future.set_running_or_notify_cancel():
                     continue
                 try:
@@ -85,11 +98,50 @@ class MLXThread:
                 except BaseException as exc:  # re-raised in the caller by Future.result()
                     future.set_exception(exc)
 
-    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """fn(*args, **kwargs) on the MLX thread; waits for it and returns (or raises) its result."""
+    def submit(self, lane: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        """Queue fn(*args, **kwargs) in `lane` (QUERY or BACKGROUND); its Future."""
         future: Future = Future()
-        self.tasks.put((fn, args, kwargs, future))
-        return future.result()
+        self.tasks.put((lane, next(self._order), (fn, args, kwargs, future)))
+        return future
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """fn(*args, **kwargs) on the MLX thread, ahead of background work; waits and returns (or raises)."""
+        return self.submit(QUERY, fn, *args, **kwargs).result()
+
+    def call_background(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """As `call`, after every query waiting (an audio embed's batch, clustering, duplicates)."""
+        return self.submit(BACKGROUND, fn, *args, **kwargs).result()
+
+
+def clock(seconds: float) -> str:
+    """m:ss, or h:mm:ss from an hour on."""
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def decode_head(path: Path, rate: int, seconds: float) -> tuple[np.ndarray, float | None]:
+    """The first `seconds` of a file, mono float32 at `rate` Hz, decoded no further; and the file's
+    length in seconds when it is longer (float("inf") when the header does not say how long)."""
+    from mlx_clap.preprocess.audio import AudioStream
+
+    limit = int(round(seconds * rate))
+    stream = AudioStream(path, rate)
+    blocks = iter(stream)
+    parts: list[np.ndarray] = []
+    n = 0
+    try:
+        for block in blocks:
+            parts.append(block[: limit + 1 - n])  # one sample past the limit tells "longer"
+            n += parts[-1].size
+            if n > limit:
+                break
+    finally:
+        blocks.close()  # closes the decoder's file
+    wave = np.concatenate(parts) if len(parts) != 1 else parts[0]
+    if n <= limit:
+        return wave, None
+    total = stream.duration_s
+    return wave[:limit], (total if total > seconds else float("inf"))
 
 
 class SegmentRows:
@@ -264,6 +316,11 @@ class Library:
             raise QueryError("type a description to search for")
         if len(text) > MAX_TEXT:
             raise QueryError(f"the description is longer than {MAX_TEXT} characters")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the JSON): no tokenizer takes it
+                raise QueryError("the description is not valid Unicode text") from None
         try:
             return self.mlx.call(self.model.embed_text, [text])[0]
         except RuntimeError as exc:  # a model folder without tokenizer files
@@ -273,14 +330,39 @@ class Library:
         """`search` for a description's embedding (one call: the page's text query)."""
         return self.search(self.text_vector(text), k)
 
-    def audio_vector(self, path: Path, label: str) -> np.ndarray:
-        """The unit embedding of an uploaded sound (decoded with the store's embedding settings)."""
+    def audio_vector(self, path: Path, label: str) -> tuple[np.ndarray, list[str]]:
+        """The unit embedding of an uploaded sound (decoded with the store's embedding settings), and
+        notes for the page. At most its first MAX_QUERY_SECONDS are decoded (here, on the caller's
+        thread) and embedded, WINDOWS_PER_CALL windows per MLX call, so queries run in between."""
         from mlx_clap.preprocess.audio import AudioDecodeError
+        from mlx_clap.preprocess.windows import WindowMean, clip_windows
 
+        family = self.model.family
         try:
-            return self.mlx.call(self.model.embed_audio, [path], **self.audio_options)[0]
+            wave, total = decode_head(path, family.sampling_rate, MAX_QUERY_SECONDS)
         except AudioDecodeError as exc:
             raise QueryError(f"{label}: {exc.cause}") from exc
+        notes = []
+        if total is not None:
+            of = "" if total == float("inf") else f" of {clock(total)}"
+            notes.append(f"embedded the first {clock(MAX_QUERY_SECONDS)}{of}")
+        options = dict(self.audio_options)
+        mode = options.pop("long_audio", "windows-mean")
+        embed = self.model.embed_waveforms
+        try:
+            if mode != "windows-mean":  # one window, or one bounded call on the whole (capped) clip
+                return self.mlx.call_background(embed, [wave], long_audio=mode, **options)[0], notes
+            # The windows embed_waveforms would take, each one embedded as its own clip, then averaged
+            # as it averages them (mean of unit vectors, renormalized).
+            windows = list(clip_windows(wave, family.clip_samples, "windows-mean"))
+            acc = WindowMean(1, self.model.embedding_dim)
+            for i in range(0, len(windows), WINDOWS_PER_CALL):
+                part = windows[i : i + WINDOWS_PER_CALL]
+                rows = self.mlx.call_background(embed, part, long_audio="windows-mean", **options)
+                acc.add(rows, [0] * len(part))
+            return acc.result()[0], notes
+        except ValueError as exc:  # a waveform the model refuses (e.g. empty)
+            raise QueryError(f"{label}: {exc}") from exc
 
     def row_vector(self, row: int) -> np.ndarray:
         """A stored file row's vector."""
@@ -378,7 +460,7 @@ class Library:
     def _score(score: float, ranked: Ranked) -> dict[str, float]:
         """The cosine and its z-score: standard deviations above the query's mean score over the
         store's sample (raw cosines differ between models, and between text and audio queries)."""
-        return {"score": round(score, 4), "z": round(float(ranked.calibration.z(score)), 2)}
+        return {"score": round(clip_cosine(score), 4), "z": round(float(ranked.calibration.z(score)), 2)}
 
     def _segment_times(self, a: int, b: int) -> dict[str, list]:
         """Start and end seconds of segments a..b-1 (one file's)."""
@@ -389,7 +471,7 @@ class Library:
 
     def _timeline(self, a: int, b: int, scores: np.ndarray) -> dict[str, list]:
         """Segments a..b-1 (one file's) with their scores for the query (the file view's strip)."""
-        return {**self._segment_times(a, b), "score": [round(float(v), 4) for v in scores]}
+        return {**self._segment_times(a, b), "score": [round(clip_cosine(v), 4) for v in scores]}
 
     # ---------------------------------------------------------------------------------- other views
     def item(self, row: int) -> dict[str, Any]:
@@ -413,19 +495,19 @@ class Library:
 
         if not 0.5 <= threshold <= 1.0:
             raise QueryError("threshold must be a cosine from 0.5 to 1")
-        threshold = round(threshold, 4)
+        threshold = round(threshold, 6)  # the README's 0.99958 stays 0.99958
         t0 = time.perf_counter()
         groups = self._duplicates.get(threshold)
         if groups is None:
-            groups = self.mlx.call(near_duplicates, self.store, threshold)
+            groups = self.mlx.call_background(near_duplicates, self.store, threshold)
             self._duplicates[threshold] = groups
         return {
             "threshold": threshold,
             "count": len(groups),
             "groups": [
                 {
-                    "score": round(g.score, 4),
-                    "min_score": round(g.min_score, 4),
+                    "score": round(clip_cosine(g.score), 4),
+                    "min_score": round(clip_cosine(g.min_score), 4),
                     "items": [item_summary(self.items, r) for r in g.rows],
                 }
                 for g in groups[:MAX_GROUPS]
@@ -437,7 +519,7 @@ class Library:
         """The 2-D map (see `layout`), made on the MLX thread (clustering runs in MLX)."""
         from mlx_clap.serve.layout import library_map
 
-        return self.mlx.call(library_map, self.store)
+        return self.mlx.call_background(library_map, self.store)
 
     def describe(self) -> dict[str, Any]:
         """The store at a glance, for the page's header."""

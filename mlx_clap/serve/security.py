@@ -4,7 +4,10 @@
   rebinding page from talking to the server under its own name (Starlette's TrustedHostMiddleware).
 - Token: the server makes a random token at start and writes it into the page it serves. Every API
   request sends it in a header (the audio player in the URL); a page on another site cannot read it,
-  since the browser does not let it read our pages.
+  since the browser does not let it read our pages. With --allow-remote the page is not written with
+  it (any client that reaches the port could fetch the page): the user brings the token, given with
+  --token / MLX_CLAP_SERVE_TOKEN or printed by the command in the URL's fragment (`#token=...`,
+  which browsers never send), and the page takes it from there or asks for it.
 - Origin: a request that the browser marks as cross-site (Sec-Fetch-Site) or whose Origin is not this
   server is refused as well, before anything is parsed.
 - Headers: a strict Content-Security-Policy (default-src 'self': no CDN, no inline script),
@@ -20,6 +23,11 @@ from typing import Any
 
 TOKEN_HEADER = "x-mlx-clap-token"
 TOKEN_PARAM = "t"
+MIN_TOKEN_CHARS = 16  # a user-given token; generated ones have 32 (192 bits)
+LOCAL_TOKEN_HINT = "reload the page"
+REMOTE_TOKEN_HINT = (
+    "open the URL that `mlx-clap serve` printed (with #token=...), or enter the token it was given"
+)
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 CSP = (
     "default-src 'self'; img-src 'self' data:; media-src 'self'; object-src 'none'; "
@@ -38,6 +46,16 @@ SECURITY_HEADERS = (
 def new_token() -> str:
     """A fresh session token (192 random bits)."""
     return secrets.token_urlsafe(24)
+
+
+def token_problem(token: str) -> str | None:
+    """Why a user-given token is refused (None when it will do): too short to resist guessing, or
+    characters that do not travel unchanged in a header and a URL."""
+    if len(token) < MIN_TOKEN_CHARS:
+        return f"is shorter than {MIN_TOKEN_CHARS} characters"
+    if not token.isascii() or not all(c.isalnum() or c in "-._~" for c in token):
+        return "may hold only letters, digits and - . _ ~"
+    return None
 
 
 def is_loopback(host: str) -> bool:
@@ -60,9 +78,11 @@ def allowed_hosts(host: str) -> list[str]:
     return list(LOCAL_HOSTS) + ["[::1]", host, f"[{host}]"]
 
 
-def cross_site_refusal(headers: Any, own_origin: str, token: str, sent_token: str | None) -> str | None:
+def cross_site_refusal(
+    headers: Any, own_origin: str, token: str, sent_token: str | None, hint: str = LOCAL_TOKEN_HINT
+) -> str | None:
     """Why a request must be refused (None when it may go on): marked cross-site by the browser, from
-    another origin, or without this session's token."""
+    another origin, or without this session's token (`hint` says how to get it)."""
     site = headers.get("sec-fetch-site")
     if site is not None and site not in ("same-origin", "none"):
         return f"cross-site request refused (Sec-Fetch-Site: {site})"
@@ -70,7 +90,7 @@ def cross_site_refusal(headers: Any, own_origin: str, token: str, sent_token: st
     if origin is not None and origin != own_origin:
         return "cross-site request refused (the Origin is not this server)"
     if not sent_token or not hmac.compare_digest(sent_token.encode(), token.encode()):
-        return "missing or wrong session token; reload the page"
+        return f"missing or wrong session token; {hint}"
     return None
 
 

@@ -63,9 +63,11 @@ async def save_body(
     A Content-Length above the limit is refused before anything is read; the byte count is checked as
     the body streams too, since a client may send more than it declares (or no length at all)."""
     if declared_length is not None:
-        if not declared_length.isdigit():
+        if not declared_length.isascii() or not declared_length.isdigit():
             raise UploadError(400, "bad Content-Length header")
-        if int(declared_length) > limit:
+        # Compared by length first: int() refuses a string of more than 4300 digits (a 500, not a 413).
+        digits = declared_length.lstrip("0") or "0"
+        if len(digits) > len(str(limit)) or int(digits) > limit:
             raise UploadError(413, too_large(limit))
     path = folder / f"query{safe_suffix(filename)}"
     size = 0
