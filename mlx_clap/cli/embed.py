@@ -31,6 +31,7 @@ from mlx_clap.cli.common import (
 )
 from mlx_clap.cli.output import INTERRUPTED_MESSAGE, INTERRUPTED_STATUS, printable
 from mlx_clap.cli.writers import ERRORS_NAME, WARNINGS_NAME, JsonlWriter, JsonWriter, StoreWriter
+from mlx_clap.preprocess.audio import probe_seconds
 from mlx_clap.preprocess.decode_ahead import (
     DECODE_BUDGET_BYTES,
     Decoded,
@@ -39,6 +40,7 @@ from mlx_clap.preprocess.decode_ahead import (
     decode_file,
     discover,
     stat_key,
+    window_for,
 )
 from mlx_clap.search.roots import record_roots
 
@@ -88,27 +90,6 @@ def build_manifest(model, model_id: str, settings: dict, store_dtype: str | None
 PROBE_ALL_FILES = 2000
 PROBE_SAMPLE = 200
 DEFAULT_BYTES_PER_SECOND = 16000.0  # 128 kbit/s, when nothing could be probed
-
-
-def probe_seconds(path: Path) -> float | None:
-    """A file's duration from its header (soundfile, else PyAV container metadata); None if unknown."""
-    try:
-        import soundfile
-
-        info = soundfile.info(str(path))
-        if info.frames > 0 and info.samplerate > 0:
-            return float(info.frames) / float(info.samplerate)
-    except Exception:
-        pass
-    try:
-        import av
-
-        with av.open(str(path)) as container:
-            if container.duration:
-                return float(container.duration) / 1_000_000.0  # av.time_base: microseconds
-    except Exception:
-        pass
-    return None
 
 
 def _size(path: Path) -> int:
@@ -581,11 +562,9 @@ class EmbedRun:
         sr = self.model.config.feature_config.sampling_rate
         # Models without embed_windows (other families) get whole waveforms.
         stream_long = self.settings["long_audio"] == "windows-mean" and hasattr(self.model, "embed_windows")
-        # head / center: decoders read only the one window embedded, whatever the file's length.
+        # head / center / reference: decoders read only the one window embedded, whatever the file's length.
         family = getattr(self.model, "family", None)
-        window = None
-        if self.settings["long_audio"] in ("head", "center") and family is not None:
-            window = (self.settings["long_audio"], int(family.clip_samples))
+        window = window_for(family, self.settings["long_audio"], self.settings["seed"])
         self.files_total = len(files)
         estimates = estimate_seconds(files) if not self.quiet else [0.0] * len(files)
         self.estimates = {str(f.path): sec for f, sec in zip(files, estimates, strict=True)}
@@ -706,7 +685,8 @@ class EmbedRun:
     "embeddings, renormalized; streams, any length in bounded memory), head / center (one 10-s crop; "
     "only that window is read: the first, or the middle by seeking, so any length in bounded memory), "
     "fusion (fused models, deterministic chunks; decodes the whole file), reference (the model's own "
-    "random rand_trunc/fusion crops as LAION/HF do it; use --seed; decodes the whole file). "
+    "random rand_trunc/fusion crops as LAION/HF do it; use --seed; reads only its crop, except fused "
+    "models, which decode the whole file). "
     "Example: mlx-clap embed long.mp3 --long-audio center --format jsonl",
 )
 @click.option(

@@ -50,12 +50,14 @@ class Family(Protocol):
     long_audio_modes: tuple[str, ...]  # windowed modes plus the family's own whole-clip ones
     audio_modules: list  # what `audio_features` reads besides its inputs (evaluated before workers run)
     text_modules: list
+    reference_crops: bool  # "reference" takes one window of a long clip (so decoding can stop there)
 
     def check_options(self, options: dict[str, Any]) -> None: ...
     def load_file(self, path: str | Path, **options: Any) -> np.ndarray: ...
     def prepare_waveform(self, wave: Any, index: int, **options: Any) -> np.ndarray: ...
     def window_inputs(self, clips: list[np.ndarray]) -> list[mx.array | None]: ...
     def random_source(self, seed: int | None) -> Any: ...
+    def reference_start(self, n: int, rng: Any) -> int: ...
     def whole_inputs(
         self, waves: list[np.ndarray], mode: str, rng: Any
     ) -> tuple[list[mx.array | None], np.ndarray]: ...
@@ -197,6 +199,10 @@ class Embedder:
         if long_audio in WINDOWED_MODES and options.get("stereo", "mean") != "concat":
             if any(isinstance(item, (str, Path)) for item in inputs):
                 return self._embed_streamed(inputs, batch_size, long_audio, options)
+        # "reference" crops of files only: an array among them would take its draw out of order.
+        if long_audio == "reference" and self.family.reference_crops and options.get("stereo") != "concat":
+            if inputs and all(isinstance(item, (str, Path)) for item in inputs):
+                return self._embed_reference_crops(inputs, batch_size, seed, options)
         waves = [
             self.family.load_file(item, **options) if isinstance(item, (str, Path)) else item
             for item in inputs
@@ -256,6 +262,37 @@ class Embedder:
                 flush()
         flush()
         return out
+
+    def _embed_reference_crops(
+        self, paths: list[str | Path], batch_size: int, seed: int | None, options: dict[str, Any]
+    ) -> np.ndarray:
+        """`embed_audio` of files in "reference" mode, decoding only each file's random crop.
+
+        The draws come from one random stream in input order, as `embed_waveforms` draws them from the
+        decoded arrays, and the crops are the same samples (`AudioStream.read_crop`); a crop is one window,
+        so `embed_waveforms` draws nothing more for it, and batches hold the same clips as before.
+        """
+        from mlx_clap.preprocess.audio import AudioStream
+
+        fam = self.family
+        rng = fam.random_source(seed)
+        parts: list[np.ndarray] = []
+        waves: list[np.ndarray] = []
+
+        def flush() -> None:
+            parts.append(
+                self.embed_waveforms(waves, batch_size=batch_size, long_audio="reference", **options)
+            )
+            waves.clear()
+
+        for path in paths:
+            stream = AudioStream(path, fam.sampling_rate)
+            waves.append(stream.read_crop(fam.clip_samples, lambda n: fam.reference_start(n, rng)))
+            if len(waves) == batch_size:
+                flush()
+        if waves:
+            flush()
+        return np.concatenate(parts, axis=0)
 
     def embed_waveforms(
         self,

@@ -81,6 +81,17 @@ class LaionFamily(FamilyBase):
         """`np.random.RandomState(seed)`, or None for numpy's global RNG (replayable with np.random.seed)."""
         return np.random.RandomState(seed) if seed is not None else None
 
+    @property
+    def reference_crops(self) -> bool:
+        """Whether "reference" takes one window of a long clip (`rand_trunc`), so a file's decoding can
+        stop there; the fused models' reference truncation ("fusion") needs the whole clip."""
+        return self.feature_extractor.config.truncation == "rand_trunc"
+
+    def reference_start(self, n: int, rng: np.random.RandomState | None) -> int:
+        """Start of the `rand_trunc` crop of a clip of `n` > clip_samples samples, drawn as the feature
+        extractor draws it (one `randint`; numpy's global RNG when `rng` is None)."""
+        return int((rng if rng is not None else np.random).randint(0, n - self.clip_samples + 1))
+
     def whole_inputs(
         self, waves: list[np.ndarray], mode: str, rng: np.random.RandomState | None
     ) -> tuple[list[mx.array | None], np.ndarray]:
@@ -88,7 +99,7 @@ class LaionFamily(FamilyBase):
         (the middle start of each third), for a fused config only."""
         fx = self.feature_extractor
         owner = np.arange(len(waves), dtype=np.int64)
-        if mode == "reference":
+        if mode == "reference":  # draws as `reference_start` does (one randint per long clip)
             feats, longer = fx(waves, rng=rng)
             return [feats, longer], owner
         return list(fx.fusion_features(waves)), owner

@@ -97,6 +97,13 @@ class MsClapFamily(FamilyBase):
         """`random.Random(seed)`, or Python's global `random` module as msclap draws."""
         return random.Random(seed) if seed is not None else random
 
+    # "reference" is one window of a long clip: a file's decoding can stop there.
+    reference_crops = True
+
+    def reference_start(self, n: int, rng: Any) -> int:
+        """Start of msclap's crop of a clip of `n` > clip_samples samples: `rng.randrange(n - length)`."""
+        return int(rng.randrange(n - self.clip_samples))
+
     def whole_inputs(
         self, waves: list[np.ndarray], mode: str, rng: Any
     ) -> tuple[list[mx.array | None], np.ndarray]:
@@ -107,7 +114,7 @@ class MsClapFamily(FamilyBase):
             if wave.shape[0] <= n:
                 clips.append(self._fill(wave))
             else:
-                start = rng.randrange(wave.shape[0] - n)
+                start = self.reference_start(wave.shape[0], rng)
                 clips.append(wave[start : start + n])
         return [mx.array(np.stack(clips).astype(np.float32))], np.arange(len(waves), dtype=np.int64)
 

@@ -2,8 +2,10 @@
 
 Pipeline, as LAION's file API does it with `librosa.load(path, sr=48000)` (docs/numerics.md §10):
 1. decode to float32 with soundfile (WAV, FLAC, AIFF, OGG Vorbis/Opus, MP3, ...); anything soundfile
-   refuses (M4A/AAC/ALAC/MP4, ...) goes through PyAV (FFmpeg), which drops AAC encoder priming as the
-   container signals it (edit list / skip samples) and honours the stream's start time;
+   refuses (M4A/AAC/ALAC/MP4, chained Ogg, some valid Ogg Opus streams, ...) goes through PyAV (FFmpeg),
+   which drops AAC encoder priming as the container signals it (edit list / skip samples) and honours
+   the stream's start time; where soundfile fails mid-way (a truncated FLAC, an Opus page it rejects),
+   PyAV goes on from the frame where soundfile stopped;
 2. downmix by the mean over channels;
 3. resample with soxr "HQ" (librosa's default `soxr_hq`), streamed block by block with
    `soxr.ResampleStream`, which gives the same samples as the one-shot call;
@@ -13,7 +15,8 @@ Files are read in blocks, so decoding a 2-hour file holds one block of source au
 `AudioStream` yields the 48 kHz blocks for callers that do not want the whole waveform either, and
 `AudioStream.read_window` reads just the one window a "head" / "center" crop needs (the first window's
 samples; for the middle, a seek where the container's frame count can be trusted, otherwise a two-pass
-streaming scan), so memory is a few windows whatever the file's length.
+streaming scan), and `AudioStream.read_crop` the random crop of "reference" (bit for bit the full decode's
+samples), so memory is a few windows whatever the file's length.
 
 Honesty about the source: a file whose header declares clearly more audio than decodes (a truncated
 download, a recording still being written), a decoder that had to resync over damaged data, and the
@@ -31,7 +34,7 @@ import stat
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +53,10 @@ SHORT_SECONDS = 0.25
 # "center" reads from a seek point this far before the window so soxr's filter has settled by then
 # (HQ's filter support is a few ms; the resampled samples then equal a full decode's to float rounding).
 _SEEK_MARGIN_S = 0.25
+# libsndfile reports an unknown length (a chained Ogg file, some Opus streams) as SF_COUNT_MAX.
+_UNKNOWN_FRAMES = 1 << 62
+# Subtypes whose samples do not depend on where decoding started, so a seek reads the full decode's bits.
+_LOSSLESS_SUBTYPES = ("PCM_", "FLOAT", "DOUBLE", "ULAW", "ALAW", "ALAC_")
 
 
 class AudioDecodeError(ValueError):
@@ -241,6 +248,58 @@ def _aiff_frames(head: bytes) -> int | None:
     return None
 
 
+def probe_seconds(path: str | os.PathLike) -> float | None:
+    """A file's duration from its header (soundfile, else PyAV's container), or None if unknown.
+
+    For progress estimates: cheap, and silent. libmpg123 prints to fd 2 at open (a truncated MP3's
+    "Xing stream size off"); those lines are dropped here, as decoding the file reports them as its
+    warnings. A chained Ogg file is None: both libraries give the first link's length.
+    """
+    if _ogg_is_chained(path):
+        return None
+    try:
+        import soundfile as sf
+
+        with decoder_stderr([]):
+            info = sf.info(str(path))
+        if 0 < info.frames < _UNKNOWN_FRAMES and info.samplerate > 0:
+            return float(info.frames) / float(info.samplerate)
+    except Exception:  # not a soundfile format, or not audio at all: PyAV may know
+        pass
+    try:
+        import av
+
+        with av.open(str(path), metadata_errors="ignore") as container:
+            if container.duration:
+                return float(container.duration) / 1_000_000.0  # av.time_base: microseconds
+    except Exception:
+        pass
+    return None
+
+
+def _ogg_is_chained(path: str | os.PathLike) -> bool:
+    """True when an Ogg file's last page belongs to another logical stream than its first page.
+
+    That is a chained file (links concatenated, as stream recorders and `cat` make them) or a
+    multiplexed one; libsndfile decodes only the first link and reports no error. Two small reads.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(27)
+            if len(head) < 27 or head[:4] != b"OggS":
+                return False
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - 65536))  # an Ogg page is at most 65307 bytes
+            tail = fh.read()
+    except OSError:
+        return False
+    at = tail.rfind(b"OggS")
+    # A capture pattern inside packet data can fool the search; a real page header has version 0.
+    while at >= 0 and (len(tail) < at + 27 or tail[at + 4] != 0):
+        at = tail.rfind(b"OggS", 0, at)
+    return at >= 0 and tail[at + 14 : at + 18] != head[14:18]
+
+
 class AudioStream:
     """Iterate a file as mono float32 blocks at `sr`; metadata is filled in as decoding proceeds.
 
@@ -276,6 +335,7 @@ class AudioStream:
         self.complete = False  # every source frame decoded (or, for a seek, the count verified)
         self._short_reported = False
         self._capture_reads = False  # libsndfile's MP3 reader (libmpg123) prints to fd 2
+        self._lossless = False  # soundfile's subtype decodes the same samples after a seek
 
     # ---------------------------------------------------------------------------------- decoders
     def _sf_open(self):
@@ -292,8 +352,11 @@ class AudioStream:
 
     def _soundfile_meta(self, f) -> None:
         self.source_rate, self.channels, self.decoder = int(f.samplerate), int(f.channels), "soundfile"
-        self.expected_frames = int(f.frames) if f.frames > 0 else None
-        self._capture_reads = str(f.format).upper() == "MP3"
+        self.expected_frames = int(f.frames) if 0 < f.frames < _UNKNOWN_FRAMES else None
+        subtype = str(f.subtype).upper()
+        # libmpg123 decodes MPEG audio in any container (an MP3 inside a WAV too), and prints while it does.
+        self._capture_reads = str(f.format).upper() == "MP3" or subtype.startswith("MPEG")
+        self._lossless = subtype.startswith(_LOSSLESS_SUBTYPES)
         self._check_format()
         header = declared_pcm_frames(self.path) if str(f.format).upper() in ("WAV", "AIFF") else None
         self.declared_frames = header if header is not None else self.expected_frames
@@ -405,6 +468,9 @@ class AudioStream:
 
     def _soundfile_opens(self) -> Exception | None:
         """None when soundfile can open the file, else its error (PyAV is tried then)."""
+        if _ogg_is_chained(self.path):
+            # libsndfile decodes only the first link of a chained Ogg file and says nothing of the rest.
+            return ValueError("chained Ogg stream (libsndfile reads only its first link)")
         probe: list[str] = []
         try:
             import soundfile as sf
@@ -419,35 +485,69 @@ class AudioStream:
         return None
 
     def _source_blocks(self) -> Iterator[np.ndarray]:
-        """Blocks (frames, channels) from soundfile, or from PyAV when soundfile cannot open the file."""
+        """Blocks (frames, channels) from soundfile; PyAV for what soundfile refuses or gives up on.
+
+        Where soundfile fails mid-way (libsndfile rejects some valid Ogg Opus pages and loses sync at the
+        cut of a truncated FLAC, where ffmpeg decodes up to the cut), PyAV decodes the file again and the
+        stream goes on from the frame where soundfile stopped.
+        """
         sf_error = self._soundfile_opens()
+        done = 0
         if sf_error is None:
             try:
-                yield from self._soundfile_blocks()
+                for block in self._soundfile_blocks():
+                    done += block.shape[0]
+                    yield block
                 return
             except AudioDecodeError:
                 raise
             except Exception as exc:
-                if self.source_frames:  # some audio came out: the data is damaged after that point
-                    raise AudioDecodeError(
-                        self.path, f"decoding failed after {self.source_frames} frames ({exc}{self._seen()})"
-                    ) from exc
                 sf_error = exc
+        yield from self._pyav_from(done, sf_error)
+
+    def _pyav_from(self, skip: int, sf_error: Exception | None) -> Iterator[np.ndarray]:
+        """PyAV's blocks after its first `skip` frames (those soundfile gave before it failed)."""
+        sf_cause = _describe(sf_error, self.path)
+        rate, channels, declared = self.source_rate, self.channels, self.declared_frames
+        produced = 0
         try:
-            yield from self._pyav_blocks()
+            for block in self._pyav_blocks():
+                n = block.shape[0]
+                if skip:
+                    if (self.source_rate, block.shape[1]) != (rate, channels):
+                        raise AudioDecodeError(
+                            self.path,
+                            f"soundfile failed after {skip} frames ({sf_cause}) and ffmpeg decodes "
+                            f"{block.shape[1]} ch at {self.source_rate} Hz, not {channels} at {rate} Hz",
+                        )
+                    if declared:  # soundfile's count is the header's own (FLAC STREAMINFO, MP3 Xing)
+                        self.declared_frames = declared
+                    if produced <= skip < produced + n:
+                        _add_warning(
+                            self.warnings,
+                            f"soundfile failed at {skip / rate:.1f} s ({sf_cause}); "
+                            "decoded the rest with ffmpeg",
+                        )
+                if produced + n > skip:
+                    yield block[max(0, skip - produced) :]
+                produced += n
         except AudioDecodeError:
             raise
         except Exception as exc:
             cause = _describe(exc, self.path)
-            if self.source_frames:
+            if skip or produced:
+                causes = f"soundfile: {sf_cause}; ffmpeg: {cause}" if skip else cause
                 raise AudioDecodeError(
-                    self.path, f"decoding failed after {self.source_frames} frames ({cause})"
+                    self.path, f"decoding failed after {max(skip, produced)} frames ({causes})"
                 ) from exc
             raise AudioDecodeError(
                 self.path,
                 f"not a readable audio file: unknown format or corrupt data "
-                f"(soundfile: {_describe(sf_error, self.path)}; ffmpeg: {cause})",
+                f"(soundfile: {sf_cause}; ffmpeg: {cause})",
             ) from exc
+        if skip and produced <= skip:  # ffmpeg found no audio past the point where soundfile failed
+            self.source_rate, self.channels, self.declared_frames = rate, channels, declared
+            _add_warning(self.warnings, f"decoding stopped at {skip / rate:.1f} s ({sf_cause})")
 
     def _seen(self) -> str:
         """What the decoder reported before failing, for the error message ("" when nothing)."""
@@ -558,13 +658,7 @@ class AudioStream:
             if wave is not None:
                 return wave
         # Unknown or untrusted length: count the source frames first (no resampling), then read.
-        n_src = self.source_frames = 0
-        for block in self._source_blocks():
-            self._check_block(block, n_src)
-            n_src += block.shape[0]
-            self.source_frames = n_src  # for the "decoding failed after N frames" message
-        if n_src == 0:
-            raise AudioDecodeError(self.path, "no audio samples (zero-length audio)")
+        n_src = self._count_source_frames()
         n_out = target_length(n_src, self.source_rate, self.sr)
         if n_out <= length:
             wave = self._read_span(0, n_out)
@@ -576,6 +670,58 @@ class AudioStream:
         self._check_short(n_src)
         return wave
 
+    def read_crop(self, length: int, pick: Callable[[int], int]) -> np.ndarray:
+        """The `length` samples at `sr` from `pick(n)` on, n being the full decode's length in samples.
+
+        For the random crop of "reference": the same samples, bit for bit, as
+        `load_audio(path).samples[s : s + length]` with `s = pick(n)`. `pick` is called once, and only
+        when n > length (the references draw only for clips longer than a window), so a seeded draw is
+        the one a full decode gets; it must return a start in [0, n - length]. A clip of at most
+        `length` samples is returned whole. n comes from a lossless file's header, verified by a seek,
+        else from a counting pass (decoding without resampling). Then a lossless file at `sr` is read
+        from a seek; anything else is decoded and resampled from the start up to the window's end and
+        only the window kept, as a resampler restarted mid-file gives other bits. Memory: a window plus
+        a block, whatever the file's length.
+        """
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        frames = self._trusted_frames()
+        if not self._lossless:
+            frames = None  # a lossy decoder's count is checked by decoding, not by the header
+        n_src = frames if frames is not None else self._count_source_frames()
+        n_out = target_length(n_src, self.source_rate, self.sr)
+        if n_out <= length:
+            wave = self._read_span(0, n_out)
+            want = n_out
+        else:
+            start = pick(n_out)
+            if not isinstance(start, (int, np.integer)) or not 0 <= start <= n_out - length:
+                raise ValueError(f"pick({n_out}) returned {start!r}, not a start in [0, {n_out - length}]")
+            start, want = int(start), length
+            wave = None
+            if frames is not None and self.source_rate == self.sr:  # no resampler: source frames as they are
+                wave = self._seek_read(frames, start, length)
+            if wave is None:
+                wave = self._read_span(start, start + length)
+        if wave.size != want:  # the count pass and the read disagree: the file changed in between
+            raise AudioDecodeError(
+                self.path, f"read {wave.size} samples where {want} were counted: the file changed while read"
+            )
+        self.source_frames, self.n_samples, self.complete = n_src, n_out, True
+        self._check_short(n_src)
+        return wave
+
+    def _count_source_frames(self) -> int:
+        """Source frames of a full decode, counted by decoding without resampling (one block held)."""
+        n_src = self.source_frames = 0
+        for block in self._source_blocks():
+            self._check_block(block, n_src)
+            n_src += block.shape[0]
+            self.source_frames = n_src  # for the "decoding failed after N frames" message
+        if n_src == 0:
+            raise AudioDecodeError(self.path, "no audio samples (zero-length audio)")
+        return n_src
+
     def _trusted_frames(self) -> int | None:
         """soundfile's frame count when a seek to its last frame finds exactly that frame, else None."""
         if self._soundfile_opens() is not None:
@@ -583,7 +729,7 @@ class AudioStream:
         try:
             with self._sf_open() as f:
                 self._soundfile_meta(f)
-                if not f.seekable() or f.frames <= 0:
+                if not f.seekable() or self.expected_frames is None:
                     return None
                 self._sf_call(f.seek, int(f.frames) - 1)
                 if self._sf_call(f.read, 2, dtype="float32", always_2d=True).shape[0] != 1:
@@ -595,7 +741,7 @@ class AudioStream:
             return None
 
     def _seek_read(self, frames: int, start: int, length: int) -> np.ndarray | None:
-        """Output samples [start, start + length) from a seek; None if the file gave fewer frames."""
+        """Output samples [start, start + length) from a seek; None if the file gave fewer or failed."""
         import soxr
 
         rate, sr = self.source_rate, self.sr
@@ -622,10 +768,8 @@ class AudioStream:
                 out.append(resampler.resample_chunk(mono, last=False) if resampler is not None else mono)
         except AudioDecodeError:
             raise
-        except Exception as exc:  # damaged data inside the window read
-            raise AudioDecodeError(
-                self.path, f"decoding failed after frame {pos} of {frames} ({exc}{self._seen()})"
-            ) from exc
+        except Exception:  # damaged data inside the window: the streaming scan (with PyAV to go on) reads it
+            return None
         if resampler is not None:
             out.append(resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
             del resampler

@@ -3,7 +3,8 @@
 Files are found (folders walked; arguments that do not exist are reported), then decoded in worker
 threads under a memory budget, so the model never waits for the decoder and memory stays bounded:
 "windows-mean" hands a long file over as a stream of blocks, "head" / "center" read only the one window
-they embed (`AudioStream.read_window`), so no mode holds a whole long file.
+they embed (`AudioStream.read_window`), and "reference" only its random crop (`AudioStream.read_crop`),
+so no mode but "fusion" holds a whole long file.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,19 +227,43 @@ class _BlockFeed:
             yield obj
 
 
+Window = tuple[str, int] | tuple[str, int, Callable[[int], int]]
+
+
+def window_for(family: Any, long_audio: str, seed: int | None) -> Window | None:
+    """`decode_file`'s `window` for a long-audio mode, or None where the mode needs every sample.
+
+    "head" / "center" read their window; "reference" reads its random crop where the family's reference
+    takes one window (`family.reference_crops`), drawn per file from a fresh `random_source(seed)`, as
+    one `embed_waveforms(..., seed=seed)` call per file draws it.
+    """
+    if family is None:
+        return None
+    if long_audio in ("head", "center"):
+        return (long_audio, int(family.clip_samples))
+    if long_audio == "reference" and getattr(family, "reference_crops", False):
+
+        def pick(n: int) -> int:
+            return family.reference_start(n, family.random_source(seed))
+
+        return ("reference", int(family.clip_samples), pick)
+    return None
+
+
 def decode_file(
     file: InputFile,
     sr: int,
     stream_long: bool,
     index: int = 0,
     budget: MemoryBudget | None = None,
-    window: tuple[str, int] | None = None,
+    window: Window | None = None,
 ) -> Decoded:
     """Decode one file (in a worker thread); errors are returned, not raised.
 
     `window=("head" | "center", samples)` reads only that window (a clip of at most one window whole),
-    so a long file costs one window of memory; otherwise the whole file, or with `stream_long` the first
-    STREAM_AFTER_S seconds and a stream of the rest.
+    and `("reference", samples, pick)` only the crop at `pick(n)` (`AudioStream.read_crop`), so a long
+    file costs one window of memory; otherwise the whole file, or with `stream_long` the first
+    STREAM_AFTER_S seconds and a stream of the rest. `window_for` makes the tuple for a long-audio mode.
     """
     import numpy as np
 
@@ -252,7 +277,10 @@ def decode_file(
     try:
         stream = AudioStream(file.path, sr)
         if window is not None:
-            samples = stream.read_window(window[1], window[0])
+            if window[0] == "reference":
+                samples = stream.read_crop(window[1], window[2])
+            else:
+                samples = stream.read_window(window[1], window[0])
             if budget is not None:
                 budget.acquire(samples.nbytes, index)
                 held = samples.nbytes

@@ -108,13 +108,21 @@ def prepare_batch(
 
 def load_channels(path, sr: int) -> np.ndarray:
     """(C, N) float32 at `sr` for msclap's channel-concatenation reference mode (soundfile + soxr)."""
+    import warnings
+
     import soundfile as sf
     import soxr
 
+    from mlx_clap.preprocess.audio import decoder_stderr
+
+    said: list[str] = []  # libmpg123's own fd-2 lines, attributed to the file below
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        with decoder_stderr(said):
+            data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises several types; report the file and the cause
-        raise ValueError(f"{path}: cannot decode ({exc})") from exc
+        raise ValueError(f"{path}: cannot decode ({exc}{''.join(f'; {w}' for w in said)})") from exc
+    for w in said:
+        warnings.warn(f"{path}: {w}", stacklevel=2)
     if rate != sr:
         data = soxr.resample(data, rate, sr, quality="HQ").astype(np.float32)
     return np.ascontiguousarray(data.T)
