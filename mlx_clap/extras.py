@@ -16,7 +16,7 @@ FALLBACK = {
     "ann": ["usearch>=2.9"],
     "convert": ["torch==2.13.0"],
     "parquet": ["pyarrow>=14"],
-    "serve": ["starlette>=1.5.1", "uvicorn>=0.29"],
+    "serve": ["starlette>=1.5.1", "uvicorn>=0.29", "pacmap>=0.9"],
 }
 
 

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mlx_clap.ops",),
     ("mlx_clap.models",),
     ("mlx_clap.preprocess",),
-    ("mlx_clap.convert", "mlx_clap.search"),
+    ("mlx_clap.convert", "mlx_clap.search", "mlx_clap.store"),
     ("mlx_clap.pipeline",),
     ("mlx_clap.loading",),
     ("mlx_clap.serve",),
