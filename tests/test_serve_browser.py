@@ -3,9 +3,11 @@
 The server runs on a free port in a thread, over a store of real 3-s sounds embedded with the tiny
 random-init model. The browser types a query and sees one result row per file, plays a result (its
 <audio> element's currentTime advances), drops a file on the drop zone and sees the same sound ranked
-first, and draws the map with one point per file. The page is saved as a screenshot; with
-MLX_CLAP_UPDATE_SCREENSHOT=1 it also replaces docs/serve.png, the README's picture (a plain test run
-leaves the checkout as it was).
+first, and draws the map with one point per file. It also checks the layout: duplicate cards show whole
+names, a 420 px wide window keeps the names and the header in view, the map of a clustered library says
+how it was placed. Screenshots go to the test's folder; with MLX_CLAP_UPDATE_SCREENSHOT=1 they also
+replace the pictures in docs/ (serve.png, the README's, and serve-1280/420/map.png), and a plain test run
+leaves the checkout as it was.
 """
 
 from __future__ import annotations
@@ -34,8 +36,22 @@ from mlx_clap.cli.serve import bind_socket  # noqa: E402
 from mlx_clap.serve.app import create_app  # noqa: E402
 from mlx_clap.serve.engine import Library  # noqa: E402
 
-README_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "serve.png"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 TIMEOUT_MS = 15_000
+NARROW = 420
+# A copy of "tone 440.wav" deep in the library, with a name too long for one line of a card.
+LONG_FOLDER = ("2019 Iceland", "Day 3")
+LONG_NAME = "hydrophone under the glacier, long take with the boat idling (tone 440 reference copy).wav"
+
+
+def screenshot(page, tmp_path: Path, name: str) -> None:
+    """Save the page as `name` in the test's folder, and in docs/ when MLX_CLAP_UPDATE_SCREENSHOT=1."""
+    shot = tmp_path / name
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("MLX_CLAP_UPDATE_SCREENSHOT") == "1":
+        DOCS.mkdir(exist_ok=True)
+        shutil.copyfile(shot, DOCS / name)
 
 
 @contextlib.contextmanager
@@ -58,14 +74,14 @@ def server_for(library: Library):
 
 
 @contextlib.contextmanager
-def chromium_page():
+def chromium_page(width: int = 1280, height: int = 860):
     """A page of headless Chromium and the list its script errors and console errors go to."""
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=str(CHROMIUM), args=["--autoplay-policy=no-user-gesture-required"]
         )
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            page = browser.new_page(viewport={"width": width, "height": height})
             page.set_default_timeout(TIMEOUT_MS)
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -83,6 +99,9 @@ def served(tmp_path_factory, tiny_model_dir):
     model = mlx_clap.load(tiny_model_dir)
     root = tmp_path_factory.mktemp("serve_browser")
     paths = write_sounds(root / "Field recordings")
+    deep = root.joinpath("Field recordings", *LONG_FOLDER)
+    deep.mkdir(parents=True)
+    paths.append(Path(shutil.copy(paths[0], deep / LONG_NAME)))
     store = build_store(root / "store", paths, model)
     library = Library(store, model)
     library.warm()
@@ -154,12 +173,125 @@ def test_search_play_drop_and_map_in_chromium(served, tmp_path):
         page.click("#results li.result >> nth=0 >> button.name")
         page.wait_for_selector("#file-view:not([hidden])")
         page.wait_for_timeout(300)  # the thumbnails are drawn as their peaks arrive
-        shot = tmp_path / "serve.png"
-        page.screenshot(path=str(shot))
-        assert shot.stat().st_size > 10_000
-        if os.environ.get("MLX_CLAP_UPDATE_SCREENSHOT") == "1":
-            README_SCREENSHOT.parent.mkdir(exist_ok=True)
-            shutil.copyfile(shot, README_SCREENSHOT)
+        screenshot(page, tmp_path, "serve.png")
+        assert not errors, errors
+
+
+def test_duplicates_take_any_threshold_and_cards_show_whole_names(served, tmp_path):
+    """The threshold takes five decimals (0.99958, the README's codec-variant cut; the old step=0.005
+    refused it) and refuses what is out of range with a line saying so; a card shows the whole name
+    (the old card cut it to a few characters) and the folder's last components, the full one in its title."""
+    url, _, paths = served
+    with chromium_page() as (page, errors):
+        page.goto(url)
+        page.wait_for_selector("body[data-ready='1']")
+        page.click("#tabs button[data-tab='duplicates']")
+        page.fill("#dup-threshold", "0.99958")
+        assert page.evaluate("() => document.getElementById('dup-threshold').validity.valid")
+        with page.expect_request(lambda r: "/api/duplicates" in r.url) as request:
+            page.click("#dup-form button[type='submit']")
+        assert "threshold=0.99958" in request.value.url
+        page.wait_for_function("() => document.querySelectorAll('#dup-groups .member').length >= 3")
+        assert "error" not in (page.get_attribute("#dup-status", "class") or "")
+
+        # The three copies of the tone (one with a long name, deep in the library) are one group.
+        card = page.locator("#dup-groups .member", has_text=LONG_NAME)
+        assert card.count() == 1
+        name = card.locator(".name")
+        assert name.text_content() == LONG_NAME
+        # Whole on screen: nothing cut off inside the name's box (an ellipsis would leave scrollWidth
+        # larger than clientWidth), and the box inside the card and the window.
+        assert name.evaluate("(n) => n.scrollWidth <= n.clientWidth && n.scrollHeight <= n.clientHeight")
+        box, card_box = name.bounding_box(), card.bounding_box()
+        assert box["width"] > 100 and box["x"] >= card_box["x"]
+        assert box["x"] + box["width"] <= card_box["x"] + card_box["width"] <= 1280
+        where = card.locator(".folder .where")
+        assert where.text_content() == "…/" + "/".join(LONG_FOLDER)
+        assert where.get_attribute("title") == str(paths[-1].parent)
+        screenshot(page, tmp_path, "serve-1280.png")
+
+        # Out of range: a line that says so, no request.
+        for bad in ("1.5", "0.2", ""):
+            page.fill("#dup-threshold", bad)
+            page.click("#dup-form button[type='submit']")
+            page.wait_for_function("() => document.getElementById('dup-status').classList.contains('error')")
+            assert "must be a cosine from 0.5 to 1" in page.text_content("#dup-status")
+            page.evaluate("() => document.getElementById('dup-status').classList.remove('error')")
+        assert not errors, errors
+
+
+def test_a_narrow_window_keeps_names_and_header_in_view(served, tmp_path):
+    """At 420 px (a phone) the header wraps inside the window and each result row keeps its name readable
+    (the old five-column row gave the name a zero-width column and the header ran off the right edge)."""
+    url, store, paths = served
+    with chromium_page(NARROW, 860) as (page, errors):
+        page.goto(url)
+        page.wait_for_selector("body[data-ready='1']")
+        page.fill("#query", "a pure tone")
+        page.press("#query", "Enter")
+        page.wait_for_function(
+            f"() => document.querySelectorAll('#results li.result').length === {len(store)}"
+        )
+        page.wait_for_timeout(300)  # the thumbnails are drawn as their peaks arrive
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= NARROW
+        for selector in ("header", "#search-form", "#query", "#drop-zone", "#tabs"):
+            box = page.locator(selector).bounding_box()
+            assert box["x"] >= 0 and box["x"] + box["width"] <= NARROW, (selector, box)
+        names = page.locator("#results .name")
+        assert sorted(names.all_text_contents()) == sorted(p.name for p in paths)
+        for i in range(names.count()):
+            name = names.nth(i)
+            box = name.bounding_box()
+            assert box["width"] > 0 and box["height"] > 0, (name.text_content(), box)
+            assert box["x"] >= 0 and box["x"] + box["width"] <= NARROW, (name.text_content(), box)
+            assert name.evaluate("(n) => n.scrollWidth <= n.clientWidth"), name.text_content()
+            # The column names live in keeps most of the row, not a sliver beside the waveform.
+            assert page.locator("#results .meta").nth(i).bounding_box()["width"] > NARROW / 2
+        screenshot(page, tmp_path, "serve-420.png")
+        assert not errors, errors
+
+
+def test_the_map_of_a_clustered_library_says_how_it_was_placed(tmp_path, tiny_model_dir):
+    """A store of 600 synthetic vectors (no audio needed to draw a map): 4 families of 2 kinds each, a kind
+    a curved 2-d sheet. Every point is drawn, and the status line names the projection (PaCMAP with the
+    serve extra, else PCA and how to get more)."""
+    import importlib.util
+
+    import numpy as np
+
+    import mlx_clap
+    from mlx_clap.search.store import EmbeddingStore
+
+    model = mlx_clap.load(tiny_model_dir)
+    rng = np.random.default_rng(0)
+    n, clusters, dim = 600, 8, model.embedding_dim
+    labels = np.arange(n) % clusters
+    families = rng.standard_normal((clusters // 2, dim))
+    centres = families.repeat(2, axis=0) + 0.7 * rng.standard_normal((clusters, dim))
+    basis = rng.standard_normal((clusters, 4, dim))
+    z = rng.uniform(-1, 1, (n, 2))
+    sheet = np.einsum("nf,nfd->nd", np.concatenate([z, np.sin(2 * z)], axis=1), basis[labels])
+    x = centres[labels] + 0.4 * sheet + 0.05 * rng.standard_normal((n, dim))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    kinds = ["rain", "birds", "engines", "voices", "water", "wind", "bells", "steps"]
+    items = [{"path": f"/library/{kinds[c]}/{kinds[c]} {i:03d}.wav", "size": 1, "mtime": 0.0, "duration": 3.0}
+             for i, c in enumerate(labels)]  # fmt: skip
+    store = EmbeddingStore.create(tmp_path / "store", {"model": "tiny"}, dim=dim, dtype="float32")
+    store.append(items, x)
+    library = Library(EmbeddingStore.open(tmp_path / "store"), model)
+    pacmap = importlib.util.find_spec("pacmap") is not None
+    with server_for(library) as url, chromium_page() as (page, errors):
+        page.goto(url)
+        page.wait_for_selector("body[data-ready='1']")
+        page.click("#tabs button[data-tab='map']")
+        page.wait_for_function(
+            f"() => document.getElementById('map').dataset.total === '{n}'", timeout=120_000
+        )
+        assert page.get_attribute("#map", "data-points") == str(n)
+        assert page.get_attribute("#map", "data-projection") == ("pacmap" if pacmap else "pca")
+        status = page.text_content("#map-status")
+        assert ("Placed by PaCMAP" if pacmap else "install pacmap") in status, status
+        screenshot(page, tmp_path, "serve-map.png")
         assert not errors, errors
 
 

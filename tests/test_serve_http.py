@@ -365,7 +365,7 @@ def test_map_has_one_point_per_item_and_is_cached_until_the_store_changes(tmp_pa
     c = client_for(store, tiny_model)
     doc = c.get("/api/map", headers=AUTH).json()
     assert len(doc["x"]) == len(doc["y"]) == len(doc["cluster"]) == 4 == doc["rows"]
-    assert max(abs(v) for v in doc["x"] + doc["y"]) == pytest.approx(1.0, abs=1e-3)
+    assert 0.9 <= max(abs(v) for v in doc["x"] + doc["y"]) <= 1.0  # layout.robust_scale: the rim is 0.9-1
     assert doc["k"] == len(set(doc["cluster"])) and doc["notes"] == []
     cached = tmp_path / "store" / "map.json"
     stamp = cached.stat().st_mtime_ns

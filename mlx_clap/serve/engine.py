@@ -288,6 +288,7 @@ class Library:
             self.segments = ExactSearch(SegmentRows(store, self.view), self.view.take, self.mlx)
             self._index_file_segments()
         self._duplicates: dict[float, list[Any]] = {}
+        self._map_lock = threading.Lock()
 
     def _index_file_segments(self) -> None:
         """seg_first[row], seg_end[row]: each file's run of segments (-1 for a file with none)."""
@@ -516,10 +517,13 @@ class Library:
         }
 
     def library_map(self) -> tuple[dict[str, Any], list[str]]:
-        """The 2-D map (see `layout`), made on the MLX thread (clustering runs in MLX)."""
+        """The 2-D map (see `layout`). The projection (minutes at 100k files) runs on the caller's thread,
+        so queries keep the MLX thread; only the k-means colouring goes there, as background work. One
+        map is made at a time: a second request waits for the first and reads its cache."""
         from mlx_clap.serve.layout import library_map
 
-        return self.mlx.call_background(library_map, self.store)
+        with self._map_lock:
+            return library_map(self.store, on_mlx=self.mlx.call_background)
 
     def describe(self) -> dict[str, Any]:
         """The store at a glance, for the page's header."""

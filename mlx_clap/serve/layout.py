@@ -1,37 +1,88 @@
-"""The 2-D map of a library: one point per stored file, placed by PCA of the vectors, coloured by cluster.
+"""The 2-D map of a library: one point per stored file, placed so that neighbours stay together.
 
-PCA: the covariance of the vectors is summed block by block (float64, so memory stays at one block
-for any store size) and its leading eigenvectors give the axes; the map shows the first two. Colours:
-the cluster labels of an up-to-date `clusters.json` (what `mlx-clap cluster` wrote) when there is one,
-else spherical k-means (`mlx_clap.search.cluster`) with a small k on the first CLUSTER_DIMS principal
-components: colours then separate what the two drawn axes overlap, and 100k files cluster in seconds
-(k-means on the 512-d vectors took 20-30 s on 2 cores). The result is cached beside the store as `map.json`,
-valid while the store's row count and items digest are unchanged; a store folder that cannot be
-written gets its map computed again on each start.
+Placement: PCA first (the covariance summed block by block in float64, so memory stays at one block for any
+store size), then PaCMAP (`pacmap`, an optional dependency in the `serve` extra) on the leading
+PROJECTION_DIMS components, a projection that keeps each file's nearest neighbours near it; PCA's first two
+axes alone squash a library into one blob around its mean. Without pacmap, or for a store too small for a
+neighbour graph, the map is those two axes and says so (`projection`). benchmarks/bench_map.py compares
+PaCMAP with umap-learn and openTSNE (docs/performance.md has the figures). Either way the positions are
+scaled robustly (`robust_scale`): the 2nd-98th percentile box fills the canvas and outliers are squeezed
+into its rim, so a few far points (silent or broken files, say) cannot shrink the rest into a blob.
+
+Colours: the cluster labels of an up-to-date `clusters.json` (what `mlx-clap cluster` wrote) when there is
+one, else spherical k-means (`mlx_clap.search.cluster`) with a small k on the first CLUSTER_DIMS principal
+components (100k files cluster in seconds; k-means on the 512-d vectors took 20-30 s on 2 cores). The result
+is cached beside the store as `map.json`, valid while the store's row count and items digest, the map
+format (MAP_VERSION) and the projection available are unchanged; a store folder that cannot be written
+gets its map computed again on each start.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 MAP_NAME = "map.json"
-MAP_VERSION = 1
+MAP_VERSION = 2  # 2: neighbour-preserving projection and robust scaling (version 1 maps are recomputed)
 MAX_CLUSTERS = 12
 CLUSTER_DIMS = 16
+PROJECTION_DIMS = 50  # PaCMAP's neighbour search reads these components, not 512-d vectors
+MIN_NEIGHBOUR_ROWS = 40  # below this a neighbour graph (about 10 per point) shows nothing PCA does not
 BLOCK_ROWS = 65536
+INNER = 0.9  # robust_scale: the 2nd-98th percentile box spans [-INNER, INNER]; outliers get the rim
+
+
+def projection_for(rows: int) -> str:
+    """The projection a map of `rows` files gets here: "pacmap" when installed and useful, else "pca"."""
+    if rows < MIN_NEIGHBOUR_ROWS:
+        return "pca"
+    try:
+        import pacmap  # noqa: F401
+    except (ImportError, OSError):  # also a broken install (its faiss or numba fails to load): fall back
+        return "pca"
+    return "pacmap"
+
+
+def neighbour_projection(coords: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(n, 2) PaCMAP positions of `coords` (rows of principal components), reproducible for a `seed`."""
+    import pacmap
+
+    # Its warnings ("random state is set", "data is high-dimensional") are notes to a developer, not the user.
+    logging.getLogger("pacmap").setLevel(logging.ERROR)
+    # n_neighbors=None: PaCMAP's own choice, 10 up to 10k points, 25 at 100k. The seed
+    # keeps a recomputed map where it was (PaCMAP's kNN search then runs on one thread).
+    model = pacmap.PaCMAP(n_components=2, n_neighbors=None, random_state=seed, apply_pca=False)
+    return np.asarray(model.fit_transform(np.ascontiguousarray(coords, dtype=np.float32)), dtype=np.float64)
+
+
+def robust_scale(xy: np.ndarray, low: float = 2.0, high: float = 98.0) -> np.ndarray:
+    """`xy` in [-1, 1]: the `low`-`high` percentile box spans [-INNER, INNER] (one scale for both axes, so
+    distances keep their ratios) and points beyond it are squeezed into the rim, in order (tanh). Up to 2% of
+    the files on each side can be far off (1% let 5 outliers of 283 shrink the rest to a quarter)."""
+    lo, hi = np.percentile(xy, [low, high], axis=0)
+    half = float(np.max(hi - lo)) / 2
+    if not half > 0:  # every point in one place (or under 2% elsewhere): the largest spread, else any
+        half = float(np.abs(xy - np.median(xy, axis=0)).max()) or 1.0
+    u = (xy - (lo + hi) / 2) * (INNER / half)
+    a = np.abs(u)
+    rim = INNER + (1 - INNER) * np.tanh((a - INNER) / (1 - INNER))
+    return np.where(a <= INNER, u, np.sign(u) * rim)
 
 
 def store_key(store: Any) -> dict[str, Any]:
-    """What a cached map is valid for: the store's row count and the sha256 of its items.jsonl."""
+    """What a cached map is valid for: the store's row count, the sha256 of its items.jsonl and the
+    projection available now (installing pacmap later makes a PCA map out of date)."""
     from mlx_clap.search.index import store_fingerprint
 
     fp = store_fingerprint(store)
-    return {"rows": int(fp["rows"]), "items_sha256": fp["items_sha256"]}
+    rows = int(fp["rows"])
+    return {"rows": rows, "items_sha256": fp["items_sha256"], "projection": projection_for(rows)}
 
 
 def pca(store: Any, dims: int) -> np.ndarray:
@@ -99,16 +150,29 @@ def cluster_labels(store: Any, key: dict[str, Any], coords: np.ndarray) -> tuple
     return np.zeros(len(store), dtype=np.int64), "one cluster"
 
 
-def build_map(store: Any, key: dict[str, Any]) -> dict[str, Any]:
-    """The map document: coordinates scaled into [-1, 1] (one scale for both axes) and cluster ids."""
-    coords = pca(store, CLUSTER_DIMS)
-    xy = coords[:, :2]
-    scale = float(np.abs(xy).max()) or 1.0
-    xy = xy / scale
-    labels, source = cluster_labels(store, key, coords)
+PROJECTION_NOTES = {
+    "pacmap": f"PaCMAP of {PROJECTION_DIMS} principal components: near points sound alike",
+    "pca": "PCA, the two main axes (install pacmap for a map that keeps neighbours together)",
+}
+
+
+def direct(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+def build_map(store: Any, key: dict[str, Any], on_mlx: Callable[..., Any] = direct) -> dict[str, Any]:
+    """The map document: positions in [-1, 1] (`robust_scale`), cluster ids, and how both were made."""
+    coords = pca(store, max(CLUSTER_DIMS, PROJECTION_DIMS))
+    projection = key.get("projection", "pca")
+    xy = neighbour_projection(coords) if projection == "pacmap" else coords[:, :2].astype(np.float64)
+    xy = robust_scale(xy)
+    # Only the k-means runs in MLX: `on_mlx` lets a server run that step on its MLX thread and the minutes of
+    # PaCMAP (numpy and numba) elsewhere, so searches are not queued behind a 100k-file map.
+    labels, source = on_mlx(cluster_labels, store, key, coords[:, :CLUSTER_DIMS])
     return {
         "version": MAP_VERSION,
         **key,
+        "projection_note": PROJECTION_NOTES[projection],
         "clusters_from": source,
         "k": int(labels.max(initial=0)) + 1,
         "x": [round(float(v), 4) for v in xy[:, 0]],
@@ -134,8 +198,9 @@ def cached_map(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     return doc
 
 
-def library_map(store: Any) -> tuple[dict[str, Any], list[str]]:
-    """The map of `store` (from map.json when valid, else computed and saved) and notes for the user."""
+def library_map(store: Any, on_mlx: Callable[..., Any] = direct) -> tuple[dict[str, Any], list[str]]:
+    """The map of `store` (from map.json when valid, else computed and saved) and notes for the user.
+    `on_mlx(fn, *args)` runs the MLX step (k-means colours), e.g. on a server's MLX thread."""
     from mlx_clap.io.files import atomic_write_bytes, write_failure
 
     key = store_key(store)
@@ -143,7 +208,7 @@ def library_map(store: Any) -> tuple[dict[str, Any], list[str]]:
     doc = cached_map(path, key)
     if doc is not None:
         return doc, []
-    doc = build_map(store, key)
+    doc = build_map(store, key, on_mlx)
     if path.is_symlink() or path.is_dir():
         return doc, [f"{path}: is a link or a folder; the map is not cached"]
     try:

@@ -2,8 +2,22 @@
 // Every text from the server is put in the page with textContent (never as HTML).
 "use strict";
 
-const TOKEN = document.querySelector('meta[name="mlx-clap-token"]').content;
+// Local use: the server writes the session token into the page. With --allow-remote the page carries
+// none (anyone reaching the port can fetch it): the user brings it in the URL fragment the command
+// printed (#token=..., never sent over the network), kept for this tab only, or types it when asked.
+const TOKEN = document.querySelector('meta[name="mlx-clap-token"]').content || remoteToken();
 const K = 20;
+
+function remoteToken() {
+  const given = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (given) {
+    sessionStorage.setItem("mlx-clap-token", given);
+    history.replaceState(null, "", location.pathname + location.search);  // off the screen and history
+    return given;
+  }
+  return sessionStorage.getItem("mlx-clap-token")
+    || window.prompt("Token for this mlx-clap server (printed by `mlx-clap serve`):") || "";
+}
 const PALETTE = ["#38bdf8", "#f472b6", "#34d399", "#fbbf24", "#a78bfa", "#f87171",
   "#2dd4bf", "#fb923c", "#a3e635", "#e879f9", "#60a5fa", "#facc15"];
 const $ = (id) => document.getElementById(id);
@@ -38,6 +52,22 @@ function seconds(s) {
   if (s < 60) return `${s.toFixed(1)} s`;
   const m = Math.floor(s / 60);
   return `${m}:${String(Math.floor(s % 60)).padStart(2, "0")}`;
+}
+
+// The last `keep` components of a folder ("…/Field recordings/2019"): the first ones are the same for a whole
+// library and would fill a narrow line; the full folder goes in the title.
+function shortFolder(folder, keep = 2) {
+  const parts = String(folder || "").split(/[\\/]/).filter(Boolean);
+  return parts.length > keep ? `…/${parts.slice(-keep).join("/")}` : folder;
+}
+
+function folderLine(text, folder) {
+  const line = el("div", "folder");
+  line.appendChild(el("span", null, `${text} · `));
+  const where = el("span", "where", shortFolder(folder));
+  where.title = folder;
+  line.appendChild(where);
+  return line;
 }
 
 function fitCanvas(canvas) {
@@ -144,7 +174,7 @@ function resultRow(r) {
   li.dataset.row = r.row;
   const { play: button, thumb, meta } = fileParts(r, r.start, li, r);
   const range = r.start !== undefined ? ` · ${seconds(r.start)}–${seconds(r.end)}` : "";
-  meta.appendChild(el("div", "folder", `${seconds(r.duration)}${range} · ${r.folder}`));
+  meta.appendChild(folderLine(`${seconds(r.duration)}${range}`, r.folder));
   const like = el("button", "like", "More like this");
   like.type = "button";
   like.addEventListener("click", () => moreLike(r.row, r.segment, r.name));
@@ -322,7 +352,7 @@ const tip = $("map-tip");
 
 async function loadMap() {
   if (state.map) { drawMap(); return; }
-  setStatus("map-status", "Computing the map (once per store; it is cached beside it)…");
+  setStatus("map-status", "Computing the map (once per store, then cached beside it; minutes for 100k files)…");
   try {
     const doc = await api("/api/map");
     const n = doc.x.length;
@@ -330,7 +360,9 @@ async function loadMap() {
     state.map = { doc, n, order: Int32Array.from(order), sx: new Float32Array(n), sy: new Float32Array(n), grid: new Map() };
     state.view = { cx: 0, cy: 0, zoom: 1 };
     const notes = doc.notes && doc.notes.length ? ` ${doc.notes.join("; ")}` : "";
-    setStatus("map-status", `${n} files in ${doc.k} clusters (${doc.clusters_from}). Hover a point to hear it, click to open it; scroll to zoom, drag to pan.${notes}`);
+    mapCanvas.dataset.projection = doc.projection || "";
+    const placed = doc.projection_note ? ` Placed by ${doc.projection_note}.` : "";
+    setStatus("map-status", `${n} files in ${doc.k} clusters (${doc.clusters_from}).${placed} Hover a point to hear it, click to open it; scroll to zoom, drag to pan.${notes}`);
     drawMap();
   } catch (e) { setStatus("map-status", e.message, true); }
 }
@@ -429,7 +461,7 @@ window.addEventListener("resize", () => { if (!$("tab-map").hidden) drawMap(); }
 function memberCard(it) {
   const card = el("div", "member");
   const { play: button, thumb, meta } = fileParts(it, undefined, card, null);
-  meta.appendChild(el("div", "folder", `${seconds(it.duration)} · ${it.folder}`));
+  meta.appendChild(folderLine(seconds(it.duration), it.folder));
   const copy = el("button", "copy", "Copy path");
   copy.type = "button";
   copy.addEventListener("click", () => navigator.clipboard && navigator.clipboard.writeText(it.path));
@@ -444,7 +476,8 @@ async function findDuplicates(threshold) {
   try {
     const data = await api(`/api/duplicates?threshold=${encodeURIComponent(threshold)}`);
     const shown = data.groups.length < data.count ? ` (the ${data.groups.length} largest shown)` : "";
-    setStatus("dup-status", `${data.count} groups at cosine ≥ ${data.threshold}${shown} · ${data.took_ms} ms`);
+    const groups = data.count === 1 ? "1 group" : `${data.count} groups`;
+    setStatus("dup-status", `${groups} at cosine ≥ ${data.threshold}${shown} · ${data.took_ms} ms`);
     const draws = [];
     data.groups.forEach((g, n) => {
       const group = el("div", "group");
@@ -460,7 +493,16 @@ async function findDuplicates(threshold) {
 
 $("dup-form").addEventListener("submit", (e) => {
   e.preventDefault();
-  findDuplicates(Number($("dup-threshold").value) || 0.97);
+  // Any cosine in range (step="any"): thresholds near 1 need five decimals (0.99958 in the README). The
+  // form is novalidate so that a bad value gets this line instead of a browser bubble.
+  const input = $("dup-threshold"), value = Number(input.value);
+  const lo = Number(input.min), hi = Number(input.max);
+  if (input.value.trim() === "" || !Number.isFinite(value) || value < lo || value > hi) {
+    const got = input.value.trim() ? ` (got ${input.value})` : "";
+    setStatus("dup-status", `The threshold must be a cosine from ${lo} to ${hi}${got}.`, true);
+    return;
+  }
+  findDuplicates(value);
 });
 
 // ------------------------------------------------------------------------------------------ tabs
