@@ -112,7 +112,7 @@ def test_missing_pyarrow_names_the_extra(tmp_path, monkeypatch):
     store = make_store(tmp_path / "st")
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    with pytest.raises(ExportError, match=r"mlx-clap\[parquet\]"):
+    with pytest.raises(ExportError, match=r"pip install 'pyarrow.*-e '\.\[parquet\]'"):
         export_store(store, tmp_path / "v.parquet", "parquet")
     assert sorted(os.listdir(tmp_path)) == ["st"]
 

@@ -634,7 +634,7 @@ def test_offline_hub_id_gives_one_exact_next_command(monkeypatch):
     out = " ".join(res.output.split())
     assert "HF_HUB_OFFLINE is set" in out and out.count("HF_HUB_OFFLINE") == 1
     assert "hf download nobody-xyz/clap-missing --local-dir clap-missing" in out
-    assert "`mlx-clap convert clap-missing converted/` and pass `--model converted/`" in out
+    assert "pass `--model clap-missing/` (it loads in place)" in out and "mlx-clap random-model" in out
     assert out.count("--model") == 1  # one hint, not two overlapping ones
 
 

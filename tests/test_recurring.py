@@ -183,6 +183,6 @@ def test_auto_without_usearch_falls_back_to_exact_only_where_that_ends(planted, 
     assert stats["backend"] == "exact" and any("usearch is not installed" in n for n in stats["notes"])
     assert spans(groups) == spans(find_recurring(planted, backend="exact"))
     monkeypatch.setattr(rec, "EXACT_FALLBACK_WINDOWS", 10)
-    with pytest.raises(SearchError, match=r"too many.*mlx-clap\[ann\].*--backend exact"):
+    with pytest.raises(SearchError, match=r"too many.*pip install 'usearch.*--backend exact"):
         find_recurring(planted, backend="auto")
     assert spans(find_recurring(planted, backend="exact")) == spans(groups)
