@@ -429,6 +429,11 @@ class Store:
                 return self._row_by_path[key]
         raise UnknownPathError(f"{self.location}: no vector stored for {os.fspath(path)}")
 
+    def row_addresses(self) -> np.ndarray:
+        """Lance row addresses (uint64) of the file rows, in `items` order: a row rewritten, or moved by
+        a compaction, gets a new one, so a digest of a prefix tells rows only appended since."""
+        return self._addr[self._file_pos]
+
     def done_keys(self) -> set[tuple[str, int, float]]:
         """(path, size, mtime) of every file row, for skipping unchanged files."""
         return {(str(it["path"]), int(it["size"]), float(it["mtime"])) for it in self.items}
