@@ -467,3 +467,40 @@ def test_out_given_as_a_link_to_an_empty_folder(tmp_path):
     EmbeddingStore.create(tmp_path / "link", {}, dim=8).append(_items(0, 1), _vecs(0, 1))
     assert (tmp_path / "link").is_symlink() and (real / "manifest.json").is_file()
     assert len(EmbeddingStore.open(tmp_path / "link")) == 1
+
+
+def test_check_reports_a_missing_data_file_and_repair_drops_its_rows(tmp_path):
+    """A store that cannot even be opened (a data file gone) gets its report, not a one-line error."""
+    root = tmp_path / "st"
+    _lance_store(root, 4)
+    with Store.open(root, write=True) as w:
+        w.write(_items(4, 2), _vecs(4, 2))
+    newest = max((root / "data").iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    newest.unlink()  # the fragment of /a/4.wav and /a/5.wav
+    r = _run(["check", str(root), "--json"])
+    assert r.exit_code == 1
+    report = json.loads(r.stdout)
+    assert [f["rows"] for f in report["damaged_fragments"]] == [2] and not report["ok"]
+    r = _run(["check", str(root), "--repair"])
+    assert r.exit_code == 0 and "removed 2 row" in r.output, r.output
+    assert [it["path"] for it in Store.open(root).items] == [f"/a/{i}.wav" for i in range(4)]
+
+
+def test_an_interrupt_inside_a_commit_stays_an_interrupt(tmp_path):
+    """Ctrl-C while Lance commits reaches the command as KeyboardInterrupt (exit 130, the clean message),
+    in a fresh process where nothing imported lance.commit before."""
+    code = (
+        "import sys, numpy as np, lance\n"
+        "from mlx_clap.store import Store\n"
+        "w = Store.create(sys.argv[1], {}, dim=8)\n"
+        "def stop(*a, **k):\n"
+        "    raise KeyboardInterrupt\n"
+        "lance.LanceDataset.commit = staticmethod(stop)\n"
+        "try:\n"
+        "    w.write([{'path': '/a.wav', 'size': 1, 'mtime': 0.0}], np.eye(8, dtype=np.float32)[:1])\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "st")], capture_output=True, text=True,
+                       env=_env(), timeout=120)  # fmt: skip
+    assert r.stdout.strip() == "interrupted", r.stderr

@@ -352,3 +352,35 @@ def test_search_segments_finds_a_planted_sound_within_one_hop(tiny_model_dir, tm
     res = json.loads(r.stdout)
     assert {"mean", "std", "sample"} <= set(res["calibration"])
     assert all(h["percentile"] >= 50 for h in res["results"]) and res["results"]
+
+
+# ------------------------------------------------------------------------------------ older stores
+def test_a_store_of_an_older_mlx_clap_is_converted_by_embed_and_named_by_readers(
+    tiny_model_dir, library, tmp_path
+):
+    """A format-2 store (.npy shards, items.jsonl) of the same pipeline: `search` names the command that
+    converts it and writes nothing; `embed` converts it in place and embeds nothing again."""
+    from mlx_clap.search.store import EmbeddingStore
+
+    made = tmp_path / "made"
+    assert run(embed_args(library, tiny_model_dir, made)).exit_code == 0
+    now = Store.open(made)
+    old = tmp_path / "old"
+    manifest = {k: v for k, v in now.manifest.items() if k != "store"}
+    legacy = EmbeddingStore.create(old, manifest, dim=now.dim, dtype=now.dtype)
+    legacy.append(now.items, now.matrix())
+    before = sorted(p.name for p in old.iterdir())
+    assert "manifest.json" in before and "_versions" not in before
+
+    r = run(["search", old, "--like", now.items[0]["path"]])
+    assert r.exit_code == 1 and "older mlx-clap" in r.output and f"--out {old}" in r.output
+    assert sorted(p.name for p in old.iterdir()) == before  # a reader never writes
+
+    r = run(embed_args(library, tiny_model_dir, old, "--summary-json"))
+    assert r.exit_code == 0, r.output
+    s = summary_of(r)
+    assert s["embedded"] == 0 and s["skipped"] == 6
+    converted = Store.open(old)
+    assert not (old / "manifest.json").exists() and converted.manifest["migrated_from_format"] == 2
+    assert converted.items == now.items
+    np.testing.assert_array_equal(converted.matrix(), now.matrix())

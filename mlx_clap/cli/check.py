@@ -76,7 +76,14 @@ def check(store_path: Path, repair: bool, as_json: bool) -> None:
     try:
         report = check_store(store_path)
         removed = repair_store(store_path, report) if repair else 0
-        scope = check_rows(store_path)
+        try:
+            scope = check_rows(store_path)
+        except StoreError as exc:  # damage that keeps the store from opening: the report above names it
+            scope = {
+                "library_roots": None,
+                "unsafe_rows": [],
+                "notes": [f"library folders not checked: {exc}"],
+            }
     except StoreError as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:

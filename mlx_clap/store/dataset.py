@@ -31,6 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+# By name: `lance.commit` is no attribute of `lance` until imported, and an `except lance.commit...` clause
+# then fails while handling whatever was raised (a Ctrl-C in a commit became an AttributeError).
+from lance.commit import CommitConflictError
+
 from mlx_clap.search import lock as _lock
 from mlx_clap.store.errors import (
     StaleSnapshotError,
@@ -805,7 +809,7 @@ class Store:
             )
             stats["versions_removed"] = int(cleanup.old_versions)
             stats["bytes_removed"] = int(cleanup.bytes_removed)
-        except lance.commit.CommitConflictError as exc:
+        except CommitConflictError as exc:
             raise StoreBusyError(
                 f"{self.location}: another writer changed the store during compaction ({lance_failure(exc)})"
             ) from exc
@@ -844,7 +848,7 @@ def commit_operation(loc: Location, base: lance.LanceDataset, op: Any) -> lance.
     before = int(base.version)
     try:
         ds = lance.LanceDataset.commit(base, op, read_version=before, storage_options=loc.storage_options)
-    except lance.commit.CommitConflictError as exc:
+    except CommitConflictError as exc:
         raise StoreBusyError(
             f"{loc}: another writer changed the same rows at the same time ({lance_failure(exc)}); "
             "one writer per store: nothing of this commit was written"
