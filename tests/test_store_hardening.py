@@ -20,9 +20,9 @@ from click.testing import CliRunner
 from conftest import REPO_ROOT
 
 from mlx_clap.cli import main
-from mlx_clap.io.files import atomic_write_bytes
+from mlx_clap.io.files import append_lines, atomic_write_bytes
 from mlx_clap.search import store as store_mod
-from mlx_clap.search.store import EmbeddingStore, StoreError, append_lines
+from mlx_clap.search.store import EmbeddingStore, StoreError
 from mlx_clap.store import Store
 from mlx_clap.store import StoreBusyError as LanceBusyError
 

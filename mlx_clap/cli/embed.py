@@ -288,8 +288,7 @@ def read_error_log(path: Path) -> list[dict]:
 
 def rewrite_error_log(path: Path, records: list[dict]) -> None:
     """Replace the error log atomically with `records` (removed when there are none)."""
-    from mlx_clap.io.files import atomic_write_bytes
-    from mlx_clap.search.store import json_line
+    from mlx_clap.io.files import atomic_write_bytes, json_line
 
     if not records:
         path.unlink(missing_ok=True)
@@ -1326,8 +1325,7 @@ def embed_text(
     """
     import numpy as np
 
-    from mlx_clap.io.files import atomic_write_bytes
-    from mlx_clap.search.store import json_line
+    from mlx_clap.io.files import atomic_write_bytes, json_line
 
     if fmt == "npy" and out is None:
         raise click.UsageError("--format npy needs --out FILE")

@@ -24,8 +24,7 @@ WARNINGS_NAME = "warnings.jsonl"  # files embedded from a partial decode, beside
 
 # ------------------------------------------------------------------------------------------ writers
 def _atomic_json(path: Path, obj: Any) -> None:
-    from mlx_clap.io.files import atomic_write_bytes
-    from mlx_clap.search.store import json_line
+    from mlx_clap.io.files import atomic_write_bytes, json_line
 
     atomic_write_bytes(path, json_line(obj).encode("utf-8"))
 
@@ -195,14 +194,14 @@ class JsonWriter:
             _atomic_json(self.safe_target(rec["file"]), obj)
 
     def error(self, path: str, cause: str) -> None:
-        from mlx_clap.search.store import append_lines
+        from mlx_clap.io.files import append_lines
 
         append_lines(self.out / ERRORS_NAME, [{"path": path, "error": cause, "time": time.time()}])
 
 
 class JsonlWriter:
     def __init__(self, manifest: dict):
-        from mlx_clap.search.store import json_line
+        from mlx_clap.io.files import json_line
 
         self.manifest = manifest
         # Non-ASCII stays readable where stdout takes UTF-8; elsewhere it is escaped.
