@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mlx_clap.search.index import AnnIndex, FlatIndex, RowReader, near_duplicates  # noqa: E402
-from mlx_clap.search.store import EmbeddingStore  # noqa: E402
+from mlx_clap.store import Store  # noqa: E402
 
 DIM = 512
 CENTRES = 2000
@@ -60,11 +60,11 @@ def unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def build_store(path: Path, n: int, seed: int, chunk: int = 65536) -> EmbeddingStore:
+def build_store(path: Path, n: int, seed: int, chunk: int = 65536) -> Store:
     rng = np.random.default_rng(seed)
     centres = unit(np.random.default_rng(1234).standard_normal((CENTRES, DIM)))
     spread = np.sqrt((1 / WITHIN - 1) / DIM)
-    store = EmbeddingStore.create(path, {"model": {"id": "bench/synthetic"}}, DIM, "float16", 16384)
+    store = Store.create(path, {"model": {"id": "bench/synthetic"}}, dim=DIM, dtype="float16")
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
         x = centres[rng.integers(0, CENTRES, m)] + spread * rng.standard_normal((m, DIM)).astype(np.float32)
@@ -74,8 +74,10 @@ def build_store(path: Path, n: int, seed: int, chunk: int = 65536) -> EmbeddingS
         src = rng.integers(0, m, dup.sum())
         x[dup] = unit(x[src] + 0.004 * rng.standard_normal((len(src), DIM)).astype(np.float32))
         items = [{"path": f"synthetic/{start + i:07d}.wav", "size": 0, "mtime": 0.0} for i in range(m)]
-        store.append(items, x)
-    return EmbeddingStore.open(path)
+        store.write(items, x)
+    store.compact()
+    store.close()
+    return Store.open(path)
 
 
 def latency_ms(fn, queries: np.ndarray, warmup: int = 2) -> dict:
@@ -140,7 +142,7 @@ def bench_search(path: Path, n: int, n_queries: int) -> dict:
     out["ann_file_mib"] = round((path / "ann.usearch").stat().st_size / 2**20, 1)
     out["ann"] = latency_ms(lambda q: ann.search(q, k=10), queries)
     t = time.perf_counter()
-    AnnIndex.open(EmbeddingStore.open(path))
+    AnnIndex.open(Store.open(path))
     out["ann_reopen_s"] = round(time.perf_counter() - t, 2)
     truth = FlatIndex(store).search(queries, k=10).rows
     out["ann_recall_at_10"] = round(recall_at_10(ann, queries, truth), 4)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_clap.search.store import EmbeddingStore
+from mlx_clap.store import Store
 
 MODEL = "laion/clap-htsat-unfused"  # recorded in the manifest as typed; never downloaded here
 SETTINGS = {"long_audio": "windows-mean", "seed": None, "quantize_int16": False, "compute_dtype": "float32"}
@@ -44,9 +44,10 @@ def build(root: Path, n: int, dim: int = 512) -> tuple[Path, Path]:
     v = rng.standard_normal((n, dim)).astype(np.float32)
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     manifest = {"model": MODEL, "store_dtype": "float16", "settings": SETTINGS}
-    store = EmbeddingStore.create(root / "store", manifest, dim=dim, dtype="float16")
-    for first in range(0, n, 20000):
-        store.append(items[first : first + 20000], v[first : first + 20000])
+    with Store.create(root / "store", manifest, dim=dim, dtype="float16") as store:
+        for first in range(0, n, 20000):
+            store.write(items[first : first + 20000], v[first : first + 20000])
+        store.compact()
     return lib, root / "store"
 
 

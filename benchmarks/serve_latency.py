@@ -139,10 +139,10 @@ def random_model(text_tower: str) -> Path:
 
 def synthetic_store(path: Path, n: int, seed: int = 0):
     """n random unit vectors (float16) under fake paths."""
-    from mlx_clap.search.store import EmbeddingStore
+    from mlx_clap.store import Store
 
     rng = np.random.default_rng(seed)
-    store = EmbeddingStore.create(path, {"model": "synthetic"}, dim=DIM, dtype="float16")
+    store = Store.create(path, {"model": "synthetic"}, dim=DIM, dtype="float16")
     step = 50_000
     for first in range(0, n, step):
         m = min(step, n - first)
@@ -153,8 +153,10 @@ def synthetic_store(path: Path, n: int, seed: int = 0):
              "mtime": 1.0, "duration": 3.0, "channels": 1, "source_rate": 48000}
             for i in range(m)
         ]  # fmt: skip
-        store.append(items, v)
-    return EmbeddingStore.open(path)
+        store.write(items, v)
+    store.compact()
+    store.close()
+    return Store.open(path)
 
 
 class Timed:

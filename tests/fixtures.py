@@ -109,3 +109,48 @@ def default_sigint() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+class NewStore:
+    """A store made for a test (mlx_clap.store.Store on Lance), holding no lock between calls: each
+    `write` is one writer session and one commit, and reads go to a fresh snapshot of the newest
+    version, so a subprocess or a CLI command can write the same store meanwhile."""
+
+    def __init__(self, path, manifest: dict, dim: int, dtype: str = "float16", segments: dict | None = None):
+        from mlx_clap.store import Store
+
+        Store.create(path, manifest, dim=dim, dtype=dtype, segments=segments).close()
+        self.path = Path(path)
+
+    def write(self, items, vectors, segments=None) -> int:
+        from mlx_clap.store import Store
+
+        with Store.open(self.path, write=True) as w:
+            return w.write(items, vectors, segments)
+
+    def snapshot(self):
+        from mlx_clap.store import Store
+
+        return Store.open(self.path)
+
+    def __len__(self) -> int:
+        return len(self.snapshot())
+
+    def __getattr__(self, name: str):
+        return getattr(self.snapshot(), name)
+
+
+def create_store(
+    path, manifest: dict, dim: int, dtype: str = "float16", shard_size: int | None = None, **kw
+) -> NewStore:
+    """`NewStore(path, manifest, dim, dtype, segments=...)`; `shard_size` (of the older .npy format) has
+    no counterpart on Lance and is ignored."""
+    return NewStore(path, manifest, dim, dtype, kw.get("segments"))
+
+
+def add_rows(path, items, vectors, segments=None) -> int:
+    """Write rows into the store at `path` in one writer session (one commit); returns its version."""
+    from mlx_clap.store import Store
+
+    with Store.open(path, write=True) as w:
+        return w.write(items, vectors, segments)

@@ -19,11 +19,11 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 from conftest import REPO_ROOT
-from fixtures import default_sigint
+from fixtures import create_store, default_sigint
 from test_index import clustered, make_store, unit
 
 from mlx_clap.cli import main
-from mlx_clap.search.store import EmbeddingStore
+from mlx_clap.store import Store
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def run(args: list, env: dict | None = None):
     return CliRunner().invoke(main, [str(a) for a in args], env=env)
 
 
-def store_of(tmp_path: Path, names: list[str], dim: int = 16) -> EmbeddingStore:
+def store_of(tmp_path: Path, names: list[str], dim: int = 16) -> Store:
     vecs = unit(np.random.default_rng(1).standard_normal((len(names), dim)))
     return make_store(tmp_path / "store", vecs, names=names, shard_size=8)
 
@@ -75,8 +75,8 @@ def test_classify_and_search_use_the_store_model_over_the_env(tiny_model_dir, cl
     import mlx_clap
 
     model = mlx_clap.load(tiny_model_dir)
-    store = EmbeddingStore.create(tmp_path / "s", {"model": str(tiny_model_dir)}, 512)
-    store.append(
+    store = create_store(tmp_path / "s", {"model": str(tiny_model_dir)}, 512)
+    store.write(
         [{"path": str(clips / "dog.wav"), "size": 1, "mtime": 0.0}], model.embed_audio([clips / "dog.wav"])
     )
     # The environment names a model that does not exist: the store's own model must still be used.
@@ -320,7 +320,7 @@ def test_ctrl_c_exits_130_cleanly_every_time(tiny_model_dir, tmp_path):
             continue
         assert "interrupted" in text
         if out.exists() and (out / "manifest.json").exists():
-            EmbeddingStore.open(out)  # what was written reopens cleanly
+            Store.open(out)  # what was written reopens cleanly
     assert codes.count(130) >= 4, codes
 
 
@@ -351,7 +351,8 @@ def test_index_is_an_explicit_resumable_step_and_search_names_the_backend(tmp_pa
     monkeypatch.setattr(index_mod, "ANN_AUTO_ROWS", 100)
     r = run([*base, "--json"])
     assert json.loads(r.stdout)["backend"] == "ann"
-    store.append([{"path": f"/v/new{i}.wav", "size": 1, "mtime": 0.0} for i in range(100)], vecs[500:])
+    with Store.open(store.path, write=True) as w:
+        w.write([{"path": f"/v/new{i}.wav", "size": 1, "mtime": 0.0} for i in range(100)], vecs[500:])
     r = run([*base, "--json"])
     doc = json.loads(r.stdout)
     assert doc["backend"] == "flat" and any("changed since its ANN index" in n for n in doc["notes"])

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from conftest import REPO_ROOT
 
 from mlx_clap.cli import main
-from mlx_clap.search.store import EmbeddingStore
+from mlx_clap.store import Store, check_store
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_store_vectors_equal_embed_audio(tiny_model_dir, tiny_model, audio_dir, 
     )
     assert "broken.mp3" in r.stderr and "not a readable audio file" in r.stderr
 
-    store = EmbeddingStore.open(out)
+    store = Store.open(out)
     paths = [it["path"] for it in store.items]
     assert paths == [str(audio_dir / g) for g in sorted(GOOD)]
     want = tiny_model.embed_audio(paths, batch_size=4)
@@ -105,7 +105,7 @@ def test_store_vectors_equal_embed_audio(tiny_model_dir, tiny_model, audio_dir, 
     summary = json.loads(r.stdout)
     # The same failure as the run before: status 3, "only known failures".
     assert (summary["embedded"], summary["skipped"], summary["failed"], r.exit_code) == (0, 6, 1, 3)
-    assert len(EmbeddingStore.open(out)) == 6
+    assert len(Store.open(out)) == 6
 
     # Other settings: a clear error; --overwrite starts fresh.
     r = _run(["embed", str(audio_dir), "-r", "--model", str(tiny_model_dir), "--out", str(out),
@@ -114,7 +114,7 @@ def test_store_vectors_equal_embed_audio(tiny_model_dir, tiny_model, audio_dir, 
     r = _run(["embed", str(audio_dir), "-r", "--model", str(tiny_model_dir), "--out", str(out),
               "--long-audio", "head", "--overwrite", "-q"])  # fmt: skip
     assert r.exit_code == 1
-    store = EmbeddingStore.open(out)
+    store = Store.open(out)
     assert len(store) == 6 and store.dtype == "float16"
     want = tiny_model.embed_audio([it["path"] for it in store.items], long_audio="head")
     np.testing.assert_allclose(store.matrix(), want, atol=2e-3, rtol=0)
@@ -231,6 +231,16 @@ def _embed_cmd(model_dir: Path, src: Path, out: Path) -> list[str]:
     ]
 
 
+def _committed_rows(out) -> int:
+    """File rows of the newest version of the store in `out` (0 before its first commit)."""
+    from mlx_clap.store import StoreError
+
+    try:
+        return len(Store.open(out)) if (out / "_versions").is_dir() else 0
+    except StoreError:
+        return 0
+
+
 def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     src = tmp_path / "many"
     src.mkdir()
@@ -244,17 +254,16 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(_embed_cmd(tiny_model_dir, src, out), env=env, cwd=REPO_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    items = out / "items.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if items.exists() and items.read_bytes().count(b"\n") >= 3:
+        if _committed_rows(out) >= 3:  # three files committed: kill it mid-run
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.005)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     proc.stderr.close()
-    partial = EmbeddingStore.open(out)
+    partial = Store.open(out)
     assert 3 <= len(partial) < n_files - 1
 
     rerun = subprocess.run(_embed_cmd(tiny_model_dir, src, out), env=env, cwd=REPO_ROOT,
@@ -265,13 +274,12 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert ref.returncode == 1, ref.stderr
 
-    resumed, whole = EmbeddingStore.open(out), EmbeddingStore.open(ref_out)
+    resumed, whole = Store.open(out), Store.open(ref_out)
     assert len(resumed) == len(whole) == n_files - 1
     assert resumed.items == whole.items  # same rows, same order, no duplicates
     assert len({it["path"] for it in resumed.items}) == n_files - 1
     np.testing.assert_allclose(resumed.matrix(), whole.matrix(), atol=1e-6, rtol=0)
-    assert (out / "items.jsonl").read_bytes() == (ref_out / "items.jsonl").read_bytes()
-    assert not list((out / "shards").glob("*.tmp"))
+    assert check_store(out)["ok"] and resumed.dead_rows == 0  # compacted, nothing of the killed run left
 
 
 def test_non_utf8_file_name(tiny_model_dir, tmp_path):
@@ -282,7 +290,7 @@ def test_non_utf8_file_name(tiny_model_dir, tmp_path):
     sf.write(raw, np.zeros(4800, np.float32), 48000)
     r = _run(["embed", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "st"), "-q"])
     assert r.exit_code == 0, r.output
-    assert os.fsencode(EmbeddingStore.open(tmp_path / "st").items[0]["path"]) == raw
+    assert os.fsencode(Store.open(tmp_path / "st").items[0]["path"]) == raw
     r = _run(["embed", str(src), "--model", str(tiny_model_dir), "-q"])
     assert r.exit_code == 0 and os.fsencode(json.loads(r.stdout)["path"]) == raw
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
-from fixtures import assert_same_ranking
+from fixtures import assert_same_ranking, create_store
 from test_index import make_store, unit
 
 from mlx_clap.cli import main
-from mlx_clap.search.store import EmbeddingStore
+from mlx_clap.store import Store
 
 
 def run(args: list[str]):
@@ -22,7 +22,7 @@ def run(args: list[str]):
 
 
 @pytest.fixture()
-def vec_store(tmp_path) -> tuple[EmbeddingStore, np.ndarray]:
+def vec_store(tmp_path) -> tuple[Store, np.ndarray]:
     vecs = unit(np.random.default_rng(0).standard_normal((40, 16)))
     vecs[7] = unit(vecs[3][None] + 0.01)[0]  # a near-duplicate pair 3-7
     names = [f"/sounds/{'dog' if i < 20 else 'rain'}_{i:02d}.wav" for i in range(40)]
@@ -63,8 +63,8 @@ def test_search_bad_input(vec_store, tmp_path, tiny_model_dir):
     r = run(["search", store.path, "--like", "/sounds/dog_03.wav", "--text", "x"])
     assert r.exit_code == 2 and "exactly one of" in r.output
     r = run(["search", tmp_path / "missing", "--like", "x"])
-    assert r.exit_code == 1 and "no such store folder" in r.output
-    EmbeddingStore.create(tmp_path / "empty", {"model": str(tiny_model_dir)}, 512)
+    assert r.exit_code == 1 and "missing: no such store" in r.output
+    create_store(tmp_path / "empty", {"model": str(tiny_model_dir)}, 512)
     for cmd in (["search", tmp_path / "empty", "--text", "dog"], ["dedupe", tmp_path / "empty"],
                 ["cluster", tmp_path / "empty", "-k", "2"]):  # fmt: skip
         r = run(cmd)
@@ -75,10 +75,8 @@ def test_search_bad_input(vec_store, tmp_path, tiny_model_dir):
     r = run(["search", store.path, "--text", "dog"])  # the manifest's model id cannot be loaded offline
     assert r.exit_code == 1 and "test/random" in r.output
     # Same size, other weights: refused by the weights hash recorded in the manifest.
-    other = EmbeddingStore.create(
-        tmp_path / "other", {"model": str(tiny_model_dir), "weights_sha256": "ab" * 32}, 512
-    )
-    other.append([{"path": "a.wav", "size": 1, "mtime": 0.0}], unit(np.ones((1, 512))))
+    other = create_store(tmp_path / "other", {"model": str(tiny_model_dir), "weights_sha256": "ab" * 32}, 512)
+    other.write([{"path": "a.wav", "size": 1, "mtime": 0.0}], unit(np.ones((1, 512))))
     r = run(["search", other.path, "--text", "dog"])
     assert r.exit_code == 1 and "not comparable" in r.output
 
@@ -89,8 +87,8 @@ def test_search_text_with_store_model(tiny_model_dir, tmp_path):
     model = mlx_clap.load(tiny_model_dir)
     texts = ["a dog barking", "rain on a roof", "a siren", "jazz music"]
     vecs = model.embed_text(texts)  # stand-ins for audio vectors in the shared space
-    store = EmbeddingStore.create(tmp_path / "s", {"model": str(tiny_model_dir)}, 512)
-    store.append([{"path": f"{t}.wav", "size": 1, "mtime": 0.0} for t in texts], vecs)
+    store = create_store(tmp_path / "s", {"model": str(tiny_model_dir)}, 512)
+    store.write([{"path": f"{t}.wav", "size": 1, "mtime": 0.0} for t in texts], vecs)
     r = run(["search", store.path, "--text", "rain on a roof", "-k", "2", "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
@@ -138,8 +136,8 @@ def test_classify_files_and_store(tiny_model_dir, tmp_path):
     r = run(["classify", a, "--labels", "dog,cat", "--model", tiny_model_dir, "--top", "5", "--template", ""])
     assert r.exit_code == 0 and r.stdout.count(" 0.") + r.stdout.count(" 1.") == 2
     # A store as input: its vectors are classified without decoding.
-    store = EmbeddingStore.create(tmp_path / "s", {"model": str(tiny_model_dir)}, 512)
-    store.append([{"path": str(a), "size": 1, "mtime": 0.0}], model.embed_audio([a]))
+    store = create_store(tmp_path / "s", {"model": str(tiny_model_dir)}, 512)
+    store.write([{"path": str(a), "size": 1, "mtime": 0.0}], model.embed_audio([a]))
     r = run(["classify", store.path, "--labels", "dog,cat,rain", "--model", tiny_model_dir, "--json"])
     assert r.exit_code == 0, r.output
     assert np.allclose(

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from fixtures import create_store
 from test_index import make_store, unit
 
 from mlx_clap.search.cluster import ClusterError, spherical_kmeans, write_assignments
-from mlx_clap.search.store import EmbeddingStore
 
 
 def blobs(n: int, dim: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +61,7 @@ def test_bad_k_and_empty_store(tmp_path):
     same = np.repeat(vecs[:1], 5, axis=0)
     with pytest.raises(ClusterError, match="distinct"):
         spherical_kmeans(same, 2)
-    empty = EmbeddingStore.create(tmp_path / "e", {"model": {"id": "x"}}, 8)
+    empty = create_store(tmp_path / "e", {"model": {"id": "x"}}, 8)
     with pytest.raises(ClusterError, match="empty"):
         spherical_kmeans(empty, 2)
     assert spherical_kmeans(vecs, 10).sizes.tolist() == [1] * 10

@@ -28,7 +28,7 @@ import pytest
 import soundfile as sf
 from test_cli_search import run
 
-from mlx_clap.search.store import EmbeddingStore
+from mlx_clap.store import Store
 
 SR = 44100
 CODEC = ["mp3_320k.mp3", "mp3_160k.mp3", "mp3_56k.mp3", "aac_128k.m4a", "aac_64k.m4a"]
@@ -95,7 +95,7 @@ def audio_store(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:  # noqa:
 
 
 def measured(store_path: Path) -> tuple[list[str], np.ndarray]:
-    store = EmbeddingStore.open(store_path)
+    store = Store.open(store_path)
     names = [Path(it["path"]).name for it in store.items]
     m = store.matrix()
     return names, m @ m.T

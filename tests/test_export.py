@@ -10,11 +10,12 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fixtures import create_store
 
 from mlx_clap.cli import export as cli_export
 from mlx_clap.search import export as ex
 from mlx_clap.search.export import ExportError, export_store, json_targets
-from mlx_clap.search.store import EmbeddingStore
+from mlx_clap.store import Store
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -33,25 +34,25 @@ def _items(paths):
     return [{"path": p, "size": 10 + i, "mtime": 1.0 + i, "duration": 2.5 + i} for i, p in enumerate(paths)]
 
 
-def make_store(root, paths=PATHS, seed=0, dtype="float16", shard_size=2) -> EmbeddingStore:
+def make_store(root, paths=PATHS, seed=0, dtype="float16", shard_size=2) -> Store:
     """A store of len(paths) random unit vectors; small shards so exports cross shard boundaries."""
-    s = EmbeddingStore.create(root, MANIFEST, DIM, dtype, shard_size)
-    s.append(_items(paths), _unit(len(paths), seed))
-    return EmbeddingStore.open(root)
+    s = create_store(root, MANIFEST, DIM, dtype, shard_size)
+    s.write(_items(paths), _unit(len(paths), seed))
+    return Store.open(root)
 
 
 # Files 0, 2 and 3 have 2, 3 and 1 windows (2 s long, 1 s apart); files 1 and 4 have none.
 WINDOWS = {0: [0.0, 1.0], 2: [0.0, 1.0, 2.0], 3: [0.0]}
 
 
-def segmented_store(root) -> EmbeddingStore:
-    s = EmbeddingStore.create(root, MANIFEST, DIM, "float16", 2, segments={"hop": 1.0, "window": 2.0})
+def segmented_store(root) -> Store:
+    s = create_store(root, MANIFEST, DIM, "float16", 2, segments={"hop": 1.0, "window": 2.0})
     segments = []
     for f in range(len(PATHS)):
         starts = np.asarray(WINDOWS.get(f, []), np.float64)
         segments.append((starts, starts + 2.0, _unit(starts.size, 10 + f)) if starts.size else None)
-    s.append(_items(PATHS), _unit(len(PATHS), 0), segments=segments)
-    return EmbeddingStore.open(root)
+    s.write(_items(PATHS), _unit(len(PATHS), 0), segments=segments)
+    return Store.open(root)
 
 
 def parquet_vectors(table) -> np.ndarray:
@@ -351,12 +352,12 @@ def test_a_killed_exports_leftovers_are_removed_by_the_next(tmp_path, fmt):
     out = tmp_path / "out"
     code = (
         "import sys, time\n"
-        "from mlx_clap.search.store import EmbeddingStore\n"
+        "from mlx_clap.store import Store\n"
         "from mlx_clap.search.export import export_store\n"
         "def hang(done, total):\n"
         "    if done:\n"
         "        print('half', flush=True); time.sleep(600)\n"
-        f"export_store(EmbeddingStore.open(sys.argv[1]), sys.argv[2], {fmt!r}, batch_rows=2, progress=hang)\n"
+        f"export_store(Store.open(sys.argv[1]), sys.argv[2], {fmt!r}, batch_rows=2, progress=hang)\n"
     )
     child = subprocess.Popen([sys.executable, "-c", code, str(store.path), str(out)], stdout=subprocess.PIPE)
     try:

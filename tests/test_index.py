@@ -6,9 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from fixtures import create_store
 
 from mlx_clap.search.index import AnnIndex, FlatIndex, SearchError, near_duplicates, open_index, path_mask
-from mlx_clap.search.store import EmbeddingStore
+from mlx_clap.store import Store
 
 MANIFEST = {"model": {"id": "test/random", "weights_sha256": "0" * 64}}
 
@@ -27,10 +28,10 @@ def clustered(n: int, dim: int, centers: int, within: float, seed: int) -> np.nd
 
 
 def make_store(path, vectors: np.ndarray, dtype: str = "float32", shard_size: int = 1000, names=None):
-    store = EmbeddingStore.create(path, MANIFEST, vectors.shape[1], dtype=dtype, shard_size=shard_size)
+    store = create_store(path, MANIFEST, vectors.shape[1], dtype=dtype, shard_size=shard_size)
     names = names or [f"clips/{i:06d}.wav" for i in range(len(vectors))]
-    store.append([{"path": p, "size": 1, "mtime": 0.0} for p in names], vectors)
-    return EmbeddingStore.open(path)
+    store.write([{"path": p, "size": 1, "mtime": 0.0} for p in names], vectors)
+    return Store.open(path)
 
 
 def brute_force(matrix: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +79,7 @@ def test_flat_filters_exclude_and_clamp(tmp_path):
 
 
 def test_empty_store_is_an_error(tmp_path):
-    store = EmbeddingStore.create(tmp_path / "e", MANIFEST, 8)
+    store = create_store(tmp_path / "e", MANIFEST, 8)
     with pytest.raises(SearchError, match="empty"):
         FlatIndex(store)
     with pytest.raises(SearchError, match="empty"):
@@ -107,11 +108,14 @@ def test_ann_reuse_append_and_rebuild(tmp_path):
     vecs = clustered(3000, 32, centers=30, within=0.5, seed=4)
     store = make_store(tmp_path / "s", vecs[:2000])
     assert AnnIndex.open(store).built_now
-    assert not AnnIndex.open(EmbeddingStore.open(tmp_path / "s")).built_now  # saved graph reused
-    store.append([{"path": f"new/{i}.wav", "size": 1, "mtime": 0.0} for i in range(1000)], vecs[2000:])
-    store = EmbeddingStore.open(tmp_path / "s")
-    grown = AnnIndex.open(store)
+    assert not AnnIndex.open(Store.open(tmp_path / "s")).built_now  # saved graph reused
+    with Store.open(tmp_path / "s", write=True) as w:  # one commit adding rows: the graph is extended
+        w.write([{"path": f"new/{i}.wav", "size": 1, "mtime": 0.0} for i in range(1000)], vecs[2000:])
+    store = Store.open(tmp_path / "s")
+    said: list[str] = []
+    grown = AnnIndex.open(store, progress=said.append)
     assert grown.built_now and len(grown.index) == 3000
+    assert any("adding 1000 new rows" in m for m in said), said
     meta = json.loads((tmp_path / "s" / "ann.json").read_text())
     assert meta["fingerprint"]["rows"] == 3000
     res = grown.search(vecs[2500], k=1)

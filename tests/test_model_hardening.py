@@ -598,6 +598,8 @@ def test_laion_convert_refuses_a_tokenizer_that_does_not_fit(laion_state, tmp_pa
 def test_store_records_the_absolute_model_path_and_old_relative_ones_resolve(
     tiny_model_dir, wav, tmp_path, monkeypatch
 ):
+    from mlx_clap.store import Store
+
     work = tmp_path / "work"
     (work / "models").mkdir(parents=True)
     shutil.copytree(tiny_model_dir, work / "models" / "tiny")
@@ -605,14 +607,13 @@ def test_store_records_the_absolute_model_path_and_old_relative_ones_resolve(
     runner = CliRunner()
     res = runner.invoke(main, ["embed", str(wav), "--model", "models/tiny", "--out", "store"])
     assert res.exit_code == 0, res.output
-    manifest = json.loads((work / "store" / "manifest.json").read_text())
-    assert manifest["model"] == str((work / "models" / "tiny").resolve())
+    assert Store.open(work / "store").manifest["model"] == str((work / "models" / "tiny").resolve())
     monkeypatch.chdir(tmp_path)
     res = runner.invoke(main, ["search", str(work / "store"), "--text", "a dog", "--json"])
     assert res.exit_code == 0, res.output
     # A store written before the fix recorded the path as typed: found beside the store.
-    manifest["model"] = "models/tiny"
-    (work / "store" / "manifest.json").write_text(json.dumps(manifest))
+    with Store.open(work / "store", write=True) as w:
+        w.update_manifest({"model": "models/tiny"})
     res = runner.invoke(main, ["search", str(work / "store"), "--text", "a dog", "--json"])
     assert res.exit_code == 0, res.output
 

@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fixtures import create_store
 from test_segment_search import FakeView, make_segment_store, unit, windows_of
 
 from mlx_clap.search.index import SearchError
 from mlx_clap.search.recurring import exact_pairs, find_recurring
-from mlx_clap.search.store import EmbeddingStore
 
 SPAN = 4  # window = 4 hops: a window shares audio with the 3 before and after it
 WINDOW, HOP = 4.0, 1.0
@@ -158,8 +158,8 @@ def test_recurring_command(planted_store, tmp_path):
     assert "1 more groups" in r.stderr and "exact backend" in r.stderr
     r = CliRunner().invoke(recurring, [str(planted_store.path), "--threshold", "0.999"])
     assert r.exit_code == 0 and "nothing recurs" in r.stdout
-    plain = EmbeddingStore.create(tmp_path / "plain", {"model": "x"}, 8)
-    plain.append([{"path": "/a.wav", "size": 1, "mtime": 0.0}], unit(np.ones((1, 8))))
+    plain = create_store(tmp_path / "plain", {"model": "x"}, 8)
+    plain.write([{"path": "/a.wav", "size": 1, "mtime": 0.0}], unit(np.ones((1, 8))))
     r = CliRunner().invoke(recurring, [str(plain.path)])
     assert r.exit_code == 1 and "made without --segments" in r.output
     r = CliRunner().invoke(recurring, [str(planted_store.path), "--threshold", "0.9", "--min-z", "3"])

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fixtures import create_store
 
 from mlx_clap.search.calibration import Calibration, calibrate_query, sample_rows
 from mlx_clap.search.index import SearchError
@@ -25,7 +26,7 @@ from mlx_clap.search.segments import (
     timeline_segments,
     window_geometry,
 )
-from mlx_clap.search.store import EmbeddingStore
+from mlx_clap.store import Store
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -81,7 +82,7 @@ def planted_view(seed: int = 0, dim: int = 64, dtype=np.float32):
 def make_segment_store(path: Path, view: FakeView, manifest: dict | None = None, dtype: str = "float32"):
     """A real store with segments holding `view`'s windows (file vectors: the mean of their windows)."""
     window, hop = window_geometry(view)
-    store = EmbeddingStore.create(
+    store = create_store(
         path, manifest or {"model": {"id": "test/random"}}, view.dim, dtype=dtype, shard_size=64,
         segments={"hop": hop, "window": window},
     )  # fmt: skip
@@ -94,8 +95,8 @@ def make_segment_store(path: Path, view: FakeView, manifest: dict | None = None,
         )
         files.append(unit(v.mean(axis=0)))
         segs.append((view.start[sel], view.end[sel], v))
-    store.append(items, np.stack(files), segments=segs)
-    return EmbeddingStore.open(path)
+    store.write(items, np.stack(files), segments=segs)
+    return Store.open(path)
 
 
 # ---------------------------------------------------------------------------------------- merging
@@ -379,8 +380,8 @@ def test_timeline_command_errors(applause_store, tmp_path, tiny_model_dir):
     assert r.exit_code == 1 and "/audio/nope.wav: not in the store" in r.output
     r = invoke(timeline_cmd, ["/audio/file_2.wav", "--store", store.path])
     assert r.exit_code == 2 and "exactly one of --text, --audio" in r.output
-    plain = EmbeddingStore.create(tmp_path / "plain", {"model": str(tiny_model_dir)}, 512)
-    plain.append([{"path": "/audio/a.wav", "size": 1, "mtime": 0.0}], unit(np.ones((1, 512))))
+    plain = create_store(tmp_path / "plain", {"model": str(tiny_model_dir)}, 512)
+    plain.write([{"path": "/audio/a.wav", "size": 1, "mtime": 0.0}], unit(np.ones((1, 512))))
     r = invoke(timeline_cmd, ["/audio/a.wav", "--store", plain.path, "--text", "applause"])
     assert r.exit_code == 1 and "made without --segments; embed again with --segments" in r.output
     r = invoke(timeline_cmd, ["--help"])

@@ -302,7 +302,7 @@ def test_segment_results_show_time_ranges_and_play_from_a_segment(tmp_path, tiny
 
     import mlx_clap
     from mlx_clap.cli import main
-    from mlx_clap.search.store import EmbeddingStore
+    from mlx_clap.store import Store
 
     paths = write_sounds(tmp_path / "lib", seconds=14.0)[:3]
     out = tmp_path / "store"
@@ -310,7 +310,7 @@ def test_segment_results_show_time_ranges_and_play_from_a_segment(tmp_path, tiny
     r = CliRunner().invoke(main, [*args, "--hop", "2", "-q"])
     assert r.exit_code == 0, r.output
     model = mlx_clap.load(tiny_model_dir)
-    library = Library(EmbeddingStore.open(out), model)
+    library = Library(Store.open(out), model)
     expected = library.text_search("a pure tone", 3)["results"]
     first = expected[0]
     starts = library.item(first["row"])["segments"]["start"]

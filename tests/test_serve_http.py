@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
+from fixtures import add_rows, create_store
 
 pytest.importorskip("starlette", reason="the serve extra is not installed: pip install 'mlx-clap[serve]'")
 pytest.importorskip("httpx", reason="Starlette's TestClient needs httpx")
@@ -30,9 +31,9 @@ pytest.importorskip("httpx", reason="Starlette's TestClient needs httpx")
 from fixtures import assert_same_ranking  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
-from mlx_clap.search.store import EmbeddingStore  # noqa: E402
 from mlx_clap.serve.app import create_app  # noqa: E402
 from mlx_clap.serve.engine import Library  # noqa: E402
+from mlx_clap.store import Store  # noqa: E402
 
 SR = 48000
 TOKEN = "test-token"
@@ -74,14 +75,14 @@ def item_of(path: Path) -> dict:
     }
 
 
-def build_store(folder: Path, paths: list[Path], model) -> EmbeddingStore:
-    """A float32 store of `paths` embedded with `model` (EmbeddingStore.create + append), recording
+def build_store(folder: Path, paths: list[Path], model) -> Store:
+    """A float32 store of `paths` embedded with `model` (Store.create + append), recording
     their folders as its library folders, as `mlx-clap embed` does."""
     roots = sorted({os.path.realpath(p.parent) for p in paths})
     manifest = {"model": "tiny", "library_roots": roots}
-    store = EmbeddingStore.create(folder, manifest, dim=model.embedding_dim, dtype="float32")
-    store.append([item_of(p) for p in paths], model.embed_audio(paths))
-    return EmbeddingStore.open(folder)
+    store = create_store(folder, manifest, dim=model.embedding_dim, dtype="float32")
+    store.write([item_of(p) for p in paths], model.embed_audio(paths))
+    return Store.open(folder)
 
 
 def client_for(store, model, **kwargs) -> TestClient:
@@ -325,7 +326,7 @@ def test_a_library_reached_through_a_linked_folder_is_served(tmp_path, tiny_mode
     ]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
-    store = EmbeddingStore.open(out)
+    store = Store.open(out)
     by_name = {Path(it["path"]).name: row for row, it in enumerate(store.items)}
     assert all(str(it["path"]).startswith(str(tmp_path / "home")) for it in store.items)  # as reached
     c = client_for(store, tiny_model)
@@ -372,8 +373,8 @@ def test_map_has_one_point_per_item_and_is_cached_until_the_store_changes(tmp_pa
     assert c.get("/api/map", headers=AUTH).json()["x"] == doc["x"]
     assert client_for(store, tiny_model).get("/api/map", headers=AUTH).status_code == 200
     assert cached.stat().st_mtime_ns == stamp  # reused by a new server on the same store
-    store.append([item_of(paths[4])], tiny_model.embed_audio([paths[4]]))
-    grown = EmbeddingStore.open(tmp_path / "store")
+    add_rows(store.path, [item_of(paths[4])], tiny_model.embed_audio([paths[4]]))
+    grown = Store.open(tmp_path / "store")
     doc = client_for(grown, tiny_model).get("/api/map", headers=AUTH).json()
     assert len(doc["x"]) == 5 and cached.stat().st_mtime_ns != stamp
 
@@ -403,7 +404,7 @@ def test_segment_store_returns_time_ranges_and_timelines(tmp_path, tiny_model_di
          "--hop", "2", "--store-dtype", "float32", "-q"],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
-    store = EmbeddingStore.open(out)
+    store = Store.open(out)
     view = store.segment_view()
     assert store.has_segments and len(view) > len(store)
     c = client_for(store, tiny_model)

@@ -26,13 +26,14 @@ from click.testing import CliRunner
 pytest.importorskip("starlette", reason="the serve extra is not installed: pip install 'mlx-clap[serve]'")
 pytest.importorskip("httpx", reason="Starlette's TestClient needs httpx")
 
+from fixtures import add_rows  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 from test_serve_http import AUTH, BASE, TOKEN, build_store, client_for, item_of, write_sounds  # noqa: E402
 
-from mlx_clap.search.store import MANIFEST_NAME, EmbeddingStore  # noqa: E402
 from mlx_clap.serve import engine  # noqa: E402
 from mlx_clap.serve.app import create_app  # noqa: E402
 from mlx_clap.serve.engine import BACKGROUND, QUERY, Library, MLXThread, decode_head  # noqa: E402
+from mlx_clap.store import Store  # noqa: E402
 
 SECRET = b"TOP-SECRET-" * 4096  # what must never come out of the server
 
@@ -191,10 +192,12 @@ def test_rows_outside_the_library_folders_are_never_read_and_check_lists_them(tm
     store = build_store(tmp_path / "store", [paths[0]], tiny_model)  # records lib/ as its one folder
     # A store received from elsewhere: its rows name whatever its author wrote.
     hostile = [outside, Path("/etc/passwd"), text]
-    store.append(
-        [{**item_of(paths[0]), "path": str(p)} for p in hostile], tiny_model.embed_audio([paths[0]] * 3)
+    add_rows(
+        store.path,
+        [{**item_of(paths[0]), "path": str(p)} for p in hostile],
+        tiny_model.embed_audio([paths[0]] * 3),
     )
-    store = EmbeddingStore.open(tmp_path / "store")
+    store = Store.open(tmp_path / "store")
     c = client_for(store, tiny_model)
     assert audio(c, 0).status_code == 200
     causes = {}
@@ -222,12 +225,11 @@ def test_a_store_without_folders_plays_nothing_until_embed_records_them(tmp_path
     out = tmp_path / "store"
     args = ["embed", str(lib), "--out", str(out), "--model", str(tiny_model_dir), "-q"]
     assert run_cli(*args).exit_code == 0
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
-    assert manifest["library_roots"] == [os.path.realpath(lib)]
-    del manifest["library_roots"]  # as a store made before they were recorded
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert Store.open(out).manifest["library_roots"] == [os.path.realpath(lib)]
+    with Store.open(out, write=True) as w:  # as a store made before they were recorded
+        w.update_manifest({"library_roots": None})
 
-    app = create_app(Library(EmbeddingStore.open(out), tiny_model), token=TOKEN)
+    app = create_app(Library(Store.open(out), tiny_model), token=TOKEN)
     c = TestClient(app, base_url=BASE)
     r = audio(c, 0)
     assert r.status_code == 403 and "mlx-clap embed" in r.json()["error"]
@@ -236,14 +238,14 @@ def test_a_store_without_folders_plays_nothing_until_embed_records_them(tmp_path
     assert r.exit_code == 0 and "records no library folders" in r.output
 
     assert run_cli(*args).exit_code == 0  # nothing changed: the model is not even loaded, the folder recorded
-    assert json.loads((out / MANIFEST_NAME).read_text())["library_roots"] == [os.path.realpath(lib)]
+    assert Store.open(out).manifest["library_roots"] == [os.path.realpath(lib)]
     # A file argument adds its folder; the folders recorded before stay.
     assert (
         run_cli("embed", str(extra), "--out", str(out), "--model", str(tiny_model_dir), "-q").exit_code == 0
     )
-    roots = json.loads((out / MANIFEST_NAME).read_text())["library_roots"]
+    roots = Store.open(out).manifest["library_roots"]
     assert roots == sorted([os.path.realpath(lib), os.path.realpath(more)])
-    store = EmbeddingStore.open(out)
+    store = Store.open(out)
     app = create_app(Library(store, tiny_model), token=TOKEN)
     c = TestClient(app, base_url=BASE)
     for row, it in enumerate(store.items):
@@ -361,7 +363,7 @@ def test_a_long_upload_embeds_its_head_and_says_so(tmp_path, tiny_model, monkeyp
     assert doc["notes"] == ["embedded the first 0:20 of 0:30"]
     head = load_audio(tmp_path / "up.wav", 48000).samples[: 20 * 48000]
     want = tiny_model.embed_waveforms([head])[0]
-    every = EmbeddingStore.open(tmp_path / "store").matrix() @ want
+    every = Store.open(tmp_path / "store").matrix() @ want
     assert doc["results"][0]["score"] == pytest.approx(float(every.max()), abs=1e-4)
 
 

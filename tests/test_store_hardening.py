@@ -1,5 +1,6 @@
-"""Store integrity: the writer lock, no writes outside the store, validated manifests and items, per-row
-checksums with `mlx-clap check`, and atomic, recoverable creation (disk full, read-only folders)."""
+"""Store integrity: the writer lock, no writes outside the store, per-row checksums with `mlx-clap check`,
+and recoverable creation and writes (disk full, read-only folders), on the Lance store the commands
+write; and the validation of the older format's manifests and items, which `migrate_store` reads."""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from click.testing import CliRunner
 from conftest import REPO_ROOT
 
 from mlx_clap.cli import main
-from mlx_clap.io.files import atomic_write_bytes
+from mlx_clap.io.files import append_lines, atomic_write_bytes
 from mlx_clap.search import store as store_mod
-from mlx_clap.search.store import EmbeddingStore, StoreBusyError, StoreError, append_lines
+from mlx_clap.search.store import EmbeddingStore, StoreError
+from mlx_clap.store import Store
+from mlx_clap.store import StoreBusyError as LanceBusyError
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -39,6 +42,13 @@ def _store(root: Path, n: int = 6, shard_size: int = 4, dtype: str = "float32") 
     if n:
         s.append(_items(0, n), _vecs(0, n))
     return s
+
+
+def _lance_store(root: Path, n: int = 6) -> None:
+    """A float32 store (mlx_clap.store, on Lance) of rows /a/0.wav ... /a/{n-1}.wav."""
+    with Store.create(root, {"model": "m"}, dim=8, dtype="float32") as s:
+        if n:
+            s.write(_items(0, n), _vecs(0, n))
 
 
 def _run(args: list[str]):
@@ -61,9 +71,18 @@ time.sleep(120)
 """
 
 
-def _hold_in_subprocess(root: Path) -> subprocess.Popen:
+LANCE_HOLDER = """
+import sys, time
+from mlx_clap.store import Store
+s = Store.open(sys.argv[1], write=True)
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def _hold_in_subprocess(root: Path, code: str = HOLDER) -> subprocess.Popen:
     p = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(root)], stdout=subprocess.PIPE, text=True, env=_env()
+        [sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True, env=_env()
     )
     assert p.stdout.readline().strip() == "held"
     return p
@@ -87,7 +106,7 @@ def _embed(model: Path, src: Path, out: Path, *extra: str):
 def test_second_writer_fails_at_once_naming_pid_and_kill9_frees_it(tiny_model_dir, clips, tmp_path):
     out = tmp_path / "st"
     assert _embed(tiny_model_dir, clips, out).exit_code == 0
-    holder = _hold_in_subprocess(out)
+    holder = _hold_in_subprocess(out, LANCE_HOLDER)
     try:
         t0 = time.monotonic()
         # A second process: `mlx-clap embed` on the same --out.
@@ -100,15 +119,12 @@ def test_second_writer_fails_at_once_naming_pid_and_kill9_frees_it(tiny_model_di
         r = _embed(tiny_model_dir, clips, out)  # a resume, in this process: refused the same way
         assert r.exit_code != 0 and f"in use by PID {holder.pid}" in r.output
         assert time.monotonic() - t0 < 60
-        # In this process too (library): appends and error records are refused, the store is untouched.
-        before = (out / "items.jsonl").read_bytes()
-        s = EmbeddingStore.open(out)
-        assert s.read_only
-        with pytest.raises(StoreBusyError, match=f"PID {holder.pid}"):
-            s.append(_items(100, 1), np.ones((1, 512), np.float32) / np.sqrt(512))
-        with pytest.raises(StoreBusyError, match=f"PID {holder.pid}"):
-            s.record_error("/x.wav", "bad")
-        assert (out / "items.jsonl").read_bytes() == before and len(EmbeddingStore.open(out)) == 3
+        # In this process too (library): a reader reads, a writer is refused, the store is untouched.
+        before = Store.open(out)
+        assert before.read_only and len(before) == 3
+        with pytest.raises(LanceBusyError, match=f"PID {holder.pid}"):
+            Store.open(out, write=True)
+        assert Store.open(out).version == before.version
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -116,7 +132,7 @@ def test_second_writer_fails_at_once_naming_pid_and_kill9_frees_it(tiny_model_di
     assert (out / ".writer.lock").exists()
     r = _embed(tiny_model_dir, clips, out, "--overwrite")
     assert r.exit_code == 0, r.output
-    assert len(EmbeddingStore.open(out)) == 3
+    assert len(Store.open(out)) == 3
 
 
 def test_repair_on_open_waits_for_the_lock(tmp_path):
@@ -150,7 +166,7 @@ def test_stale_in_memory_store_refuses_to_append(tmp_path):
 
 
 # ---------------------------------------------------------------------------- 3. nothing outside
-@pytest.mark.parametrize("name", ["items.jsonl", "errors.jsonl", "shards"])
+@pytest.mark.parametrize("name", ["data", "errors.jsonl", "_versions"])
 def test_symlinked_store_entry_is_refused(tiny_model_dir, clips, tmp_path, name):
     out = tmp_path / "st"
     assert _embed(tiny_model_dir, clips, out).exit_code == 0
@@ -165,7 +181,7 @@ def test_symlinked_store_entry_is_refused(tiny_model_dir, clips, tmp_path, name)
     os.symlink(target, real)
     snapshot = {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
     with pytest.raises(StoreError, match="symbolic link"):
-        EmbeddingStore.open(out)
+        Store.open(out, write=True)
     extra = tmp_path / "more"
     extra.mkdir()
     sf.write(extra / "d.wav", np.zeros(800), 8000)
@@ -238,8 +254,6 @@ def test_bad_shard_size_is_refused_not_a_hang(tmp_path, value):
         return
     with pytest.raises(StoreError, match=r"manifest.json: field store.shard_size"):
         EmbeddingStore.open(root)
-    r = _run(["search", str(root), "--like", "/a/0.wav"])
-    assert r.exit_code != 0 and "store.shard_size" in r.output
 
 
 @pytest.mark.parametrize(
@@ -256,8 +270,6 @@ def test_bad_item_field_names_file_line_and_field(tmp_path, field, value):
     (root / "items.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(StoreError, match=rf"items.jsonl: line 2: field '{field}'"):
         EmbeddingStore.open(root)
-    r = _run(["check", str(root), "--json"])
-    assert r.exit_code == 1 and json.loads(r.stdout)["bad_lines"][0]["line"] == 2
 
 
 @pytest.mark.parametrize("how", ["missing", "file"])
@@ -282,20 +294,9 @@ def _write_shard_with_sums(root: Path, index: int, arr: np.ndarray) -> None:
     EmbeddingStore(root, manifest, [])._write_sidecar(index, store_mod.row_crcs(arr))
 
 
-def test_cluster_refuses_nan_rows_naming_the_item(tmp_path):
-    root = tmp_path / "st"
-    _store(root, 6)
-    arr = np.load(root / "shards" / "emb-00001.npy")
-    arr[1, 3] = np.nan
-    _write_shard_with_sums(root, 1, arr)
-    r = _run(["cluster", str(root), "-k", "2"])
-    assert r.exit_code != 0 and "/a/5.wav" in r.output and "NaN" in r.output
-    assert "Traceback" not in r.output
-
-
 def test_cluster_clusters_json_folder_or_read_only(tmp_path, monkeypatch):
     root = tmp_path / "st"
-    _store(root, 6)
+    _lance_store(root, 6)
     (root / "clusters.json").mkdir()
     r = _run(["cluster", str(root), "-k", "2"])
     assert r.exit_code != 0 and "clusters.json: is a folder" in r.output
@@ -313,193 +314,101 @@ def test_cluster_clusters_json_folder_or_read_only(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------- 5. checksums
-def _flip_bit(path: Path, offset_from_end: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[-offset_from_end] ^= 0x40
-    path.write_bytes(bytes(data))
-
-
-def test_bit_flip_detected_on_open_and_by_check_then_repaired(tmp_path):
+def test_bit_flip_found_by_check_then_repaired(tmp_path):
     root = tmp_path / "st"
-    _store(root, 10)
-    # Row 5 is row 1 of shard 1 (rows 4..7): flip a bit in its middle.
-    _flip_bit(root / "shards" / "emb-00001.npy", 2 * 8 * 4 + 10)
-    with pytest.raises(StoreError, match="fail their checksum"):
-        EmbeddingStore.open(root)
+    _lance_store(root, 10)
+    (data,) = (root / "data").iterdir()
+    raw = bytearray(data.read_bytes())
+    at = raw.find(_vecs(0, 10)[5].tobytes())  # the vector of /a/5.wav
+    assert at > 0
+    raw[at + 10] ^= 0x40
+    data.write_bytes(bytes(raw))
     r = _run(["check", str(root), "--json"])
     assert r.exit_code == 1
     report = json.loads(r.stdout)
-    assert [(d["row"], d["path"]) for d in report["damaged_rows"]] == [(5, "/a/5.wav")]
+    assert [d["path"] for d in report["damaged_rows"]] == ["/a/5.wav"]
     assert "checksum" in report["damaged_rows"][0]["cause"]
     r = _run(["check", str(root), "--repair"])
     assert r.exit_code == 0 and "removed 1 row" in r.output
-    s = EmbeddingStore.open(root)
+    s = Store.open(root)
     want = [i for i in range(10) if i != 5]
     assert [it["path"] for it in s.items] == [f"/a/{i}.wav" for i in want]
     np.testing.assert_array_equal(s.matrix(), _vecs(0, 10)[want])  # each path keeps its own vector
     assert ("/a/5.wav", 5, 1.5) not in s.done_keys()  # so a rerun of embed redoes it
     assert _run(["check", str(root)]).exit_code == 0
-    s.append(_items(5, 1), _vecs(0, 10)[5:6])  # and the store takes new rows afterwards
-    assert len(EmbeddingStore.open(root)) == 10
-
-
-def test_check_reports_nan_non_unit_bad_lines_and_orphans(tmp_path):
-    root = tmp_path / "st"
-    _store(root, 6)
-    arr = np.load(root / "shards" / "emb-00000.npy")
-    arr[0] = np.inf
-    arr[2] *= 3.0
-    _write_shard_with_sums(root, 0, arr)
-    extra = np.concatenate([np.load(root / "shards" / "emb-00001.npy"), _vecs(9, 1)])
-    _write_shard_with_sums(root, 1, extra)  # one orphan row after the last item
-    lines = (root / "items.jsonl").read_text().splitlines()
-    lines[3] = "garbage"
-    (root / "items.jsonl").write_text("\n".join(lines) + "\n")
-    r = _run(["check", str(root), "--json"])
-    assert r.exit_code == 1
-    rep = json.loads(r.stdout)
-    causes = {d["row"]: d["cause"] for d in rep["damaged_rows"]}
-    assert set(causes) == {0, 2} and "NaN or Inf" in causes[0] and "unit" in causes[2]
-    assert [b["line"] for b in rep["bad_lines"]] == [4] and rep["orphan_rows"] == 1
-    r = _run(["check", str(root), "--repair", "--json"])
-    assert r.exit_code == 0 and json.loads(r.stdout)["removed_rows"] == 3
-    s = EmbeddingStore.open(root)
-    assert [it["path"] for it in s.items] == ["/a/1.wav", "/a/4.wav", "/a/5.wav"]
-    np.testing.assert_array_equal(s.matrix(), _vecs(0, 6)[[1, 4, 5]])
-
-
-@pytest.mark.parametrize("die_at", [1, 2, 3, 4])
-def test_repair_leaves_a_valid_store_at_every_step(tmp_path, monkeypatch, die_at):
-    """A kill in the middle of --repair (simulated at each shard write) leaves a store that opens, whose
-    rows all match their paths."""
-    root = tmp_path / "st"
-    _store(root, 10)
-    _flip_bit(root / "shards" / "emb-00000.npy", 128 - 40)  # a byte of row 1 (rows are 32 bytes)
-    report = store_mod.check_store(root)
-    real = store_mod._atomic_save_npy
-    calls = []
-
-    def dying(path, arr):
-        calls.append(path)
-        if len(calls) == die_at:
-            raise KeyboardInterrupt  # as a kill would stop it here
-        real(path, arr)
-
-    monkeypatch.setattr(store_mod, "_atomic_save_npy", dying)
-    if die_at <= 3:  # the repair rewrites shards 0, 1 and 2
-        with pytest.raises(KeyboardInterrupt):
-            store_mod.repair_store(root, report)
-    else:
-        store_mod.repair_store(root, report)
-    s = EmbeddingStore.open(root)
-    want = _vecs(0, 10)
-    for i, it in enumerate(s.items):
-        np.testing.assert_array_equal(s.matrix()[i], want[int(it["path"][3:-4])])
-    # Interrupted: only the rows before the damage are left (a rerun of embed redoes the rest).
-    assert len(s) == (1 if die_at <= 3 else 9)
-
-
-def test_older_store_without_checksums_opens_and_is_migrated(tmp_path):
-    root = tmp_path / "st"
-    _store(root, 6)
-    import shutil
-
-    shutil.rmtree(root / "checksums")
-    s = EmbeddingStore.open(root, repair=False)
-    assert any("no checksums" in n for n in s.notes)
-    assert not (root / "checksums").exists()
-    EmbeddingStore.open(root)  # write-locked: records them
-    assert sorted(p.name for p in (root / "checksums").iterdir()) == [
-        "emb-00000.sum.json",
-        "emb-00001.sum.json",
-    ]
-    _flip_bit(root / "shards" / "emb-00000.npy", 5)
-    with pytest.raises(StoreError, match="checksum"):
-        EmbeddingStore.open(root)
-
-
-def test_append_refuses_to_carry_damaged_rows(tmp_path):
-    """A flipped bit that keeps the file's size and mtime (so open's cheap check skips it) is still
-    caught before an append would give it a fresh checksum."""
-    root = tmp_path / "st"
-    _store(root, 5)
-    p = root / "shards" / "emb-00001.npy"
-    st = p.stat()
-    _flip_bit(p, 3)
-    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
-    s = EmbeddingStore.open(root)
-    with pytest.raises(StoreError, match="checksum"):
-        s.append(_items(5, 1), _vecs(5, 1))
-    assert _run(["check", str(root)]).exit_code == 1
+    with Store.open(root, write=True) as w:  # and the store takes new rows afterwards
+        w.write(_items(5, 1), _vecs(0, 10)[5:6])
+    assert len(Store.open(root)) == 10
 
 
 # ------------------------------------------------------------------------------- 6. creation
-def test_disk_full_at_creation_leaves_nothing(tmp_path, monkeypatch, tiny_model_dir, clips):
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device")
+def _failing(exc: BaseException):
+    def fail(*a, **k):
+        raise exc
 
-    monkeypatch.setattr(store_mod, "atomic_write_json", full)
-    with pytest.raises(StoreError, match="no space left"):
-        EmbeddingStore.create(tmp_path / "st", {}, dim=8)
-    assert list(tmp_path.iterdir()) == []  # no half-made store, no temp folder
+    return fail
+
+
+def test_disk_full_at_creation_is_one_clear_error(tmp_path, monkeypatch, tiny_model_dir, clips):
+    import lance
+
+    monkeypatch.setattr(lance, "write_dataset", _failing(OSError(errno.ENOSPC, "No space left on device")))
     r = _embed(tiny_model_dir, clips, tmp_path / "st")
     assert r.exit_code != 0 and "no space left" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "st" / "_versions").exists()  # no store, not even an empty one
     monkeypatch.undo()
     assert _embed(tiny_model_dir, clips, tmp_path / "st").exit_code == 0
 
 
-def test_disk_full_while_appending_keeps_what_was_written(tmp_path, monkeypatch, tiny_model_dir, clips):
+def test_disk_full_while_writing_keeps_what_was_written(tmp_path, monkeypatch, tiny_model_dir, clips):
+    import lance.fragment
+
     out = tmp_path / "st"
     assert _embed(tiny_model_dir, clips, out).exit_code == 0
-    before = (out / "items.jsonl").read_bytes()
+    before = Store.open(out)
     more = tmp_path / "more"
     more.mkdir()
     sf.write(more / "d.wav", 0.1 * np.random.default_rng(0).standard_normal(8000), 8000)
-
-    def full(path, arr):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(store_mod, "_atomic_save_npy", full)
+    enospc = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(lance.fragment, "write_fragments", _failing(enospc))
     r = _embed(tiny_model_dir, more, out)
-    assert r.exit_code != 0 and "No space left" in r.output and "Traceback" not in r.output
-    assert (out / "items.jsonl").read_bytes() == before and len(EmbeddingStore.open(out)) == 3
+    assert r.exit_code != 0 and "no space left" in r.output and "Traceback" not in r.output
+    after = Store.open(out)
+    assert after.items == before.items and len(after) == 3
 
 
 def test_read_only_output_folder_is_a_clear_error(tmp_path, monkeypatch, tiny_model_dir, clips):
-    def denied(*a, **k):
-        raise PermissionError(errno.EACCES, "Permission denied")
+    import lance
 
-    monkeypatch.setattr(store_mod.tempfile, "mkdtemp", denied)  # as in a read-only folder (tests run as root)
+    # As in a read-only folder (tests run as root, so chmod would not stop them).
+    monkeypatch.setattr(lance, "write_dataset", _failing(PermissionError(errno.EACCES, "Permission denied")))
     r = _embed(tiny_model_dir, clips, tmp_path / "st")
     assert r.exit_code != 0 and "permission denied" in r.output and "Traceback" not in r.output
 
 
-def test_killed_creation_leaves_no_wedged_folder(tmp_path, monkeypatch, tiny_model_dir, clips):
-    def killed(tmp, path, replace):
-        raise KeyboardInterrupt  # killed just before the rename into place
+def test_killed_creation_is_redone_by_the_next_run(tmp_path, monkeypatch, tiny_model_dir, clips):
+    import lance
 
-    monkeypatch.setattr(EmbeddingStore, "_move_into_place", staticmethod(killed))
+    monkeypatch.setattr(lance, "write_dataset", _failing(KeyboardInterrupt()))  # killed before its commit
     with pytest.raises(KeyboardInterrupt):
-        EmbeddingStore.create(tmp_path / "st", {}, dim=8)
+        Store.create(tmp_path / "st", {}, dim=8)
     monkeypatch.undo()
-    assert not (tmp_path / "st").exists()
-    # A creation killed by SIGKILL leaves its temp folder; the next creation removes it.
-    (tmp_path / ".st.creating-dead").mkdir()
-    (tmp_path / ".st.creating-dead" / "items.jsonl").write_text("")
+    (tmp_path / "st" / "data").mkdir(exist_ok=True)
+    (tmp_path / "st" / "data" / "dead.lance").write_bytes(b"half a data file")  # a SIGKILLed creation's
     assert _embed(tiny_model_dir, clips, tmp_path / "st").exit_code == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["st"]
+    assert len(Store.open(tmp_path / "st")) == 3
+    assert not (tmp_path / "st" / "data" / "dead.lance").exists()
 
 
-def test_overwrite_works_on_a_half_created_store(tmp_path, tiny_model_dir, clips):
-    """What an older mlx-clap left when killed mid-creation: shards/ and items.jsonl, no manifest."""
+def test_overwrite_starts_fresh_but_never_wipes_other_files(tmp_path, tiny_model_dir, clips):
     out = tmp_path / "st"
-    (out / "shards").mkdir(parents=True)
-    (out / "items.jsonl").write_text("")
-    r = _embed(tiny_model_dir, clips, out)
-    assert r.exit_code != 0 and "--overwrite" in r.output
-    r = _embed(tiny_model_dir, clips, out, "--overwrite")
+    assert _embed(tiny_model_dir, clips, out).exit_code == 0
+    first = Store.open(out)
+    r = _embed(tiny_model_dir, clips, out, "--overwrite", "--summary-json")
     assert r.exit_code == 0, r.output
-    assert len(EmbeddingStore.open(out)) == 3
+    again = Store.open(out)
+    assert json.loads(r.output.strip().splitlines()[-1])["embedded"] == 3  # nothing kept from before
+    assert again.version > first.version and again.items == first.items
     # A folder holding other files is never wiped, even with --overwrite.
     other = tmp_path / "other"
     other.mkdir()
@@ -538,15 +447,6 @@ def test_lock_without_fcntl_takes_over_a_dead_holder_only(tmp_path, monkeypatch)
     assert not (folder / lock.LOCK_NAME).exists()
 
 
-def test_overwrite_replaces_a_store_with_temp_leftovers(tmp_path, tiny_model_dir, clips):
-    out = tmp_path / "st"
-    assert _embed(tiny_model_dir, clips, out).exit_code == 0
-    (out / ".manifest.json.x1.tmp").write_text("{")  # a killed atomic write
-    r = _embed(tiny_model_dir, clips, out, "--overwrite")
-    assert r.exit_code == 0, r.output
-    assert not (out / ".manifest.json.x1.tmp").exists() and len(EmbeddingStore.open(out)) == 3
-
-
 def test_read_only_open_with_torn_tail_never_appends_after_it(tmp_path):
     root = tmp_path / "st"
     _store(root, 2)
@@ -567,3 +467,40 @@ def test_out_given_as_a_link_to_an_empty_folder(tmp_path):
     EmbeddingStore.create(tmp_path / "link", {}, dim=8).append(_items(0, 1), _vecs(0, 1))
     assert (tmp_path / "link").is_symlink() and (real / "manifest.json").is_file()
     assert len(EmbeddingStore.open(tmp_path / "link")) == 1
+
+
+def test_check_reports_a_missing_data_file_and_repair_drops_its_rows(tmp_path):
+    """A store that cannot even be opened (a data file gone) gets its report, not a one-line error."""
+    root = tmp_path / "st"
+    _lance_store(root, 4)
+    with Store.open(root, write=True) as w:
+        w.write(_items(4, 2), _vecs(4, 2))
+    newest = max((root / "data").iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    newest.unlink()  # the fragment of /a/4.wav and /a/5.wav
+    r = _run(["check", str(root), "--json"])
+    assert r.exit_code == 1
+    report = json.loads(r.stdout)
+    assert [f["rows"] for f in report["damaged_fragments"]] == [2] and not report["ok"]
+    r = _run(["check", str(root), "--repair"])
+    assert r.exit_code == 0 and "removed 2 row" in r.output, r.output
+    assert [it["path"] for it in Store.open(root).items] == [f"/a/{i}.wav" for i in range(4)]
+
+
+def test_an_interrupt_inside_a_commit_stays_an_interrupt(tmp_path):
+    """Ctrl-C while Lance commits reaches the command as KeyboardInterrupt (exit 130, the clean message),
+    in a fresh process where nothing imported lance.commit before."""
+    code = (
+        "import sys, numpy as np, lance\n"
+        "from mlx_clap.store import Store\n"
+        "w = Store.create(sys.argv[1], {}, dim=8)\n"
+        "def stop(*a, **k):\n"
+        "    raise KeyboardInterrupt\n"
+        "lance.LanceDataset.commit = staticmethod(stop)\n"
+        "try:\n"
+        "    w.write([{'path': '/a.wav', 'size': 1, 'mtime': 0.0}], np.eye(8, dtype=np.float32)[:1])\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "st")], capture_output=True, text=True,
+                       env=_env(), timeout=120)  # fmt: skip
+    assert r.stdout.strip() == "interrupted", r.stderr

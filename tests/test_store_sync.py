@@ -1,5 +1,6 @@
 """The store mirrors the library: sync (changed, deleted, renamed, copied files), superseded rows,
-compaction (atomic, kill -9 at every durability point), segments in the store, older format versions.
+compaction, segments in the store (on Lance, mlx_clap.store; kill -9 at any moment of a write or a
+compaction is tests/test_lance_store_integrity.py's, older formats are migrated there too).
 
 The CLI tests use the session's tiny random model (conftest.tiny_model_dir)."""
 
@@ -10,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from conftest import REPO_ROOT
 
 from mlx_clap.cli import main
-from mlx_clap.search.store import EmbeddingStore, StoreError
+from mlx_clap.store import Store, StoreError
 
 SR = 48000
 
@@ -54,7 +54,7 @@ def write_clip(path: Path, seed: int, seconds: float = 1.0) -> None:
 
 def live_state(store_path: Path) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
     """Path -> item (without mtime) and path -> vector of a store's live rows."""
-    store = EmbeddingStore.open(store_path)
+    store = Store.open(store_path)
     m = store.matrix()
     assert len({it["path"] for it in store.items}) == len(store.items), "two rows for one path"
     items = {it["path"]: {k: v for k, v in it.items() if k not in ("mtime", "seg")} for it in store.items}
@@ -100,15 +100,13 @@ def test_edit_delete_rename_copy_touch_mirrors_the_folder(tiny_model_dir, librar
     for p in now:
         np.testing.assert_array_equal(vectors[p], fresh_vectors[p])
         assert items[p]["sha256"] == fresh_items[p]["sha256"]
-    st = EmbeddingStore.open(store)
-    assert st.dead_rows == 0  # compacted at the end of the run
-    assert st.manifest["store"]["generation"] >= 1
+    st = Store.open(store)
+    assert st.dead_rows == 0 and len(st.dataset.get_fragments()) == 1  # compacted at the end of the run
 
     third = run(args)  # nothing changed: nothing written
-    manifest_before = (store / "manifest.json").read_bytes()
     assert summary_of(third)["skipped"] == 6 and summary_of(third)["embedded"] == 0
     assert summary_of(third)["up_to_date"]  # answered from stats alone: the model was not loaded
-    assert (store / "manifest.json").read_bytes() == manifest_before
+    assert Store.open(store).version == st.version
 
 
 def test_search_and_dedupe_see_one_row_per_path(tiny_model_dir, library, tmp_path):
@@ -198,146 +196,73 @@ def test_kill_during_sync_then_rerun_gives_the_same_store(tiny_model_dir, librar
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        EmbeddingStore.open(store)  # opens (and repairs) whatever the kill left
+        assert len({it["path"] for it in Store.open(store).items}) >= 5  # the last commit, whole
     assert run(args).exit_code == 0
     items, vectors = live_state(store)
     fresh_items, fresh_vectors = live_state(fresh)
     assert sorted(items) == sorted(fresh_items)
     for p in items:
         np.testing.assert_array_equal(vectors[p], fresh_vectors[p])
-    assert EmbeddingStore.open(store).dead_rows == 0
+    assert Store.open(store).dead_rows == 0
 
 
 # ------------------------------------------------------------------------------------- store level
-def make_store(
-    path: Path, n: int = 10, dim: int = 8, seed: int = 0, **kw
-) -> tuple[EmbeddingStore, np.ndarray]:
+def make_store(path: Path, n: int = 10, dim: int = 8, seed: int = 0, **kw) -> tuple[Store, np.ndarray]:
+    """A store of `n` rows /x/0.wav... open for writing (the caller closes it, or lets it go)."""
     rng = np.random.default_rng(seed)
     v = rng.standard_normal((n, dim)).astype(np.float32)
     v /= np.linalg.norm(v, axis=1, keepdims=True)
-    store = EmbeddingStore.create(path, {"model": "test"}, dim=dim, dtype="float32", shard_size=4, **kw)
-    store.append([{"path": f"/x/{i}.wav", "size": i, "mtime": 1.0} for i in range(n)], v)
+    store = Store.create(path, {"model": "test"}, dim=dim, dtype="float32", **kw)
+    store.write([{"path": f"/x/{i}.wav", "size": i, "mtime": 1.0} for i in range(n)], v)
     return store, v
 
 
 def test_a_later_row_supersedes_and_compaction_reclaims(tmp_path):
     store, v = make_store(tmp_path / "s")
     new = -v[3:4]
-    store.append([{"path": "/x/3.wav", "size": 99, "mtime": 2.0}], new)
+    store.write([{"path": "/x/3.wav", "size": 99, "mtime": 2.0}], new)
     assert len(store) == 10 and store.dead_rows == 1
     assert [it["path"] for it in store.items] == [f"/x/{i}.wav" for i in range(10) if i != 3] + ["/x/3.wav"]
     np.testing.assert_array_equal(store.matrix()[-1], new[0])
-    reopened = EmbeddingStore.open(tmp_path / "s")
-    assert reopened.items == store.items
-    np.testing.assert_array_equal(reopened.matrix(), store.matrix())
-    before = reopened.matrix()
-    stats = reopened.compact({"/x/5.wav"})
-    assert stats == {"removed": 1, "reclaimed_rows": 2}
-    after = EmbeddingStore.open(tmp_path / "s")
+    reader = Store.open(tmp_path / "s")
+    assert reader.items == store.items
+    np.testing.assert_array_equal(reader.matrix(), store.matrix())
+    before = reader.matrix()
+    store.remove(["/x/5.wav"])
+    stats = store.compact()
+    assert stats["fragments_removed"] >= 2 and stats["fragments_added"] == 1
+    after = Store.open(tmp_path / "s")
     assert len(after) == 9 and after.dead_rows == 0
     assert "/x/5.wav" not in {it["path"] for it in after.items}
-    assert not (tmp_path / "s" / "items.jsonl").exists()  # generation 0 removed after the switch
-    assert (tmp_path / "s" / "data-1" / "items.jsonl").is_file()
     np.testing.assert_array_equal(after.matrix(), np.delete(before, 4, axis=0))
-    np.testing.assert_array_equal(reopened.matrix(), after.matrix())  # the compacting object follows
-    # The compacted store still takes appends and a second compaction.
-    after.append([{"path": "/x/new.wav", "size": 1, "mtime": 1.0}], v[:1])
-    after.compact()
-    assert [it["path"] for it in EmbeddingStore.open(tmp_path / "s").items][-1] == "/x/new.wav"
+    np.testing.assert_array_equal(store.matrix(), after.matrix())  # the compacting writer follows
+    np.testing.assert_array_equal(reader.matrix(), before)  # a pinned reader still reads its version
+    # The compacted store still takes writes and a second compaction.
+    store.write([{"path": "/x/new.wav", "size": 1, "mtime": 1.0}], v[:1])
+    store.compact()
+    store.close()
+    assert [it["path"] for it in Store.open(tmp_path / "s").items][-1] == "/x/new.wav"
 
 
-CRASH_SCRIPT = textwrap.dedent(
-    """
-    import os, sys
-    from mlx_clap.search import store as st
-    limit = int(sys.argv[2]); count = [0]
-    real_replace, real_fsync = os.replace, st._fsync_dir
-    def tick():
-        count[0] += 1
-        if count[0] == limit:
-            os._exit(9)  # as kill -9: no cleanup, no flush
-    def replace(*a, **k):
-        tick(); return real_replace(*a, **k)
-    def fsync_dir(p):
-        tick(); return real_fsync(p)
-    os.replace = replace
-    st._fsync_dir = fsync_dir
-    s = st.EmbeddingStore.open(sys.argv[1])
-    s.compact({"/x/1.wav", "/x/6.wav"})
-    print("done")
-    """
-)
-
-
-@pytest.mark.parametrize("segments", [False, True])
-def test_kill_at_every_step_of_a_compaction_loses_nothing(tmp_path, segments):
-    """os._exit before each rename and directory fsync of a compaction: the store then opens as it was
-    or as compacted, never broken, and a second compaction ends in the compacted state."""
-    src = tmp_path / "src"
-    kw = {"segments": {"hop": 1.0, "window": 2.0}} if segments else {}
-    store, v = make_store(src, n=10, **kw)
-    segs = None
-    if segments:
-        segs = [(np.array([0.0, 1.0]), np.array([2.0, 3.0]), np.stack([v[0], v[1]]))]
-    store.append([{"path": "/x/2.wav", "size": 5, "mtime": 3.0}], v[9:10], segments=segs)
-    before = EmbeddingStore.open(src)
-    before_state = ([it["path"] for it in before.items], before.matrix())
-    expected = [p for p in before_state[0] if p not in ("/x/1.wav", "/x/6.wav")]
-    script = tmp_path / "crash.py"
-    script.write_text(CRASH_SCRIPT)
-    limit = 1
-    while True:
-        work = tmp_path / f"w{limit}"
-        shutil.copytree(src, work, symlinks=True)
-        out = subprocess.run(
-            [sys.executable, str(script), str(work), str(limit)],
-            capture_output=True,
-            text=True,
-            cwd=REPO_ROOT,
-        )
-        s = EmbeddingStore.open(work)
-        paths = [it["path"] for it in s.items]
-        assert paths in (before_state[0], expected), (limit, out.stderr)
-        if paths == before_state[0]:
-            np.testing.assert_array_equal(s.matrix(), before_state[1])
-        if segments:
-            view = s.segment_view()
-            assert len(view) == 2 and view.start.tolist() == [0.0, 1.0]
-            np.testing.assert_allclose(view.matrix(), np.stack([v[0], v[1]]), atol=0)
-        s.compact({"/x/1.wav", "/x/6.wav"})
-        assert [it["path"] for it in EmbeddingStore.open(work).items] == expected
-        if out.returncode == 0:
-            assert "done" in out.stdout
-            break
-        assert out.returncode == 9, out.stderr
-        limit += 1
-    assert limit > 4  # the crash points were really visited
-
-
-def test_segment_rows_are_committed_by_their_file_row(tmp_path):
+def test_segment_rows_follow_their_file_row(tmp_path):
     store, v = make_store(tmp_path / "s", n=2, segments={"hop": 1.0, "window": 2.0})
     seg = (np.array([0.0, 1.0, 2.0]), np.array([2.0, 3.0, 3.5]), np.stack([v[0], v[1], v[0]]))
-    store.append([{"path": "/x/long.wav", "size": 1, "mtime": 1.0}], v[:1], segments=[seg])
+    store.write([{"path": "/x/long.wav", "size": 1, "mtime": 1.0, "sha256": "c1"}], v[:1], segments=[seg])
     view = store.segment_view()
     assert len(view) == 3 and view.file_index.tolist() == [2, 2, 2]
     assert view.end.tolist() == [2.0, 3.0, 3.5]
-    # A run killed between the two appends: segment rows that no file row names are dropped on open.
-    table = store._segment_table()
-    table._append_locked([{"start": 0.0, "end": 2.0}], v[:1].astype(store.dtype))
-    reopened = EmbeddingStore.open(tmp_path / "s")
-    assert len(reopened._segment_table()._all) == 3
-    assert len(reopened.segment_view()) == 3
-    # A rename reuses its content's segments (the pointer is copied).
-    item = dict(reopened.items[2], path="/x/renamed.wav")
-    reopened.append([item], v[:1], segments=[None])
-    view = reopened.segment_view()
-    assert view.file_index.tolist() == [2, 2, 2, 3, 3, 3]  # both names, one set of rows
-    assert len(reopened._segment_table()._all) == 3
-    assert [it["path"] for it in reopened.items] == ["/x/0.wav", "/x/1.wav", "/x/long.wav", "/x/renamed.wav"]
-    reopened.compact({"/x/long.wav"})
-    final = EmbeddingStore.open(tmp_path / "s")
+    # A rename reuses its content's segments (copied with the file row, in the same commit).
+    store.reuse([({"path": "/x/renamed.wav", "size": 1, "mtime": 2.0, "sha256": "c1"}, 2)])
+    view = store.segment_view()
+    assert view.file_index.tolist() == [2, 2, 2, 3, 3, 3]
+    assert [it["path"] for it in store.items] == ["/x/0.wav", "/x/1.wav", "/x/long.wav", "/x/renamed.wav"]
+    store.remove(["/x/long.wav"])  # its segment rows go with it
+    store.compact()
+    store.close()
+    final = Store.open(tmp_path / "s")
     fv = final.segment_view()
     assert [final.items[i]["path"] for i in fv.file_index] == ["/x/renamed.wav"] * 3
+    assert len(final.dataset.to_table(columns=["kind"])) == 2 + 1 + 3  # no segment row left behind
     np.testing.assert_array_equal(fv.matrix(), np.stack([v[0], v[1], v[0]]))
 
 
@@ -345,37 +270,11 @@ def test_segments_need_a_store_made_with_them(tmp_path):
     store, v = make_store(tmp_path / "s", n=2)
     assert not store.has_segments and len(store.segment_view()) == 0
     with pytest.raises(StoreError, match="without segments"):
-        store.append(
+        store.write(
             [{"path": "/x/a.wav", "size": 1, "mtime": 1.0}],
             v[:1],
             segments=[(np.array([0.0]), np.array([1.0]), v[:1])],
         )
-
-
-def test_a_version_1_store_opens_and_is_migrated_by_compaction(tmp_path):
-    store, v = make_store(tmp_path / "s", n=5)
-    mpath = tmp_path / "s" / "manifest.json"
-    manifest = json.loads(mpath.read_text())
-    manifest["store"] = {k: manifest["store"][k] for k in ("dim", "dtype", "shard_size")}
-    manifest["store"]["format_version"] = 1
-    mpath.write_text(json.dumps(manifest))
-    old = EmbeddingStore.open(tmp_path / "s")
-    assert len(old) == 5 and not old.has_segments
-    old.append([{"path": "/x/0.wav", "size": 9, "mtime": 9.0}], v[1:2])
-    old.compact()
-    new = EmbeddingStore.open(tmp_path / "s")
-    assert new.manifest["store"]["format_version"] == 2 and new.manifest["store"]["generation"] == 1
-    assert len(new) == 5 and new.dead_rows == 0
-
-
-def test_a_store_from_a_newer_format_is_refused(tmp_path):
-    make_store(tmp_path / "s", n=1)
-    mpath = tmp_path / "s" / "manifest.json"
-    manifest = json.loads(mpath.read_text())
-    manifest["store"]["format_version"] = 99
-    mpath.write_text(json.dumps(manifest))
-    with pytest.raises(StoreError, match="newer than this mlx-clap"):
-        EmbeddingStore.open(tmp_path / "s")
 
 
 def test_segments_option_on_a_store_made_without_them_is_refused(tiny_model_dir, library, tmp_path):
@@ -396,7 +295,7 @@ def test_embed_segments_stores_windows_beside_the_file_vector(tiny_model_dir, tm
     args = embed_args(lib, tiny_model_dir, store, "--segments", "--hop", "4", recursive=False)
     r = run([*args, "--summary-json"])
     assert r.exit_code == 0, r.output
-    st = EmbeddingStore.open(store)
+    st = Store.open(store)
     assert st.segment_settings == {"hop": 4.0, "window": 10.0}
     view = st.segment_view()
     by_file = {st.items[i]["path"]: view.of_file(i) for i in range(len(st))}
@@ -410,13 +309,13 @@ def test_embed_segments_stores_windows_beside_the_file_vector(tiny_model_dir, tm
     # batch their windows differently).
     plain = tmp_path / "plain"
     assert run(embed_args(lib, tiny_model_dir, plain, recursive=False)).exit_code == 0
-    p = EmbeddingStore.open(plain)
+    p = Store.open(plain)
     np.testing.assert_allclose(st.matrix()[[st.row_of(x["path"]) for x in p.items]], p.matrix(), atol=1e-4)
     # A rerun without --segments keeps making them; a rename reuses the long file's windows.
     (lib / "long.wav").rename(lib / "long2.wav")
     r = run(embed_args(lib, tiny_model_dir, store, "--summary-json", recursive=False))
     assert summary_of(r)["reused"] == 1 and summary_of(r)["removed"] == 1
-    st = EmbeddingStore.open(store)
+    st = Store.open(store)
     view = st.segment_view()
     assert len(view.of_file(st.row_of(lib / "long2.wav"))) == 7
     assert len(view) == 7 + 1 + 2  # mid: 0 and the end-aligned 4
@@ -453,3 +352,35 @@ def test_search_segments_finds_a_planted_sound_within_one_hop(tiny_model_dir, tm
     res = json.loads(r.stdout)
     assert {"mean", "std", "sample"} <= set(res["calibration"])
     assert all(h["percentile"] >= 50 for h in res["results"]) and res["results"]
+
+
+# ------------------------------------------------------------------------------------ older stores
+def test_a_store_of_an_older_mlx_clap_is_converted_by_embed_and_named_by_readers(
+    tiny_model_dir, library, tmp_path
+):
+    """A format-2 store (.npy shards, items.jsonl) of the same pipeline: `search` names the command that
+    converts it and writes nothing; `embed` converts it in place and embeds nothing again."""
+    from mlx_clap.search.store import EmbeddingStore
+
+    made = tmp_path / "made"
+    assert run(embed_args(library, tiny_model_dir, made)).exit_code == 0
+    now = Store.open(made)
+    old = tmp_path / "old"
+    manifest = {k: v for k, v in now.manifest.items() if k != "store"}
+    legacy = EmbeddingStore.create(old, manifest, dim=now.dim, dtype=now.dtype)
+    legacy.append(now.items, now.matrix())
+    before = sorted(p.name for p in old.iterdir())
+    assert "manifest.json" in before and "_versions" not in before
+
+    r = run(["search", old, "--like", now.items[0]["path"]])
+    assert r.exit_code == 1 and "older mlx-clap" in r.output and f"--out {old}" in r.output
+    assert sorted(p.name for p in old.iterdir()) == before  # a reader never writes
+
+    r = run(embed_args(library, tiny_model_dir, old, "--summary-json"))
+    assert r.exit_code == 0, r.output
+    s = summary_of(r)
+    assert s["embedded"] == 0 and s["skipped"] == 6
+    converted = Store.open(old)
+    assert not (old / "manifest.json").exists() and converted.manifest["migrated_from_format"] == 2
+    assert converted.items == now.items
+    np.testing.assert_array_equal(converted.matrix(), now.matrix())

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from conftest import REPO_ROOT
 
 from mlx_clap.cli import main
-from mlx_clap.search.store import EmbeddingStore
+from mlx_clap.store import Store
 
 SR = 48000
 # A run that hangs on a FIFO must fail the test, not block the suite.
@@ -50,14 +50,14 @@ def write_clip(path: Path, seed: int, seconds: float = 1.0) -> None:
 
 
 def stored_paths(store: Path) -> list[str]:
-    items = EmbeddingStore.open(store).items
+    items = Store.open(store).items
     paths = [str(it["path"]) for it in items]
     assert len(paths) == len(set(paths)), "two rows for one path"
     return sorted(paths)
 
 
 def stored_vectors(store: Path) -> dict[str, np.ndarray]:
-    st = EmbeddingStore.open(store)
+    st = Store.open(store)
     m = st.matrix()
     return {str(it["path"]): m[i] for i, it in enumerate(st.items)}
 

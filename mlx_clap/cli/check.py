@@ -1,4 +1,4 @@
-"""`mlx-clap check STORE [--repair] [--json]`: verify every vector and item line of a store, and that
+"""`mlx-clap check STORE [--repair] [--json]`: verify every row and fragment of a store, and that
 every row names a file `serve` may read (inside the library folders the store records)."""
 
 from __future__ import annotations
@@ -14,17 +14,13 @@ from mlx_clap.cli.output import printable
 
 def _print_report(report: dict) -> None:
     click.echo(f"{report['store']}: {report['items']} items")
-    for b in report["bad_lines"]:
-        click.echo(f"  bad items line {b['line']}: {b['cause']}")
+    for f in report.get("damaged_fragments", []):
+        click.echo(f"  damaged fragment {f.get('fragment')}: {f.get('cause')}")
     for d in report["damaged_rows"][:50]:
-        click.echo(f"  damaged row {d['row']} ({d['path']}): {d['cause']}")
+        kind = "segment" if d.get("kind") == "segment" else "row"
+        click.echo(f"  damaged {kind} ({printable(str(d['path']))}): {d['cause']}")
     if len(report["damaged_rows"]) > 50:
         click.echo(f"  ... and {len(report['damaged_rows']) - 50} more damaged rows")
-    if report["orphan_rows"]:
-        click.echo(
-            f"  {report['orphan_rows']} orphan shard row(s) without an item "
-            "(harmless; overwritten by the next embed)"
-        )
     for n in report["notes"]:
         click.echo(f"  note: {n}")
     roots = report.get("library_roots")
@@ -57,17 +53,17 @@ def _print_report(report: dict) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def check(store_path: Path, repair: bool, as_json: bool) -> None:
-    """Verify a store: every row against its checksum (and for NaN/Inf, unit length), every items.jsonl
-    line, and orphan shard rows.
+    """Verify a store: every row against its checksum (and for NaN/Inf, unit length), every data fragment,
+    segment rows without a file row, and rows whose file changed or is gone since (listed, not damage).
 
     Rows that name a file outside the library folders the store records (a relative path, a file that is
     not audio, /etc/passwd in a store received from elsewhere) are listed as unsafe; --repair leaves them.
 
     Exit status 0 when the store is sound (or was repaired), 1 when damage was found and not repaired,
     or when a row is unsafe.
-    --repair removes the damaged rows' items in steps that each leave a valid store, under the store's
-    writer lock; a following `mlx-clap embed` with the same inputs embeds those files again. A store
-    from an older mlx-clap (no checksums) gets them recorded by --repair.
+    --repair removes every row of a file with a damaged row, and unreadable fragments whole, in one
+    commit under the store's writer lock; a following `mlx-clap embed` with the same inputs embeds those
+    files again. A store from an older mlx-clap is converted by the next `mlx-clap embed ... --out STORE`.
 
     \b
     Example:
@@ -75,12 +71,19 @@ def check(store_path: Path, repair: bool, as_json: bool) -> None:
       mlx-clap check vectors/ --repair && mlx-clap embed ~/Sounds -r --out vectors/
     """
     from mlx_clap.search.roots import check_rows
-    from mlx_clap.search.store import StoreError, check_store, repair_store
+    from mlx_clap.store import StoreError, check_store, repair_store
 
     try:
         report = check_store(store_path)
         removed = repair_store(store_path, report) if repair else 0
-        scope = check_rows(store_path)
+        try:
+            scope = check_rows(store_path)
+        except StoreError as exc:  # damage that keeps the store from opening: the report above names it
+            scope = {
+                "library_roots": None,
+                "unsafe_rows": [],
+                "notes": [f"library folders not checked: {exc}"],
+            }
     except StoreError as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:

@@ -2,7 +2,7 @@
 
 `embed` decodes files in worker threads ahead of the model (a bounded window of files in flight), embeds
 them in batches through `ClapModel.embed_waveforms` / `embed_windows` (the code path of
-`ClapModel.embed_audio`, so the vectors are the same), and writes an `EmbeddingStore`, one JSON per file,
+`ClapModel.embed_audio`, so the vectors are the same), and writes a store (mlx_clap.store), one JSON per file,
 or JSON lines on stdout. Reruns resume; failures are recorded and the run goes on.
 """
 
@@ -30,6 +30,7 @@ from mlx_clap.cli.common import (
     weights_sha256,
 )
 from mlx_clap.cli.output import INTERRUPTED_MESSAGE, INTERRUPTED_STATUS, printable
+from mlx_clap.cli.stores import holds_store
 from mlx_clap.cli.writers import ERRORS_NAME, WARNINGS_NAME, JsonlWriter, JsonWriter, StoreWriter
 from mlx_clap.preprocess.audio import probe_seconds
 from mlx_clap.preprocess.decode_ahead import (
@@ -208,12 +209,12 @@ def file_gone(path: str) -> bool:
 
 def rows_under(out: Path | None, path: str) -> int:
     """How many rows of the store in `out` are `path` or lie under it (0 without a readable store)."""
-    from mlx_clap.search.store import MANIFEST_NAME, EmbeddingStore, StoreError
+    from mlx_clap.store import Store, StoreError
 
-    if out is None or not (out / MANIFEST_NAME).is_file():
+    if out is None or not holds_store(out):
         return 0
     try:
-        items = EmbeddingStore.open(out, repair=False).items  # read only: the writer lock comes later
+        items = Store.open(out).items  # read only: the writer lock comes later
     except (StoreError, OSError):
         return 0
     scope = path.rstrip(os.sep) + os.sep
@@ -287,8 +288,7 @@ def read_error_log(path: Path) -> list[dict]:
 
 def rewrite_error_log(path: Path, records: list[dict]) -> None:
     """Replace the error log atomically with `records` (removed when there are none)."""
-    from mlx_clap.io.files import atomic_write_bytes
-    from mlx_clap.search.store import json_line
+    from mlx_clap.io.files import atomic_write_bytes, json_line
 
     if not records:
         path.unlink(missing_ok=True)
@@ -821,7 +821,7 @@ def embed(
       mlx-clap embed a.wav b.mp3 --format jsonl > vectors.jsonl
       mlx-clap embed clips/ --out json/ --format json --long-audio head
     """
-    from mlx_clap.search.store import StoreError
+    from mlx_clap.store import StoreError
 
     fmt = fmt or ("store" if out is not None else "jsonl")
     if fmt in ("store", "json") and out is None:
@@ -901,7 +901,7 @@ def embed(
             raise click.UsageError(f"{out} keeps segments: it needs --long-audio windows-mean")
         try:  # the folders `serve` may play files from (mlx_clap.search.roots), before any row is written
             record_roots(writer.store, paths)
-        except OSError as exc:
+        except (OSError, StoreError) as exc:
             raise click.ClickException(f"{out}: cannot record the library folders ({exc})") from exc
     elif fmt == "json":
         writer = JsonWriter(out, manifest, overwrite)
@@ -1009,11 +1009,11 @@ def already_mirrored(request: MirrorRequest) -> dict | None:
     """The summary of a run with nothing to do (every file unchanged, none to remove, same model and
     settings as the store records), or None when there is work or any doubt. Costs one stat per file,
     so a rerun over an unchanged library of 100k files takes seconds and never loads the model."""
-    from mlx_clap.search.store import MANIFEST_NAME
+    from mlx_clap.store import is_legacy
 
     out = request.out
-    if not (out / MANIFEST_NAME).is_file() or (out / ERRORS_NAME).exists():
-        return None  # a new store, or failures to retry and an error log to bring up to date
+    if not (out / "_versions").is_dir() or is_legacy(out) or (out / ERRORS_NAME).exists():
+        return None  # a new store, one to convert, or failures to retry and an error log to bring up to date
     from mlx_clap.search import lock
 
     t0 = time.perf_counter()
@@ -1028,12 +1028,21 @@ def already_mirrored(request: MirrorRequest) -> dict | None:
 
 
 def _mirrored_locked(request: MirrorRequest, t0: float) -> dict | None:
-    from mlx_clap.search.store import EmbeddingStore, StoreError
+    from mlx_clap.store import Store, StoreError
 
     try:
-        store = EmbeddingStore.open(request.out, repair=False)
+        store = Store.open(request.out, write=True)  # the lock is held already (re-entrant)
     except StoreError:
         return None  # the full path reports it
+    try:
+        return _mirrored_store(store, request, t0)
+    finally:
+        store.close()
+
+
+def _mirrored_store(store: Any, request: MirrorRequest, t0: float) -> dict | None:
+    from mlx_clap.store import StoreError
+
     if (
         _store_differs(store, request)
         or _any_file_changed(store, request.files)
@@ -1043,7 +1052,7 @@ def _mirrored_locked(request: MirrorRequest, t0: float) -> dict | None:
         return None
     try:
         record_roots(store, request.paths)  # a store made before roots were recorded gets them now
-    except OSError:
+    except (OSError, StoreError):
         return None  # the full path says why the store cannot be written
     return _up_to_date_summary(store, request, time.perf_counter() - t0)
 
@@ -1238,9 +1247,7 @@ def check_inputs(
 
 def check_out(out: Path | None, fmt: str) -> None:
     """Refuse --format json into an embedding store: its one-JSON-per-file tree would be mixed into it."""
-    from mlx_clap.search.store import MANIFEST_NAME
-
-    if fmt == "json" and out is not None and (out / MANIFEST_NAME).is_file():
+    if fmt == "json" and out is not None and holds_store(out):
         raise click.ClickException(
             f"{printable(out)}: is an embedding store; --format json writes one JSON file per audio file "
             "and would scatter them into it. Choose another --out for JSON, or drop --format json to add "
@@ -1318,8 +1325,7 @@ def embed_text(
     """
     import numpy as np
 
-    from mlx_clap.io.files import atomic_write_bytes
-    from mlx_clap.search.store import json_line
+    from mlx_clap.io.files import atomic_write_bytes, json_line
 
     if fmt == "npy" and out is None:
         raise click.UsageError("--format npy needs --out FILE")

@@ -17,6 +17,7 @@ from mlx_clap.cli.common import trust_pickle_option
 from mlx_clap.cli.output import printable
 from mlx_clap.cli.stores import (
     emit_json,
+    holds_store,
     load_model,
     load_store_model,
     note,
@@ -144,7 +145,7 @@ def search(
             )
     exclude: list[int] = []
     if like is not None:
-        from mlx_clap.search.store import StoreError
+        from mlx_clap.store import StoreError
 
         try:
             row = store.row_of(like)
@@ -477,7 +478,7 @@ def classify(
     files: list[Path] = []
     stores: list[Any] = []
     for p in paths:
-        if p.is_dir() and (p / "manifest.json").is_file():
+        if p.is_dir() and holds_store(p):
             stores.append(open_store(p))
         elif p.is_dir():
             raise click.ClickException(f"{printable(p)}: is a folder; give audio files or an embedding store")

@@ -221,7 +221,7 @@ def timeline(
     from mlx_clap.search.index import SearchError
     from mlx_clap.search.segments import format_timeline
     from mlx_clap.search.segments import timeline as file_timeline
-    from mlx_clap.search.store import StoreError
+    from mlx_clap.store import StoreError
 
     if (text is None) == (audio is None):
         raise click.UsageError("give exactly one of --text, --audio")

@@ -54,12 +54,27 @@ def store_override(store: Any, model: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def holds_store(folder: Path) -> bool:
+    """Whether `folder` holds a store: a Lance dataset, or one of an older mlx-clap (converted by the
+    next `embed` that writes it)."""
+    from mlx_clap.store import is_legacy
+
+    return (folder / "_versions").is_dir() or is_legacy(folder)
+
+
 def open_store(path: str | Path):
-    """Open a store or raise ClickException naming it; an empty store is an error here too."""
-    from mlx_clap.search.store import EmbeddingStore, StoreError
+    """Open a store (a snapshot of its newest version) or raise ClickException naming it; an empty store
+    is an error here too. A reader never writes: a store of an older mlx-clap is left for the next
+    `embed` to convert."""
+    from mlx_clap.store import LegacyStoreError, Store, StoreError
 
     try:
-        store = EmbeddingStore.open(path, repair=False)
+        store = Store.open(path)
+    except LegacyStoreError as exc:
+        raise click.ClickException(
+            f"{path}: a store of an older mlx-clap; run `mlx-clap embed ... --out {path}` once (with the "
+            "folders it was made from) to convert it, nothing is embedded again"
+        ) from exc
     except StoreError as exc:
         raise click.ClickException(str(exc)) from exc
     if len(store) == 0:

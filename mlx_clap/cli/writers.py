@@ -1,4 +1,4 @@
-"""Output writers for `mlx-clap embed`: an EmbeddingStore, one JSON per file, or JSON lines.
+"""Output writers for `mlx-clap embed`: a store (mlx_clap.store), one JSON per file, or JSON lines.
 
 Each writer resumes what its output already holds when the settings match, and refuses with a clear error
 when they do not; every file is written atomically.
@@ -24,8 +24,7 @@ WARNINGS_NAME = "warnings.jsonl"  # files embedded from a partial decode, beside
 
 # ------------------------------------------------------------------------------------------ writers
 def _atomic_json(path: Path, obj: Any) -> None:
-    from mlx_clap.io.files import atomic_write_bytes
-    from mlx_clap.search.store import json_line
+    from mlx_clap.io.files import atomic_write_bytes, json_line
 
     atomic_write_bytes(path, json_line(obj).encode("utf-8"))
 
@@ -51,61 +50,33 @@ def _mismatch_error(out: Path, diffs: list[str]) -> click.ClickException:
     )
 
 
-def _store_leftovers(out: Path) -> bool:
-    """True for a folder holding nothing but store files (a half-made store): --overwrite may replace it."""
-    from mlx_clap.search.store import is_store_entry
-
-    return out.is_dir() and all(is_store_entry(p.name) for p in out.iterdir())
-
-
 class StoreWriter:
-    """The store in --out, held under its writer lock for the whole run (a second `embed` on the same
-    --out fails at once, naming this PID). --overwrite builds the new store beside the old one and swaps
-    it in, so it works on a half-made store too.
+    """The store in --out (a Lance dataset, mlx_clap.store), held under its writer lock for the whole run
+    (a second `embed` on the same --out fails at once, naming this PID). A store of an older mlx-clap is
+    converted in place first; --overwrite commits a new empty store as the next version.
 
     The store mirrors the inputs (`plan`, `reuse`, `finish`): unchanged files (same path, size, mtime)
-    are skipped, a changed file's new row supersedes its old one, a file whose content (sha256) is
-    already stored under another path reuses those vectors, and files gone from the folders of this run
-    are removed; `finish` then compacts the store so no superseded row is left."""
+    are skipped, a changed file's new row replaces its old one in the same commit, a file whose content
+    (sha256) is already stored under another path reuses those vectors, and files gone from the folders
+    of this run are removed; `finish` then compacts the store."""
 
     def __init__(
         self, out: Path, manifest: dict, dim: int, dtype: str, overwrite: bool, segments: dict | None = None
     ):
-        from mlx_clap.search.store import MANIFEST_NAME, EmbeddingStore, StoreBusyError, StoreError
+        from mlx_clap.store import Store, StoreBusyError, StoreError
 
         self.out = out
         try:
-            if overwrite and out.is_dir() and any(out.iterdir()):
-                self.store = self._replace(out, manifest, dim, dtype, segments)
-            elif (out / MANIFEST_NAME).exists():
-                self.store = EmbeddingStore.open(out)
-                self.store.hold()
-                diffs = _settings_diff(self.store.manifest, manifest)
-                if segments is not None and not self.store.has_segments:
-                    diffs.append(
-                        "segments: none there (made without --segments), wanted now; window vectors "
-                        "cannot be added to such a store"
-                    )
-                elif segments is not None and self.store.segment_settings != segments:
-                    diffs.append(f"segments: {self.store.segment_settings} there, {segments} now")
-                if diffs:
-                    self.store.close()
-                    raise _mismatch_error(out, diffs)
-            else:
-                if out.exists() and (not out.is_dir() or any(out.iterdir())):
-                    raise click.ClickException(
-                        f"{out}: exists and is not an embedding store; choose a new or empty folder for --out"
-                        + (
-                            " (it holds only store files: --overwrite replaces them)"
-                            if _store_leftovers(out)
-                            else ""
-                        )
-                    )
-                self.store = EmbeddingStore.create(out, manifest, dim=dim, dtype=dtype, segments=segments)
-                self.store.hold()
+            self.store = Store.for_run(
+                out, manifest, dim=dim, dtype=dtype, segments=segments, overwrite=overwrite
+            )
         except StoreBusyError as exc:  # --overwrite would not help: another run is writing it
             raise click.ClickException(str(exc)) from exc
         except StoreError as exc:
+            if "another pipeline" in str(exc):
+                raise click.ClickException(
+                    f"{exc}. Use --overwrite to start fresh there, or choose another --out."
+                ) from exc
             raise click.ClickException(f"{exc}. Use --overwrite to start fresh, or another --out.") from exc
         except OSError as exc:
             raise click.ClickException(f"{out}: cannot write the store ({exc})") from exc
@@ -113,43 +84,22 @@ class StoreWriter:
         # The store's own segment settings rule (a rerun without --segments keeps making them).
         self.segments = self.store.segment_settings
         self.removed = 0
-
-    @staticmethod
-    def _replace(out: Path, manifest: dict, dim: int, dtype: str, segments: dict | None):
-        from mlx_clap.search.store import EmbeddingStore
-
-        # Built beside --out and swapped in, under the old store's lock (a run still writing it wins).
-        store = EmbeddingStore.create(out, manifest, dim=dim, dtype=dtype, replace=True, segments=segments)
-        store.hold()
-        return store
+        self.written = False  # whether this run committed rows (then `finish` compacts)
 
     def by_content(self) -> dict[str, int]:
         """sha256 of stored content -> its row in `store.items` (rows of older stores have no sha256)."""
-        return {str(it["sha256"]): i for i, it in enumerate(self.store.items) if it.get("sha256")}
+        return self.store.by_content()
 
     def reuse(self, reused: list[tuple[dict, int]]) -> None:
         """Add rows for (item, row of the same content already stored): its vector and its segments are
-        taken over, nothing is embedded. One append for all of them."""
-        if not reused:
-            return
-        import numpy as np
-
-        from mlx_clap.search.index import RowReader
-
-        rows = np.array([r for _, r in reused], dtype=np.int64)
-        vectors = RowReader(self.store).take(rows)
-        items = []
-        for item, row in reused:
-            source = self.store.items[row]
-            item = dict(item)
-            for key in ("duration", "channels", "source_rate", "warnings", "seg"):
-                if key in source:
-                    item[key] = source[key]
-            items.append(item)
-        self.store.append(items, vectors, segments=[None] * len(items) if self.segments else None)
+        taken over, nothing is embedded. One commit for all of them."""
+        if reused:
+            self.store.reuse(reused)
+            self.written = True
 
     def write(self, records: list[dict], vectors, segments: list | None = None) -> None:
-        self.store.append([r["item"] for r in records], vectors, segments=segments)
+        self.store.write([r["item"] for r in records], vectors, segments=segments)
+        self.written = True
 
     def prune_candidates(self, scopes: list[tuple[str, bool]], present: set[str]) -> list[str]:
         """Live paths inside the scopes of this run (a folder with its recursion, or one file) that are
@@ -169,13 +119,17 @@ class StoreWriter:
         return out
 
     def finish(self, drop: list[str]) -> dict[str, int]:
-        """Remove `drop` and reclaim superseded rows (one compaction, atomic); nothing to do, no write."""
-        drop_set = {p for p in drop if p in {str(it["path"]) for it in self.store.items}}
-        if not drop_set and not self.store.dead_rows:
+        """Remove `drop` (one commit) and compact the store; nothing to do, no write."""
+        stored = {str(it["path"]) for it in self.store.items}
+        drop_set = {p for p in drop if p in stored}
+        if not drop_set and not self.store.dead_rows and not self.written:
             return {"removed": 0, "reclaimed_rows": 0}
-        stats = self.store.compact(drop_set)
-        self.removed = stats["removed"]
-        return stats
+        if drop_set:
+            self.store.remove(sorted(drop_set))
+        reclaimed = self.store.dead_rows
+        self.store.compact()  # one fragment per write batch and deleted rows: merged, reclaimed
+        self.removed = len(drop_set)
+        return {"removed": len(drop_set), "reclaimed_rows": reclaimed}
 
     def error(self, path: str, cause: str) -> None:
         self.store.record_error(path, cause)
@@ -240,14 +194,14 @@ class JsonWriter:
             _atomic_json(self.safe_target(rec["file"]), obj)
 
     def error(self, path: str, cause: str) -> None:
-        from mlx_clap.search.store import append_lines
+        from mlx_clap.io.files import append_lines
 
         append_lines(self.out / ERRORS_NAME, [{"path": path, "error": cause, "time": time.time()}])
 
 
 class JsonlWriter:
     def __init__(self, manifest: dict):
-        from mlx_clap.search.store import json_line
+        from mlx_clap.io.files import json_line
 
         self.manifest = manifest
         # Non-ASCII stays readable where stdout takes UTF-8; elsewhere it is escaped.

@@ -112,3 +112,33 @@ def sha256_file(path: Path, limit: int | None = None, block: int = 1 << 22) -> s
             if left is not None:
                 left -= len(chunk)
     return digest.hexdigest()
+
+
+def json_line(obj: Any) -> str:
+    """One JSON line; non-ASCII kept readable, but a path that is not valid UTF-8 (lone surrogates from
+    os.fsdecode) is written escaped, so the line stays valid UTF-8 and reads back to the same str."""
+    text = json.dumps(obj, ensure_ascii=False, sort_keys=True)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, ensure_ascii=True, sort_keys=True)
+    return text + "\n"
+
+
+def append_lines(path: Path, objs: list[dict]) -> None:
+    """Append JSON lines in one write, then fsync (a crash can only tear the last line). The file is
+    opened with O_NOFOLLOW, so a symlinked log is refused instead of written through."""
+    if not objs:
+        return
+    data = "".join(json_line(o) for o in objs).encode("utf-8")
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if Path(path).is_symlink():  # ELOOP from O_NOFOLLOW: say what it means
+            raise OSError(exc.errno, f"{path}: is a symbolic link; refusing to write through it") from exc
+        raise
+    with os.fdopen(fd, "ab") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())

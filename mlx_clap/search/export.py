@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mlx_clap.extras import install_hint
-from mlx_clap.io.files import current_umask, write_failure
+from mlx_clap.io.files import current_umask, json_line, write_failure
 from mlx_clap.io.files import fsync_dir as _fsync_path
-from mlx_clap.search.store import json_line, model_id
+from mlx_clap.store.schema import model_id
 
 if TYPE_CHECKING:  # the view's contract (EmbeddingStore.segment_view()); a type only, not loaded
     from mlx_clap.search.segments import SegmentViewLike as SegmentSource

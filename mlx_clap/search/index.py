@@ -56,7 +56,7 @@ class SearchError(ValueError):
 
 
 class StoreLike(Protocol):
-    """What the index needs from `mlx_clap.search.store.EmbeddingStore`."""
+    """What the index needs from `mlx_clap.store.Store`."""
 
     path: Path
     dim: int
@@ -169,26 +169,29 @@ def path_mask(
 
 
 class RowReader:
-    """Random access to store rows across shards (for rescoring and subset search)."""
+    """Random access to store rows (for rescoring and subset search): the store's own `take` where it
+    has one (mlx_clap.store.Store), else the rows of its blocks held in memory (a stand-in store)."""
 
     def __init__(self, store: StoreLike):
+        self.dim = store.dim
+        self._take = getattr(store, "take", None)
         self.firsts: list[int] = []
         self.shards: list[np.ndarray] = []
-        for first, shard in store.iter_shards():
-            self.firsts.append(first)
-            self.shards.append(shard)
-        self.dim = store.dim
+        if self._take is None:
+            for first, shard in store.iter_shards():
+                self.firsts.append(first)
+                self.shards.append(shard)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """float32 (len(rows), dim), in the order given."""
         rows = np.asarray(rows, dtype=np.int64)
+        if self._take is not None:
+            return np.asarray(self._take(rows), dtype=np.float32)
         out = np.empty((rows.size, self.dim), dtype=np.float32)
         which = np.searchsorted(np.asarray(self.firsts), rows, side="right") - 1
         for s in np.unique(which):
             sel = np.nonzero(which == s)[0]
-            local = rows[sel] - self.firsts[s]
-            order = np.argsort(local)  # sorted reads are kinder to a memory map
-            out[sel[order]] = self.shards[s][local[order]]
+            out[sel] = self.shards[s][rows[sel] - self.firsts[s]]
         return out
 
 
@@ -331,43 +334,30 @@ def _require_usearch():
 
 
 def store_fingerprint(store: StoreLike) -> dict[str, Any]:
-    """What the saved ANN graph was built from: row count, dim, manifest digest and a digest of
-    `items.jsonl` (whose byte length also lets an append-only change be recognised)."""
-    from mlx_clap.io.files import sha256_file
-
-    items_path = _items_file(store)
-    size = items_path.stat().st_size if items_path.is_file() else 0
-    items_sha = sha256_file(items_path) if items_path.is_file() else hashlib.sha256(b"").hexdigest()
+    """What the saved ANN graph (or a cached map) was built from: row count, dim, manifest digest and a
+    digest of the file rows (`_rows_digest`: the rows as stored, so an append-only change is recognised
+    by the digest of the old row count's prefix)."""
     manifest = hashlib.sha256(json.dumps(store.manifest, sort_keys=True).encode()).hexdigest()
     return {
         "rows": len(store),
         "dim": store.dim,
         "manifest_sha256": manifest,
-        "items_bytes": size,
-        "items_sha256": items_sha,
-        # Superseded rows renumber the live ones: a graph built before them cannot just be extended.
-        "dead_rows": int(getattr(store, "dead_rows", 0)),
+        "items_sha256": _rows_digest(store, len(store)),
     }
 
 
-def _items_file(store: StoreLike) -> Path:
-    """The store's items.jsonl (of its current generation)."""
-    return Path(getattr(store, "items_path", Path(store.path) / "items.jsonl"))
-
-
-def _items_prefix_sha(store: StoreLike, nbytes: int) -> str:
-    from mlx_clap.io.files import sha256_file
-
-    return sha256_file(_items_file(store), limit=nbytes)
-
-
-def _items_prefix_bytes(store: StoreLike, rows: int) -> int:
-    """Byte length of the first `rows` lines of items.jsonl."""
-    data = _items_file(store).read_bytes()
-    pos = 0
-    for _ in range(rows):
-        pos = data.index(b"\n", pos) + 1
-    return pos
+def _rows_digest(store: StoreLike, rows: int) -> str:
+    """sha256 of the first `rows` file rows: their Lance row addresses (mlx_clap.store: a row rewritten
+    or compacted gets a new one) and the store's URI; a store without addresses (a stand-in) hashes the
+    rows' items."""
+    h = hashlib.sha256(str(getattr(store, "uri", store.path)).encode() + b"\0")
+    addresses = getattr(store, "row_addresses", None)
+    if addresses is not None:
+        h.update(np.ascontiguousarray(addresses()[:rows], dtype="<u8").tobytes())
+    else:
+        for item in store.items[:rows]:
+            h.update(json.dumps(item, sort_keys=True).encode() + b"\n")
+    return h.hexdigest()
 
 
 def _checkpoint(
@@ -381,9 +371,7 @@ def _checkpoint(
     progress: Callable[[str], None] | None,
 ) -> None:
     """Save a partly built graph (its first `rows` rows) so an interrupted build resumes from it."""
-    nbytes = _items_prefix_bytes(store, rows)
-    prefix_sha = _items_prefix_sha(store, nbytes)
-    fingerprint = {**now, "rows": rows, "items_bytes": nbytes, "items_sha256": prefix_sha}
+    fingerprint = {**now, "rows": rows, "items_sha256": _rows_digest(store, rows)}
     try:
         _save_graph(index, graph_path, meta_path, {**params, "fingerprint": fingerprint, "partial": True})
     except OSError as exc:
@@ -502,9 +490,7 @@ class AnnIndex:
             elif (
                 same_kind
                 and old.get("rows", 0) < now["rows"]
-                and now["dead_rows"] == 0
-                and old.get("items_bytes", 0) <= now["items_bytes"]
-                and _items_prefix_sha(store, old["items_bytes"]) == old.get("items_sha256")
+                and _rows_digest(store, int(old["rows"])) == old.get("items_sha256")
             ):
                 index = _restore(Index, graph_path)
                 start_row = int(old["rows"])

@@ -2,7 +2,7 @@
 
 A store's rows name files by absolute path, and a store can be received from elsewhere: rows naming
 `/etc/passwd` or `~/.ssh/id_rsa` are only lines of text. So `mlx-clap embed` records the folders it was
-given (`library_roots` in manifest.json: the resolved folder of each PATH argument, the file's folder
+given (`library_roots` in the store's manifest: the resolved folder of each PATH argument, the file's folder
 for a file argument, merged with the folders recorded before), and a row's file may be read (played,
 drawn as a waveform) only when
 
@@ -16,13 +16,10 @@ notes it. `check` lists the rows that fail the rules above (`check_rows`).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
-from mlx_clap.io.files import atomic_write_json
 from mlx_clap.preprocess.decode_ahead import AUDIO_SUFFIXES
 
 ROOTS_KEY = "library_roots"
@@ -64,17 +61,12 @@ def recorded_roots(manifest: Any) -> list[str] | None:
 
 
 def record_roots(store: Any, paths: Sequence[str | os.PathLike]) -> None:
-    """Add the folders of `embed` arguments `paths` to the store's recorded roots (manifest.json, atomic).
-
-    The caller holds the store's writer lock. The in-memory manifest is updated too, so a compaction
-    later in the same run (which rewrites the manifest from memory) keeps them."""
-    from mlx_clap.search.store import MANIFEST_NAME
-
+    """Add the folders of `embed` arguments `paths` to the store's recorded roots (a new version of the
+    store, mlx_clap.store.Store.update_manifest). `store` is open for writing."""
     merged = merge_roots(recorded_roots(store.manifest) or [], input_roots(paths))
     if not merged or merged == store.manifest.get(ROOTS_KEY):
         return
-    store.manifest[ROOTS_KEY] = merged
-    atomic_write_json(Path(store.path) / MANIFEST_NAME, store.manifest)
+    store.update_manifest({ROOTS_KEY: merged})
 
 
 class LibraryScope:
@@ -113,27 +105,17 @@ def check_rows(store_path: str | os.PathLike) -> dict[str, Any]:
     """The roots a store records and every file row that `serve` would refuse to read (read-only).
 
     Returns {"library_roots": [...] or None, "unsafe_rows": [{"row", "path", "cause"}], "notes": [...]}.
-    Every items line is checked, superseded rows included; lines that are not items are `check_store`'s
-    to report."""
-    from mlx_clap.search.store import ITEMS_NAME, MANIFEST_NAME, data_dir
+    Every file row of the newest version is checked."""
+    from mlx_clap.store import Store
 
-    path = Path(store_path)
-    manifest = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
-    roots = recorded_roots(manifest)
+    store = Store.open(store_path)
+    roots = recorded_roots(store.manifest)
     scope = LibraryScope(roots)
     unsafe = []
-    items = data_dir(path, manifest) / ITEMS_NAME
-    with open(items, "rb") if items.exists() else open(os.devnull, "rb") as fh:
-        for row, line in enumerate(fh):
-            try:
-                item = json.loads(line)
-            except (ValueError, RecursionError):
-                continue
-            if not isinstance(item, dict) or "path" not in item:
-                continue
-            cause = scope.problem(item["path"])
-            if cause is not None:
-                unsafe.append({"row": row, "path": item["path"], "cause": cause})
+    for row, item in enumerate(store.items):
+        cause = scope.problem(item["path"])
+        if cause is not None:
+            unsafe.append({"row": row, "path": item["path"], "cause": cause})
     notes = []
     if roots is None:
         notes.append(

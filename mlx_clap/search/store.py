@@ -64,7 +64,14 @@ from typing import Any
 
 import numpy as np
 
-from mlx_clap.io.files import atomic_write_bytes, atomic_write_json, current_umask, write_failure
+from mlx_clap.io.files import (
+    append_lines,
+    atomic_write_bytes,
+    atomic_write_json,
+    current_umask,
+    json_line,
+    write_failure,
+)
 from mlx_clap.io.files import fsync_dir as _fsync_dir  # a module name the crash tests patch
 from mlx_clap.search import lock as _lock
 
@@ -117,48 +124,10 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def model_id(manifest: dict) -> str | None:
-    """The model a store was embedded with, as recorded in its manifest (a str, or a nested dict)."""
-    m = manifest.get("model")
-    if isinstance(m, dict):
-        m = m.get("path") or m.get("id")
-    return None if m is None else str(m)
-
-
 def row_crcs(rows: np.ndarray) -> list[int]:
     """crc32 of each row's bytes (as stored): the per-row checksum of the shard sidecars."""
     rows = np.ascontiguousarray(rows)
     return [zlib.crc32(rows[i].tobytes()) for i in range(rows.shape[0])]
-
-
-def json_line(obj: Any) -> str:
-    """One JSON line; non-ASCII kept readable, but a path that is not valid UTF-8 (lone surrogates from
-    os.fsdecode) is written escaped, so the line stays valid UTF-8 and reads back to the same str."""
-    text = json.dumps(obj, ensure_ascii=False, sort_keys=True)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = json.dumps(obj, ensure_ascii=True, sort_keys=True)
-    return text + "\n"
-
-
-def append_lines(path: Path, objs: list[dict]) -> None:
-    """Append JSON lines in one write, then fsync (a crash can only tear the last line). The file is
-    opened with O_NOFOLLOW, so a symlinked log is refused instead of written through."""
-    if not objs:
-        return
-    data = "".join(json_line(o) for o in objs).encode("utf-8")
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(path, flags, 0o666)
-    except OSError as exc:
-        if Path(path).is_symlink():  # ELOOP from O_NOFOLLOW: say what it means
-            raise OSError(exc.errno, f"{path}: is a symbolic link; refusing to write through it") from exc
-        raise
-    with os.fdopen(fd, "ab") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def item_key(item: dict) -> tuple[str, int, float]:

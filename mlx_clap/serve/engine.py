@@ -527,7 +527,7 @@ class Library:
 
     def describe(self) -> dict[str, Any]:
         """The store at a glance, for the page's header."""
-        from mlx_clap.search.store import model_id
+        from mlx_clap.store.schema import model_id
 
         return {
             "store": str(self.store.path),

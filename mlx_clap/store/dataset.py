@@ -31,6 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+# By name: `lance.commit` is no attribute of `lance` until imported, and an `except lance.commit...` clause
+# then fails while handling whatever was raised (a Ctrl-C in a commit became an AttributeError).
+from lance.commit import CommitConflictError
+
 from mlx_clap.search import lock as _lock
 from mlx_clap.store.errors import (
     StaleSnapshotError,
@@ -429,6 +433,11 @@ class Store:
                 return self._row_by_path[key]
         raise UnknownPathError(f"{self.location}: no vector stored for {os.fspath(path)}")
 
+    def row_addresses(self) -> np.ndarray:
+        """Lance row addresses (uint64) of the file rows, in `items` order: a row rewritten, or moved by
+        a compaction, gets a new one, so a digest of a prefix tells rows only appended since."""
+        return self._addr[self._file_pos]
+
     def done_keys(self) -> set[tuple[str, int, float]]:
         """(path, size, mtime) of every file row, for skipping unchanged files."""
         return {(str(it["path"]), int(it["size"]), float(it["mtime"])) for it in self.items}
@@ -800,7 +809,7 @@ class Store:
             )
             stats["versions_removed"] = int(cleanup.old_versions)
             stats["bytes_removed"] = int(cleanup.bytes_removed)
-        except lance.commit.CommitConflictError as exc:
+        except CommitConflictError as exc:
             raise StoreBusyError(
                 f"{self.location}: another writer changed the store during compaction ({lance_failure(exc)})"
             ) from exc
@@ -839,7 +848,7 @@ def commit_operation(loc: Location, base: lance.LanceDataset, op: Any) -> lance.
     before = int(base.version)
     try:
         ds = lance.LanceDataset.commit(base, op, read_version=before, storage_options=loc.storage_options)
-    except lance.commit.CommitConflictError as exc:
+    except CommitConflictError as exc:
         raise StoreBusyError(
             f"{loc}: another writer changed the same rows at the same time ({lance_failure(exc)}); "
             "one writer per store: nothing of this commit was written"

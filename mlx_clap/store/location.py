@@ -140,7 +140,7 @@ class Location:
         if not records:
             return
         if self.local is not None:
-            from mlx_clap.search.store import append_lines
+            from mlx_clap.io.files import append_lines
 
             append_lines(self.local / name, records)
             return
@@ -210,7 +210,7 @@ class Location:
 
 
 def lines(records: Iterable[dict]) -> bytes:
-    from mlx_clap.search.store import json_line
+    from mlx_clap.io.files import json_line
 
     return "".join(json_line(r) for r in records).encode("utf-8")
 

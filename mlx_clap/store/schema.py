@@ -116,6 +116,14 @@ def manifest_of(schema: pa.Schema, where: str) -> dict:
     return manifest
 
 
+def model_id(manifest: dict) -> str | None:
+    """The model a store was embedded with, as recorded in its manifest (a str, or a nested dict)."""
+    m = manifest.get("model")
+    if isinstance(m, dict):
+        m = m.get("path") or m.get("id")
+    return None if m is None else str(m)
+
+
 def layout(dim: int, dtype: str, segments: dict | None) -> dict:
     """The manifest's "store" section."""
     out: dict[str, Any] = {"format_version": STORE_FORMAT, "dim": int(dim), "dtype": dtype}
