@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 TINY_AUDIO = dict(
     patch_embeds_hidden_size=16,
     depths=[1, 1, 1, 1],
@@ -154,3 +156,29 @@ def add_rows(path, items, vectors, segments=None) -> int:
 
     with Store.open(path, write=True) as w:
         return w.write(items, vectors, segments)
+
+
+# ------------------------------------------------------------------------------------------ audio files
+def encode_pyav(path: Path, x: np.ndarray, rate: int, codec: str, container: str) -> Path:
+    """Encode (n, 2) float32 with PyAV (stereo); frame pts let the muxer write priming info."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w", format=container) as out:
+        st = out.add_stream(codec, rate=rate)
+        st.layout = "stereo"
+        formats = [f.name for f in st.codec_context.codec.audio_formats]
+        fmt = "fltp" if "fltp" in formats else "s16p"
+        for i in range(0, len(x), 1152):
+            arr = np.ascontiguousarray(x[i : i + 1152].T)
+            if fmt == "s16p":
+                arr = np.round(arr * 32767).astype(np.int16)
+            frame = av.AudioFrame.from_ndarray(arr, format=fmt, layout="stereo")
+            frame.sample_rate, frame.pts, frame.time_base = rate, i, Fraction(1, rate)
+            for p in st.encode(frame):
+                out.mux(p)
+        for p in st.encode(None):
+            out.mux(p)
+    return path

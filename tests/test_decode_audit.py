@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import REPO_ROOT
+from fixtures import encode_pyav
 
 from mlx_clap.preprocess.audio import AudioDecodeError, AudioStream, load_audio, probe_seconds
 from mlx_clap.preprocess.decode_ahead import InputFile, decode_file, window_for
@@ -75,28 +76,6 @@ def _encode_opus(path: Path, x: np.ndarray, pts_step_back_at: int | None = None)
     return path
 
 
-def _encode_pyav(path: Path, x: np.ndarray, rate: int, codec: str, container: str) -> Path:
-    """Encode (n, 2) float32 with PyAV (stereo, planar float or s16)."""
-    import av
-
-    with av.open(str(path), "w", format=container) as out:
-        st = out.add_stream(codec, rate=rate)
-        st.layout = "stereo"
-        formats = [f.name for f in st.codec_context.codec.audio_formats]
-        fmt = "fltp" if "fltp" in formats else "s16p"
-        for i in range(0, len(x), 1152):
-            arr = np.ascontiguousarray(x[i : i + 1152].T)
-            if fmt == "s16p":
-                arr = np.round(arr * 32767).astype(np.int16)
-            frame = av.AudioFrame.from_ndarray(arr, format=fmt, layout="stereo")
-            frame.sample_rate, frame.pts, frame.time_base = rate, i, Fraction(1, rate)
-            for p in st.encode(frame):
-                out.mux(p)
-        for p in st.encode(None):
-            out.mux(p)
-    return path
-
-
 def _pyav_frames(path: Path) -> int:
     import av
 
@@ -110,7 +89,7 @@ def _write_mp3(path: Path, x: np.ndarray, rate: int) -> Path:
         sf.write(path, x, rate, format="MP3", subtype="MPEG_LAYER_III")
         return path
     _require_encoder("libmp3lame")
-    return _encode_pyav(path, x, rate, "libmp3lame", "mp3")
+    return encode_pyav(path, x, rate, "libmp3lame", "mp3")
 
 
 def _peak_bytes(fn) -> int:
@@ -324,7 +303,7 @@ def crop_files(tmp_path_factory) -> dict[str, Path]:
         _require_encoder("libopus")
         out["opus"] = _encode_opus(root / "voice.opus", _noise(48000 * 14, 1, seed=21))
         _require_encoder("aac")
-        out["m4a"] = _encode_pyav(root / "tune.m4a", _noise(44100 * 13, seed=22), 44100, "aac", "mp4")
+        out["m4a"] = encode_pyav(root / "tune.m4a", _noise(44100 * 13, seed=22), 44100, "aac", "mp4")
     except pytest.skip.Exception:
         pass  # the other formats still run; the encoders' absence is reported by the tests that need them
     return out

@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 import tracemalloc
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 from conftest import REPO_ROOT
-from fixtures import default_sigint
+from fixtures import default_sigint, encode_pyav
 
 from mlx_clap.preprocess.audio import AudioStream, load_audio
 from mlx_clap.preprocess.decode_ahead import InputFile, _BlockFeed, decode_file
@@ -42,28 +41,6 @@ def _require_encoder(name: str) -> None:
         av.codec.Codec(name, "w")
     except ValueError as exc:
         pytest.skip(f"the installed PyAV (av {av.__version__}) has no {name!r} encoder: {exc}")
-
-
-def _encode_pyav(path: Path, x: np.ndarray, rate: int, codec: str, container: str) -> Path:
-    """Encode (n, 2) float32 with PyAV (stereo); frame pts let the muxer write priming info."""
-    import av
-
-    with av.open(str(path), "w", format=container) as out:
-        st = out.add_stream(codec, rate=rate)
-        st.layout = "stereo"
-        formats = [f.name for f in st.codec_context.codec.audio_formats]
-        fmt = "fltp" if "fltp" in formats else "s16p"
-        for i in range(0, len(x), 1152):
-            arr = np.ascontiguousarray(x[i : i + 1152].T)
-            if fmt == "s16p":
-                arr = np.round(arr * 32767).astype(np.int16)
-            frame = av.AudioFrame.from_ndarray(arr, format=fmt, layout="stereo")
-            frame.sample_rate, frame.pts, frame.time_base = rate, i, Fraction(1, rate)
-            for p in st.encode(frame):
-                out.mux(p)
-        for p in st.encode(None):
-            out.mux(p)
-    return path
 
 
 def _noise(n: int, channels: int = 2, seed: int = 0) -> np.ndarray:
@@ -120,14 +97,14 @@ def files(tmp_path_factory) -> dict[str, Path]:
 def mp3(tmp_path_factory) -> Path:
     _require_encoder("libmp3lame")
     root = tmp_path_factory.mktemp("mp3")
-    return _encode_pyav(root / "long.mp3", _noise(44100 * 40, seed=6), 44100, "libmp3lame", "mp3")
+    return encode_pyav(root / "long.mp3", _noise(44100 * 40, seed=6), 44100, "libmp3lame", "mp3")
 
 
 @pytest.fixture(scope="module")
 def m4a(tmp_path_factory) -> Path:
     _require_encoder("aac")
     root = tmp_path_factory.mktemp("m4a")
-    return _encode_pyav(root / "long.m4a", _noise(48000 * 32, seed=7), 48000, "aac", "mp4")
+    return encode_pyav(root / "long.m4a", _noise(48000 * 32, seed=7), 48000, "aac", "mp4")
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 from conftest import REPO_ROOT
+from test_store_sync import summary_of
 
 from mlx_clap.cli import main
 from mlx_clap.store import Store
@@ -34,13 +35,6 @@ def run(args: list) -> object:
 def embed_args(inputs: Path | list[Path], model: Path, out: Path, *options: str) -> list[str]:
     named = inputs if isinstance(inputs, list) else [inputs]
     return [str(a) for a in ["embed", *named, "-r", "--model", model, "--out", out, "-q", *options]]
-
-
-def summary_of(result) -> dict:
-    for line in reversed(result.stdout.strip().splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise AssertionError(result.output)
 
 
 def write_clip(path: Path, seed: int, seconds: float = 1.0) -> None:
