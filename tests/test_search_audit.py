@@ -54,10 +54,16 @@ def test_best_hit_is_100_percent_on_flat_and_ann(tmp_path, monkeypatch):
             docs[backend] = json.loads(r.stdout)
             assert docs[backend]["backend"] == backend
             assert docs[backend]["results"][0]["percentile"] == 100.0, (i, backend, docs[backend])
-        flat, ann = docs["flat"]["results"], docs["ann"]["results"]
-        assert [h["row"] for h in flat] == [h["row"] for h in ann]
-        assert [h["percentile"] for h in flat] == [h["percentile"] for h in ann]
-        np.testing.assert_allclose([h["score"] for h in flat], [h["score"] for h in ann], atol=1e-6)
+        # ANN is approximate: it may miss a lower hit (usearch's graph differs between builds), so the two
+        # backends are compared on the rows both returned: one score and one percentile definition.
+        flat = {h["row"]: h for h in docs["flat"]["results"]}
+        ann = {h["row"]: h for h in docs["ann"]["results"]}
+        assert docs["flat"]["results"][0]["row"] == docs["ann"]["results"][0]["row"]
+        both = sorted(set(flat) & set(ann))
+        assert len(both) >= 3, (flat, ann)
+        assert [flat[r]["percentile"] for r in both] == [ann[r]["percentile"] for r in both]
+        scores = [flat[r]["score"] for r in both], [ann[r]["score"] for r in both]
+        np.testing.assert_allclose(*scores, atol=1e-6)
 
 
 def test_percentile_counts_scores_within_rounding_as_equal():
