@@ -1,6 +1,8 @@
 """`load(source)`: any supported model source to a ready `Embedder`.
 
-- a converted mlx-clap folder (LAION/HF or msclap family): loaded directly;
+- a converted mlx-clap folder (LAION/HF, msclap or PE-Audio family): loaded directly;
+- a Hugging Face PE-Audio folder (`pe_audio`: PeAudioModel / PeAudioFrameLevelModel, safetensors): loaded
+  in place; the audio-video and video kinds are refused with what is supported;
 - a Hugging Face CLAP folder with safetensors weights: loaded directly through `ClapModel.sanitize`, its
   tokenizer files read in place (no second copy of the weights anywhere);
 - a Hugging Face folder with only `pytorch_model.bin`, or a LAION `.pt` checkpoint: converted once into
@@ -21,6 +23,7 @@ from mlx_clap.io import folder as fmt
 from mlx_clap.io.hub import HUB_ID, cache_dir_for, download_hub, fingerprint
 from mlx_clap.models.clap import ClapModel
 from mlx_clap.models.msclap.model import MsClapModel, is_msclap_folder
+from mlx_clap.models.pe_audio.model import PeAudioModel, is_pe_folder
 from mlx_clap.ops.setup import prepare_cpu
 from mlx_clap.pipeline import Embedder, embedder_for
 
@@ -66,6 +69,8 @@ def looks_local(text: str) -> bool:
 
 
 def _load_converted(folder: Path, dtype: Any) -> Embedder:
+    if is_pe_folder(folder):
+        return embedder_for(PeAudioModel.from_pretrained(folder, dtype=dtype), folder)
     if is_msclap_folder(folder):
         return embedder_for(MsClapModel.from_pretrained(folder, dtype=dtype), folder)
     return embedder_for(ClapModel.from_pretrained(folder, dtype=dtype), folder)
@@ -74,6 +79,11 @@ def _load_converted(folder: Path, dtype: Any) -> Embedder:
 def _load_folder(
     folder: Path, dtype: Any, label: str | None, revision: str | None, trust_pickle: bool = False
 ) -> Embedder:
+    if is_pe_folder(folder):  # converted or Hugging Face: both load in place (other PE kinds: refused)
+        model = PeAudioModel.from_pretrained(folder, dtype=dtype)
+        if label:
+            model.config.source = label
+        return embedder_for(model, folder)
     if is_msclap_folder(folder) or fmt.is_converted_folder(folder):
         return _load_converted(folder, dtype)
     if not (folder / fmt.CONFIG_NAME).is_file():

@@ -428,6 +428,14 @@ class Embedder:
             file_vector=acc.result()[0],
         )
 
+    def embed_frames(self, audio: Any, **options: Any) -> Any:
+        """Per-frame unit embeddings with their times, for frame-level models (PE-Audio frame level:
+        `pipeline.pe_audio.PeAudioFamily.embed_frames`); other families raise TypeError."""
+        frames = getattr(self.family, "embed_frames", None)
+        if frames is None:
+            raise TypeError(f"a {self.family.name} model gives no frame embeddings")
+        return frames(audio, **options)
+
     # ------------------------------------------------------------------------------------ strings in
     def embed_text(self, texts: Sequence[str] | str, *, batch_size: int = 64, **options: Any) -> np.ndarray:
         """Unit text embeddings (N, D) as numpy float32, batched by length.
@@ -457,7 +465,8 @@ class Embedder:
         template: str | None = FAMILY_TEMPLATE,
         **embed_options: Any,
     ) -> np.ndarray:
-        """Zero-shot probabilities (N, len(labels)): softmax over labels of logits_per_audio.
+        """Zero-shot probabilities (N, len(labels)): softmax over labels of logits_per_audio, or for a
+        family with its own `scores` (PE-Audio: sigmoid of scale * cosine + bias) each pair's own score.
 
         `audio` is anything `embed_audio` takes, or an (N, D) array of unit audio embeddings. `template`
         defaults to the family's prompt; None uses the labels as given. With one label every row is 1.0.
@@ -472,7 +481,11 @@ class Embedder:
         else:
             audio_emb = self.embed_audio(audio, **embed_options)
         prompts = [template.format(label) if template else label for label in labels]
-        logits_per_audio, _ = self.logits(audio_emb, self.embed_text(prompts))
+        text_emb = self.embed_text(prompts)
+        scores = getattr(self.family, "scores", None)
+        if scores is not None:  # sigmoid-trained models (PE-Audio) score each pair on its own
+            return scores(audio_emb, text_emb)
+        logits_per_audio, _ = self.logits(audio_emb, text_emb)
         return np.array(mx.softmax(logits_per_audio, axis=-1))
 
 
@@ -497,6 +510,12 @@ def embedder_for(model: Any, source_dir: Path | None = None) -> Embedder:
         from mlx_clap.pipeline.laion import LaionFamily
 
         return Embedder(model, LaionFamily(model, source_dir), source_dir)
+    from mlx_clap.models.pe_audio.model import PeAudioModel
+
+    if isinstance(model, PeAudioModel):
+        from mlx_clap.pipeline.pe_audio import PeAudioFamily
+
+        return Embedder(model, PeAudioFamily(model, source_dir), source_dir)
     from mlx_clap.pipeline.msclap import MsClapFamily
 
     return Embedder(model, MsClapFamily(model, source_dir), source_dir)
