@@ -386,3 +386,32 @@ def test_an_interrupted_index_build_resumes_from_its_checkpoint(tmp_path, monkey
     assert seen[0] == 300 and len(ann.index) == 500  # rows 0-199 came from the checkpoint
     assert index_mod.AnnIndex.status(store) == "current"
     assert ann.search(vecs[450], k=1).rows[0, 0] == 450
+
+
+def test_ctrl_c_that_a_library_wraps_in_its_own_error_still_exits_130(tmp_path):
+    """pyarrow/Lance run Python inside their readers and hand a KeyboardInterrupt back as their own error
+    ("ArrowInvalid: External error: KeyboardInterrupt"): after a Ctrl-C that is the interrupt, not a
+    traceback and status 1."""
+    script = tmp_path / "wrapped.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "sys.argv[0] = 'mlx-clap'\n"
+        "import click\n"
+        "import mlx_clap.cli as cli\n"
+        "@click.command('boom')\n"
+        "def boom():\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(5)\n"
+        "    except KeyboardInterrupt:\n"
+        "        raise RuntimeError('External error: KeyboardInterrupt: ') from None\n"
+        "cli.COMMANDS['boom'] = ('__main__', 'boom')\n"
+        "cli.main(['boom'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    p = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, timeout=60, preexec_fn=default_sigint
+    )
+    err = p.stderr.decode(errors="replace")
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err, err

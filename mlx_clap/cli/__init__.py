@@ -13,6 +13,7 @@ from typing import Any
 from mlx_clap.cli.output import INTERRUPTED_MESSAGE, INTERRUPTED_STATUS, exit_interrupted
 
 _IN_COMMAND = False  # set while the command itself runs (LazyGroup.invoke)
+_INTERRUPTED = False  # set by a Ctrl-C during the command (_on_sigint)
 
 
 def _in_import(frame: Any) -> bool:
@@ -32,7 +33,9 @@ def _on_sigint(signum: int, frame: Any) -> None:
     "ImportError: Encountered an error while initializing the extension"), hence no exception there.
     One handler for the whole process, switched by a flag: installing handlers while the command runs
     would leave moments where a Ctrl-C meets the wrong one."""
+    global _INTERRUPTED
     if _IN_COMMAND and not _in_import(frame):
+        _INTERRUPTED = True
         raise KeyboardInterrupt
     exit_interrupted(INTERRUPTED_MESSAGE if _IN_COMMAND else "interrupted")
 
@@ -100,6 +103,14 @@ class LazyGroup(click.Group):
             _IN_COMMAND = False
             if exc.code == INTERRUPTED_STATUS and _COMMAND_PROCESS:  # the command printed why already
                 exit_interrupted(None)
+            raise
+        except Exception:
+            # A library that runs our Python inside its own code can hand the KeyboardInterrupt back as
+            # its own error (pyarrow/Lance: "ArrowInvalid: External error: KeyboardInterrupt"). After a
+            # Ctrl-C, whatever comes up is that interrupt: the same clean exit.
+            _IN_COMMAND = False
+            if _INTERRUPTED and _COMMAND_PROCESS:
+                exit_interrupted()
             raise
         finally:
             _IN_COMMAND = False
