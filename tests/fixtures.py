@@ -182,3 +182,19 @@ def encode_pyav(path: Path, x: np.ndarray, rate: int, codec: str, container: str
         for p in st.encode(None):
             out.mux(p)
     return path
+
+
+def require_encoder(name: str) -> None:
+    """Skip, saying why, when the installed PyAV cannot encode with `name`."""
+    import av
+    import pytest
+
+    try:
+        av.codec.Codec(name, "w")
+    except ValueError as exc:
+        pytest.skip(f"the installed PyAV (av {av.__version__}) has no {name!r} encoder: {exc}")
+
+
+def noise(n: int, channels: int = 2, seed: int = 0) -> np.ndarray:
+    """(n, channels) float32 white noise at 0.1 RMS, seeded."""
+    return (0.1 * np.random.default_rng(seed).standard_normal((n, channels))).astype(np.float32)

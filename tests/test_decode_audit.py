@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import REPO_ROOT
-from fixtures import encode_pyav
+from fixtures import encode_pyav, noise, require_encoder
 
 from mlx_clap.preprocess.audio import AudioDecodeError, AudioStream, load_audio, probe_seconds
 from mlx_clap.preprocess.decode_ahead import InputFile, decode_file, window_for
@@ -42,19 +42,6 @@ DECODER_LINE = re.compile(r"^(Note: |Warning: |Error: |\[src/|\[[^\]]*mpg123)")
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _require_encoder(name: str) -> None:
-    import av
-
-    try:
-        av.codec.Codec(name, "w")
-    except ValueError as exc:
-        pytest.skip(f"the installed PyAV (av {av.__version__}) has no {name!r} encoder: {exc}")
-
-
-def _noise(n: int, channels: int = 2, seed: int = 0) -> np.ndarray:
-    return (0.1 * np.random.default_rng(seed).standard_normal((n, channels))).astype(np.float32)
-
-
 def _encode_opus(path: Path, x: np.ndarray, pts_step_back_at: int | None = None) -> Path:
     """48-kHz Ogg Opus with PyAV's libopus, as ffmpeg writes it; optionally with the frame timestamps
     stepping back by one 20-ms frame at sample `pts_step_back_at` (an input with a timestamp glitch)."""
@@ -88,7 +75,7 @@ def _write_mp3(path: Path, x: np.ndarray, rate: int) -> Path:
     if "MPEG_LAYER_III" in sf.available_subtypes("MP3"):
         sf.write(path, x, rate, format="MP3", subtype="MPEG_LAYER_III")
         return path
-    _require_encoder("libmp3lame")
+    require_encoder("libmp3lame")
     return encode_pyav(path, x, rate, "libmp3lame", "mp3")
 
 
@@ -112,9 +99,9 @@ def _short_warning(warnings: list[str]) -> str:
 # ------------------------------------------------------------------------ 1. Opus soundfile rejects
 @pytest.fixture(scope="module")
 def opus_step_back(tmp_path_factory) -> Path:
-    _require_encoder("libopus")
+    require_encoder("libopus")
     root = tmp_path_factory.mktemp("opus")
-    path = _encode_opus(root / "step.opus", _noise(48000 * 20, 1, seed=1), pts_step_back_at=48000 * 8)
+    path = _encode_opus(root / "step.opus", noise(48000 * 20, 1, seed=1), pts_step_back_at=48000 * 8)
     try:
         with sf.SoundFile(str(path)) as f:
             while f.read(48000).shape[0]:
@@ -140,9 +127,9 @@ def test_opus_soundfile_rejects_mid_stream_decodes_through_pyav(opus_step_back):
 
 def test_chained_ogg_opus_decodes_every_link(tmp_path):
     """libsndfile reads only a chained file's first link, silently; PyAV reads them all."""
-    _require_encoder("libopus")
-    a = _encode_opus(tmp_path / "a.opus", _noise(48000 * 3, 1, seed=2))
-    b = _encode_opus(tmp_path / "b.opus", _noise(48000 * 12, 1, seed=3))
+    require_encoder("libopus")
+    a = _encode_opus(tmp_path / "a.opus", noise(48000 * 3, 1, seed=2))
+    b = _encode_opus(tmp_path / "b.opus", noise(48000 * 12, 1, seed=3))
     for name, parts, total in (("ab.opus", (a, b), 15), ("ba.opus", (b, a), 15)):
         chained = tmp_path / name
         chained.write_bytes(b"".join(p.read_bytes() for p in parts))
@@ -166,7 +153,7 @@ def test_neither_decoder_names_both_causes(tmp_path):
 def flac20(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("flac")
     path = root / "full.flac"
-    sf.write(path, _noise(44100 * 20, seed=4), 44100, subtype="PCM_16")
+    sf.write(path, noise(44100 * 20, seed=4), 44100, subtype="PCM_16")
     return path
 
 
@@ -207,7 +194,7 @@ def mp3_garbage(tmp_path_factory) -> tuple[Path, Path]:
     """An MP3 and a copy with 3000 random bytes injected mid-stream (mpg123: "Illegal Audio-MPEG-Header
     ... Trying to resync ... Giving up resync")."""
     root = tmp_path_factory.mktemp("mp3")
-    clean = _write_mp3(root / "clean.mp3", _noise(44100 * 20, seed=5), 44100)
+    clean = _write_mp3(root / "clean.mp3", noise(44100 * 20, seed=5), 44100)
     data = clean.read_bytes()
     junk = np.random.default_rng(6).integers(0, 256, 3000, dtype=np.uint8).tobytes()
     bad = root / "garbage.mp3"
@@ -297,13 +284,13 @@ def crop_files(tmp_path_factory) -> dict[str, Path]:
         ("short.wav", 44100, 7, 2, {}),
     ):
         out[name] = root / name
-        sf.write(out[name], _noise(int(round(rate * seconds)), ch, seed=len(out)), rate, **kw)
-    out["mp3"] = _write_mp3(root / "song.mp3", _noise(44100 * 16, seed=20), 44100)
+        sf.write(out[name], noise(int(round(rate * seconds)), ch, seed=len(out)), rate, **kw)
+    out["mp3"] = _write_mp3(root / "song.mp3", noise(44100 * 16, seed=20), 44100)
     try:
-        _require_encoder("libopus")
-        out["opus"] = _encode_opus(root / "voice.opus", _noise(48000 * 14, 1, seed=21))
-        _require_encoder("aac")
-        out["m4a"] = encode_pyav(root / "tune.m4a", _noise(44100 * 13, seed=22), 44100, "aac", "mp4")
+        require_encoder("libopus")
+        out["opus"] = _encode_opus(root / "voice.opus", noise(48000 * 14, 1, seed=21))
+        require_encoder("aac")
+        out["m4a"] = encode_pyav(root / "tune.m4a", noise(44100 * 13, seed=22), 44100, "aac", "mp4")
     except pytest.skip.Exception:
         pass  # the other formats still run; the encoders' absence is reported by the tests that need them
     return out

@@ -22,7 +22,7 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 from conftest import REPO_ROOT
-from fixtures import default_sigint, encode_pyav
+from fixtures import default_sigint, encode_pyav, noise, require_encoder
 
 from mlx_clap.preprocess.audio import AudioStream, load_audio
 from mlx_clap.preprocess.decode_ahead import InputFile, _BlockFeed, decode_file
@@ -34,19 +34,6 @@ DECODER_LINE = re.compile(r"^(Note: |Warning: |\[src/|\[[^\]]*mpg123)")
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _require_encoder(name: str) -> None:
-    import av
-
-    try:
-        av.codec.Codec(name, "w")
-    except ValueError as exc:
-        pytest.skip(f"the installed PyAV (av {av.__version__}) has no {name!r} encoder: {exc}")
-
-
-def _noise(n: int, channels: int = 2, seed: int = 0) -> np.ndarray:
-    return (0.1 * np.random.default_rng(seed).standard_normal((n, channels))).astype(np.float32)
-
-
 def _write_long_wav(path: Path, seconds: int, rate: int = 8000) -> Path:
     """A long 16-bit mono WAV written a second at a time (the test itself holds no long array)."""
     one = (0.1 * np.random.default_rng(seconds).standard_normal(rate)).astype(np.float32)
@@ -79,32 +66,32 @@ def files(tmp_path_factory) -> dict[str, Path]:
     """Clips of every decoder path: resampled and not, short and long, and a PyAV-only container."""
     root = tmp_path_factory.mktemp("streaming")
     out = {}
-    x = _noise(44100 * 33, seed=1)
+    x = noise(44100 * 33, seed=1)
     sf.write(root / "long44.wav", x, 44100, subtype="PCM_16")
     out["wav44"] = root / "long44.wav"
-    sf.write(root / "long48.flac", _noise(48000 * 32, seed=2), 48000)
+    sf.write(root / "long48.flac", noise(48000 * 32, seed=2), 48000)
     out["flac48"] = root / "long48.flac"
-    sf.write(root / "long22.flac", _noise(22050 * 34, 1, seed=3), 22050)
+    sf.write(root / "long22.flac", noise(22050 * 34, 1, seed=3), 22050)
     out["flac22"] = root / "long22.flac"
-    sf.write(root / "short.wav", _noise(16000 * 7, seed=4), 16000)  # under one window
+    sf.write(root / "short.wav", noise(16000 * 7, seed=4), 16000)  # under one window
     out["short"] = root / "short.wav"
-    sf.write(root / "mid.wav", _noise(44100 * 23, seed=5), 44100)  # 1-3 windows: decoded whole
+    sf.write(root / "mid.wav", noise(44100 * 23, seed=5), 44100)  # 1-3 windows: decoded whole
     out["mid"] = root / "mid.wav"
     return out
 
 
 @pytest.fixture(scope="module")
 def mp3(tmp_path_factory) -> Path:
-    _require_encoder("libmp3lame")
+    require_encoder("libmp3lame")
     root = tmp_path_factory.mktemp("mp3")
-    return encode_pyav(root / "long.mp3", _noise(44100 * 40, seed=6), 44100, "libmp3lame", "mp3")
+    return encode_pyav(root / "long.mp3", noise(44100 * 40, seed=6), 44100, "libmp3lame", "mp3")
 
 
 @pytest.fixture(scope="module")
 def m4a(tmp_path_factory) -> Path:
-    _require_encoder("aac")
+    require_encoder("aac")
     root = tmp_path_factory.mktemp("m4a")
-    return encode_pyav(root / "long.m4a", _noise(48000 * 32, seed=7), 48000, "aac", "mp4")
+    return encode_pyav(root / "long.m4a", noise(48000 * 32, seed=7), 48000, "aac", "mp4")
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +244,7 @@ def test_truncated_wav_warns_in_every_mode(files, tmp_path):
     """A WAV cut to a fifth (a download cut off, a recording still being written)."""
     rate, seconds = 44100, 60
     full = tmp_path / "full.wav"
-    sf.write(full, _noise(rate * seconds, seed=8), rate, subtype="PCM_16")
+    sf.write(full, noise(rate * seconds, seed=8), rate, subtype="PCM_16")
     cut = tmp_path / "cut.wav"
     data = full.read_bytes()
     cut.write_bytes(data[: 44 + (len(data) - 44) // 5])
