@@ -3,6 +3,7 @@
     python benchmarks/bench_exact.py                      # 1,000,000 rows x 512 (about 10 min, 2 cores)
     python benchmarks/bench_exact.py --rows 200000        # a minute or two
     python benchmarks/bench_exact.py --faiss              # adds faiss IndexFlatIP (2 GB more memory)
+    python benchmarks/bench_exact.py --store              # the commands' code over Lance stores (below)
 
 Side by side in one process and one run, rounds interleaved (each round times every method once, so
 load from other processes falls on all of them alike):
@@ -23,6 +24,15 @@ Three data sets, clustered with near-duplicates, cached under /tmp/mlx-clap-benc
 
 Every exact result is checked against a float64 brute force (ties within 1e-6). Writes
 benchmarks/results/exact-<date>[-tag].json and prints a markdown table and the `uptime` load.
+
+`--store`: the same vectors in Lance stores (float16, built once under the cache folder: `--rows` file
+rows; `--rows` windows of 100 per file), searched through the code the commands run, against reading
+the vectors once from the same store in the same run (`Store.iter_shards` / `SegmentView.iter_blocks`,
+every block's bytes summed once):
+- files: `FlatIndex(store).search` (`mlx-clap search`, serve beyond its resident budget), one query
+  and a batch of 32, and the old path (float32 MLX product per block, as FlatIndex did before);
+- windows: `score_windows` and `segment_search` (`search --segments`, `timeline`: scores of every
+  window, calibration, merging), one query and a batch of 32, and the old per-block float32 conversion.
 """
 
 from __future__ import annotations
@@ -256,6 +266,156 @@ def bench_set(
     return out
 
 
+# ---------------------------------------------------------------------------------- Lance stores
+STORE_CHUNK = 100_000  # rows per commit while building a benchmark store
+WINDOWS_PER_FILE = 100
+
+
+def _build_store(path: Path, vectors: Any, segments: bool) -> None:
+    """A float16 Lance store holding `vectors` as file rows or (segments) as windows, 100 per file."""
+    from mlx_clap.store import Store
+
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    seg = {"hop": 2.0, "window": 10.0} if segments else None
+    Store.create(tmp, {"model": {"id": "bench/exact"}}, dim=DIM, dtype="float16", segments=seg).close()
+    n = vectors.shape[0]
+    per = WINDOWS_PER_FILE if segments else 1
+    with Store.open(tmp, write=True) as w:
+        for s in range(0, n, STORE_CHUNK):
+            block = np.asarray(vectors[s : s + STORE_CHUNK], np.float32)
+            files = range(s // per, (s + block.shape[0]) // per)
+            items = [{"path": f"/archive/{f // 1000:04d}/{f:07d}.flac", "size": 1, "mtime": 0.0,
+                      "duration": 2.0 * per + 8.0} for f in files]  # fmt: skip
+            if not segments:
+                w.write(items, block)
+                continue
+            starts = np.arange(per, dtype=np.float64) * 2.0
+            wins = [block[i * per : (i + 1) * per] for i in range(len(files))]
+            segs = [(starts, starts + 10.0, v) for v in wins]
+            w.write(items, np.stack([v[0] for v in wins]), segments=segs)
+            print(f"  {path.name}: {s + block.shape[0]} rows", flush=True)
+    os.replace(tmp, path)
+
+
+def old_flat_search(store: Any, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """What FlatIndex did before: each block converted to float32 in MLX, `q @ block.T`, top-k merged."""
+    import mlx.core as mx
+
+    from mlx_clap.search.index import iter_blocks
+
+    qm = mx.array(np.atleast_2d(q).astype(np.float32))
+    best_s = np.full((qm.shape[0], 0), -np.inf, np.float32)
+    best_r = np.full((qm.shape[0], 0), -1, np.int64)
+    for first, block in iter_blocks(store):
+        s = qm @ mx.array(np.ascontiguousarray(block)).astype(mx.float32).T
+        idx = mx.argpartition(-s, kth=k - 1, axis=1)[:, :k]
+        top = mx.take_along_axis(s, idx, axis=1)
+        mx.eval(idx, top)
+        best_s = np.concatenate([best_s, np.array(top)], axis=1)
+        best_r = np.concatenate([best_r, np.array(idx).astype(np.int64) + first], axis=1)
+        part = np.argpartition(-best_s, k - 1, axis=1)[:, :k]
+        best_s, best_r = np.take_along_axis(best_s, part, 1), np.take_along_axis(best_r, part, 1)
+    return best_s, best_r
+
+
+def old_score_windows(view: Any, q: np.ndarray) -> np.ndarray:
+    """What segment search did before: float16 converted to float32 8192 rows at a time, BLAS product."""
+    qt = np.ascontiguousarray(np.atleast_2d(q).astype(np.float32).T)
+    out = np.empty((qt.shape[1], len(view)), np.float32)
+    for first, block in view.iter_blocks():
+        for i in range(0, block.shape[0], 8192):
+            sub = np.asarray(block[i : i + 8192]).astype(np.float32)
+            out[:, first + i : first + i + sub.shape[0]] = (sub @ qt).T
+    return out
+
+
+def read_once(blocks: Any) -> None:
+    """The floor: every block read from the store, its bytes summed once (one thread)."""
+    for _, b in blocks:
+        np.ascontiguousarray(b).view(np.int64).sum()
+
+
+def bench_stores(n: int, rounds: int, batch: int = 32, k: int = 10) -> dict[str, Any]:
+    """Files and windows in Lance stores, through the commands' code, against reading them once."""
+    from mlx_clap.search.index import FlatIndex
+    from mlx_clap.search.segments import score_windows, segment_search
+    from mlx_clap.store import Store
+
+    files_path, windows_path = DATA / f"store-files-{n}", DATA / f"store-windows-{n}"
+    if not files_path.is_dir():
+        print(f"building {files_path} ...", flush=True)
+        _build_store(files_path, np.load(str(files_data(n)).replace("-f32", "-f16"), mmap_mode="r"), False)
+    if not windows_path.is_dir():
+        print(f"building {windows_path} ...", flush=True)
+        shards = [np.load(p, mmap_mode="r") for p in window_shards(n)]
+        _build_store(windows_path, np.concatenate(shards), True)
+    out: dict[str, Any] = {"rows": n, "dim": DIM, "dtype": "float16", "k": k, "batch": batch}
+
+    store = Store.open(files_path)
+    x16 = store.matrix(np.float16)  # for the float64 check and the queries only
+    singles = queries_near(x16, rounds + 1, seed=11)
+    batches = [queries_near(x16, batch, seed=100 + r) for r in range(rounds + 1)]
+    flat = FlatIndex(store)
+    methods: dict[str, Callable[[int], Any]] = {
+        "read the vectors once (floor)": lambda r: read_once(store.iter_shards()),
+        "FlatIndex.search, 1 query": lambda r: flat.search(singles[r], k),
+        f"FlatIndex.search, {batch} queries": lambda r: flat.search(batches[r], k),
+        "old FlatIndex (float32 MLX per block), 1 query": lambda r: old_flat_search(store, singles[r], k),
+        f"old FlatIndex, {batch} queries": lambda r: old_flat_search(store, batches[r], k),
+    }
+    print(f"files in a Lance store: {len(methods)} methods x {rounds} rounds ...", flush=True)
+    out["files"] = {"methods": interleaved(methods, rounds)}
+    full, kth = brute_force_top([(0, x16)], np.vstack([singles[0], batches[0]]), k)
+    res = flat.search(np.vstack([singles[0], batches[0]]), k)
+    out["files"]["exact_vs_float64"] = check_exact(
+        exact.TopK(res.rows, np.take_along_axis(full, res.rows, 1)), full, kth
+    ) and bool(np.allclose(res.scores, np.take_along_axis(full, res.rows, 1), rtol=0, atol=1e-6))
+    out["files"]["auto"] = {key: flat.stats[key] for key in ("kernel", "threads", "rescored")}
+    del x16, full
+
+    wstore = Store.open(windows_path)
+    view = wstore.segment_view()
+    probe = view.take(np.arange(0, len(view), max(1, len(view) // 50_000)))
+    wsingles = queries_near(probe, rounds + 1, seed=21)
+    wbatches = [queries_near(probe, batch, seed=200 + r) for r in range(rounds + 1)]
+    methods = {
+        "read the windows once (floor)": lambda r: read_once(view.iter_blocks()),
+        "score_windows, 1 query": lambda r: score_windows(view, wsingles[r][None]),
+        "segment_search (search --segments), 1 query": lambda r: segment_search(view, wsingles[r]),
+        f"score_windows, {batch} queries": lambda r: score_windows(view, wbatches[r]),
+        f"segment_search, {batch} queries": lambda r: segment_search(view, wbatches[r]),
+        "old score_windows (float32 per block), 1 query": lambda r: old_score_windows(view, wsingles[r]),
+        f"old score_windows, {batch} queries": lambda r: old_score_windows(view, wbatches[r]),
+    }
+    print(f"windows in a Lance store: {len(methods)} methods x {rounds} rounds ...", flush=True)
+    out["windows"] = {"methods": interleaved(methods, rounds), "windows": len(view), "files": len(wstore)}
+    got = score_windows(view, wbatches[0])
+    want = np.concatenate([np.asarray(b, np.float64) @ wbatches[0].astype(np.float64).T
+                           for _, b in view.iter_blocks()]).T  # fmt: skip
+    out["windows"]["max_abs_error_vs_float64"] = float(np.abs(got - want).max())
+    for part in ("files", "windows"):
+        timed = out[part]["methods"]
+        floor = next(v["median_ms"] for name, v in timed.items() if "(floor)" in name)
+        for entry in timed.values():
+            entry["x_floor"] = entry["median_ms"] / floor
+    return out
+
+
+def store_markdown(res: dict[str, Any]) -> str:
+    lines = ["| data | method | ms median | ms min | x floor |", "|---|---|---:|---:|---:|"]
+    for part in ("files", "windows"):
+        for name, v in res[part]["methods"].items():
+            lines.append(
+                f"| {res['rows']:,} {part} | {name} | {v['median_ms']:.1f} | {v['min_ms']:.1f} "
+                f"| {v['x_floor']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = ["| data | queries | method | ms median | ms min | x floor |", "|---|---|---|---:|---:|---:|"]
     for set_name, res in results["sets"].items():
@@ -276,6 +436,7 @@ def main() -> None:
     ap.add_argument("--sets", nargs="+", default=["files-f16", "files-f32", "windows-f16"])
     ap.add_argument("--faiss", action="store_true", help="add faiss IndexFlatIP (a float32 copy)")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--store", action="store_true", help="the commands' code over Lance stores instead")
     args = ap.parse_args()
 
     uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -293,6 +454,9 @@ def main() -> None:
         "uptime_before": uptime_before,
         "sets": {},
     }
+    if args.store:
+        results["store"] = bench_stores(args.rows, args.rounds)
+        args.sets = []
     p32 = files_data(args.rows) if any(s.startswith("files") for s in args.sets) else None
     x32 = np.load(p32) if p32 is not None else None  # in memory, as the store's float32 matrix
     for set_name in args.sets:
@@ -313,11 +477,16 @@ def main() -> None:
     results["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     results["seconds"] = round(time.time() - t0, 1)
     date = datetime.date.today().isoformat()
-    out = ROOT / "benchmarks" / "results" / f"exact-{date}{'-' + args.tag if args.tag else ''}.json"
+    kind = "exact-store" if args.store else "exact"
+    out = ROOT / "benchmarks" / "results" / f"{kind}-{date}{'-' + args.tag if args.tag else ''}.json"
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     os.replace(tmp, out)
-    print(markdown(results))
+    print(store_markdown(results["store"]) if args.store else markdown(results))
+    if args.store:
+        res = results["store"]
+        print(f"files: exact = {res['files']['exact_vs_float64']}, {res['files']['auto']}")
+        print(f"windows: max |score - float64| = {res['windows']['max_abs_error_vs_float64']:.2e}")
     for set_name, res in results["sets"].items():
         for shape in ("single", "batch10"):
             print(f"{set_name} {shape}: auto = {res[shape]['auto']}, exact: {res[shape]['exact_vs_float64']}")

@@ -8,8 +8,8 @@ embeddings of similar sounds) stored as float16, with 0.5% planted near-duplicat
 Reports, as JSON printed and written to benchmarks/results/index.json (index-quick.json with --quick):
 - flat search: single-query latency streaming the memory-mapped shards (page cache warm) and with the
   blocks resident in MLX, and a 32-query batch;
-- ANN (usearch HNSW, f16): build time, index memory and file size, single-query latency, recall@10
-  against the flat answer;
+- ANN (the store's Lance IVF_RQ index, `mlx_clap.search.lance_index`): build time, index size on disk,
+  single-query latency, recall@10 against the flat answer, and a sweep of nprobes / refine_factor;
 - dedupe: time and groups found over the dedupe-sized store (which also gets its own ANN recall@10).
 """
 
@@ -31,7 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlx_clap.search.index import AnnIndex, FlatIndex, RowReader, near_duplicates  # noqa: E402
+from mlx_clap.search.index import FlatIndex, RowReader, near_duplicates  # noqa: E402
+from mlx_clap.search.lance_index import LanceIndex, build_index  # noqa: E402
 from mlx_clap.store import Store  # noqa: E402
 
 DIM = 512
@@ -95,7 +96,13 @@ def latency_ms(fn, queries: np.ndarray, warmup: int = 2) -> dict:
     }
 
 
-def recall_at_10(ann: AnnIndex, queries: np.ndarray, truth: np.ndarray) -> float:
+def index_store(path: Path) -> Store:
+    """Build the store's Lance vector index (as `mlx-clap index` does); the store's new snapshot."""
+    with Store.open(path, write=True) as w:
+        return build_index(w).store
+
+
+def recall_at_10(ann: LanceIndex, queries: np.ndarray, truth: np.ndarray) -> float:
     """Share of the exact top-10 rows (`truth`, from FlatIndex) that the ANN search returns."""
     got = ann.search(queries, k=10)
     return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got.rows, truth, strict=True)]))
@@ -131,33 +138,32 @@ def bench_search(path: Path, n: int, n_queries: int) -> dict:
     resident = None  # frees the resident blocks before the ANN build
 
     log("ANN build")
-    rss0 = rss_mib()
     t = time.perf_counter()
-    ann = AnnIndex.open(store)
-    log("ANN queries")
+    store = index_store(path)
     out["ann_build_s"] = round(time.perf_counter() - t, 1)
     out["ann_build_rows_per_s"] = round(n / out["ann_build_s"])
-    out["ann_memory_mib"] = round(ann.index.memory_usage / 2**20, 1)
-    out["ann_rss_delta_mib"] = round(rss_mib() - rss0, 1)
-    out["ann_file_mib"] = round((path / "ann.usearch").stat().st_size / 2**20, 1)
+    index_files = [f for f in (path / "_indices").rglob("*") if f.is_file()]
+    out["ann_file_mib"] = round(sum(f.stat().st_size for f in index_files) / 2**20, 1)
+    log("ANN queries")
+    rss0 = rss_mib()
+    ann = LanceIndex(store)
     out["ann"] = latency_ms(lambda q: ann.search(q, k=10), queries)
+    out["ann_rss_delta_mib"] = round(rss_mib() - rss0, 1)
     t = time.perf_counter()
-    AnnIndex.open(Store.open(path))
+    LanceIndex(Store.open(path)).search(queries[0], k=10)
     out["ann_reopen_s"] = round(time.perf_counter() - t, 2)
     truth = FlatIndex(store).search(queries, k=10).rows
     out["ann_recall_at_10"] = round(recall_at_10(ann, queries, truth), 4)
-    # Search effort against recall: expansion_search is a query-time setting (no rebuild).
-    default_es = ann.index.expansion_search
-    out["ann_expansion_search_default"] = default_es
+    # Search effort against recall: query-time settings (no rebuild).
     sweep = {}
-    for es in (64, 128, 256, 512):
-        ann.index.expansion_search = es
-        lat = latency_ms(lambda q: ann.search(q, k=10), queries[:50])
-        sweep[str(es)] = {
-            "recall_at_10": round(recall_at_10(ann, queries, truth), 4),
-            "p50_ms": lat["p50_ms"],
-        }
-    ann.index.expansion_search = default_es
+    for nprobes in (10, 20, 40):
+        for refine in (1, 10):
+            tuned = LanceIndex(store, nprobes=nprobes, refine_factor=refine)
+            lat = latency_ms(lambda q, tuned=tuned: tuned.search(q, k=10), queries[:50])
+            sweep[f"{nprobes}/{refine}"] = {
+                "recall_at_10": round(recall_at_10(tuned, queries, truth), 4),
+                "p50_ms": lat["p50_ms"],
+            }
     out["ann_sweep"] = sweep
     return out
 
@@ -174,7 +180,7 @@ def bench_dedupe(path: Path, n: int) -> dict:
         "groups": len(groups),
         "rows_in_groups": int(sum(len(g.rows) for g in groups)),
     }
-    ann = AnnIndex.open(store)
+    ann = LanceIndex(index_store(path))
     qrows = np.random.default_rng(3).integers(0, n, 200)
     q = unit(RowReader(store).take(qrows) + 0.02 * np.random.default_rng(4).standard_normal((200, DIM)))
     out["ann_recall_at_10"] = round(recall_at_10(ann, q, FlatIndex(store).search(q, k=10).rows), 4)

@@ -12,6 +12,15 @@ query at a time (`dataset.to_table(nearest=...)`, k=10, warm) and recall@10 agai
 within 1e-6. The pick: among settings with recall >= 0.95 and p50 <= 20 ms, the index type with the
 best build time. Half the queries are near-copies of a stored vector, half lie farther (noise of norm
 0.75: cosine ~0.8 to their row). Writes benchmarks/results/lance-ann-<date>[-tag].json and prints `uptime`.
+
+`--store` also measures the index as mlx-clap uses it (`mlx_clap.search.lance_index`): the same vectors
+as an mlx-clap store holding file rows (a tenth) and segment rows (nine windows per file) in one
+dataset, one index over both built by `build_index`; file search (`LanceIndex`, the other kind left out
+by a row-address blocklist) and window search, p50/p95 and recall@10 against exact search over that
+kind's rows; then 1% more rows appended: the same searches with the new rows unindexed (scored flat by
+Lance and merged), the time `build_index` takes to add them (`optimize_indices`), and the searches again.
+
+    python benchmarks/bench_lance_ann.py --rows 1000000 --types IVF_RQ --nprobes 10 20 --refine 10 --store
 """
 
 from __future__ import annotations
@@ -124,6 +133,100 @@ def bench_type(
     return info
 
 
+def timed(fn: Any, qs: np.ndarray) -> tuple[list[np.ndarray], list[float]]:
+    """fn(q) -> rows for each query, after 5 warm-up calls; (rows per query, ms per query)."""
+    for q in qs[:5]:
+        fn(q)
+    found, times = [], []
+    for q in qs:
+        t = time.perf_counter()
+        found.append(fn(q))
+        times.append((time.perf_counter() - t) * 1e3)
+    return found, times
+
+
+def summary(found: list[np.ndarray], times: list[float], x: np.ndarray, qs: np.ndarray) -> dict[str, Any]:
+    """p50/p95 ms and recall@10 (the tie rule) of `found` (row numbers into `x`) for queries `qs`."""
+    kth = exact.top_k(x, qs, K).scores[:, -1]
+    return {
+        "recall_at_10": round(recall(found, x, qs, kth), 4),
+        "p50_ms": round(float(np.percentile(times, 50)), 2),
+        "p95_ms": round(float(np.percentile(times, 95)), 2),
+    }
+
+
+def bench_store(x16: np.ndarray, qs: np.ndarray) -> dict[str, Any]:
+    """The index through mlx-clap's own store and search code (see the module docstring)."""
+    from mlx_clap.search import lance_index as li
+    from mlx_clap.store import Store
+
+    n = x16.shape[0]
+    n_files = n // 10
+    per = 9  # windows per file: the other nine tenths of the rows
+    held = max(1, n_files // 100)  # files (and their windows) appended after the index: 1% of the rows
+    files, windows = x16[:n_files], x16[n_files : n_files + n_files * per]
+    path = LANCE_DIR / f"{n}-store"
+    if path.exists():
+        shutil.rmtree(path)
+    manifest = {"model": {"id": "bench/lance-ann", "weights_sha256": "0" * 64}}
+    segs = {"hop": 1.0, "window": 2.0}
+    starts = np.arange(per, dtype=np.float64)
+
+    def write(lo: int, hi: int) -> None:
+        with Store.open(path, write=True) as w:
+            for a in range(lo, hi, 20_000):
+                b = min(hi, a + 20_000)
+                items = [{"path": f"/bench/{i:07d}.wav", "size": 1, "mtime": 0.0} for i in range(a, b)]
+                seg = [(starts, starts + 2.0, windows[i * per : (i + 1) * per]) for i in range(a, b)]
+                w.write(items, files[a:b], seg)
+
+    t0 = time.perf_counter()
+    Store.create(path, manifest, dim=x16.shape[1], dtype="float16", segments=segs).close()
+    write(0, n_files - held)
+    out: dict[str, Any] = {
+        "files": n_files,
+        "windows": n_files * per,
+        "write_s": round(time.perf_counter() - t0, 1),
+    }
+    with Store.open(path, write=True) as w:
+        report = li.build_index(w)
+    out["build_s"] = round(report.seconds, 1)
+    print(
+        f"store: {n_files} files + {n_files * per} windows, index built in {report.seconds:.1f} s", flush=True
+    )
+
+    def phase(name: str) -> None:
+        store = Store.open(path)
+        nf, nw = len(store), len(store.segment_view())
+        # The store's row order is the write order here, so row r of a kind is row r of its array.
+        ann = li.LanceIndex(store)
+        knn = li._Knn(store, li.SEGMENT)
+        view = store.segment_view()
+        seg_of = np.full(int(store._addr.size), -1, dtype=np.int64)
+        seg_of[view.positions] = np.arange(len(view))
+        f_found, f_times = timed(lambda q: ann.search(q, K).rows[0], qs)
+        w_found, w_times = timed(lambda q: seg_of[knn.query(q, K)[0]], qs)
+        res = {
+            "coverage_files": ann.coverage.note(),
+            "coverage_windows": li.coverage(store, li.SEGMENT).note(),
+            "file_search": summary(f_found, f_times, files[:nf], qs),
+            "window_search": summary(w_found, w_times, windows[:nw], qs),
+        }
+        out[name] = res
+        print(f"  {name}: {res}", flush=True)
+
+    phase("indexed")
+    write(n_files - held, n_files)
+    phase("after_append")
+    with Store.open(path, write=True) as w:
+        report = li.build_index(w)
+    out["update_s"] = round(report.seconds, 1)
+    out["update_action"] = report.action
+    print(f"  index {report.action} in {report.seconds:.1f} s", flush=True)
+    phase("after_update")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -133,6 +236,7 @@ def main() -> None:
     ap.add_argument("--nprobes", type=int, nargs="*", default=[], help="replace the sweep's nprobes")
     ap.add_argument("--refine", type=int, nargs="*", default=[], help="replace the sweep's refine factors")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--store", action="store_true", help="also measure mlx-clap's store and search path")
     args = ap.parse_args()
     import lance
 
@@ -175,6 +279,8 @@ def main() -> None:
         results["pick"] = {"index_type": name, "build_s": build_s, **best}
     else:
         results["pick"] = None
+    if args.store:
+        results["store"] = bench_store(x16, qs)
     results["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     date = datetime.date.today().isoformat()
     out = ROOT / "benchmarks" / "results" / f"lance-ann-{date}{'-' + args.tag if args.tag else ''}.json"

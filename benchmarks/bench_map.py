@@ -198,13 +198,15 @@ def scale(methods: list[str], rows: int, limit: float) -> dict:
 
 def serve_map(method_rows: int) -> dict:
     """`layout.build_map` end to end (what `mlx-clap serve` does on the first map request)."""
-    from mlx_clap.search.store import EmbeddingStore
+    from mlx_clap.store import Store
 
     with tempfile.TemporaryDirectory() as tmp:
-        store = EmbeddingStore.create(Path(tmp) / "s", {"model": {"id": "bench/synthetic"}}, DIM, "float16")
         x = blobs(method_rows)
-        store.append([{"path": f"synthetic/{i:07d}.wav", "size": 0, "mtime": 0.0} for i in range(len(x))], x)
-        store = EmbeddingStore.open(Path(tmp) / "s")
+        with Store.create(Path(tmp) / "s", {"model": {"id": "bench/synthetic"}}, dim=DIM) as store:
+            store.write(
+                [{"path": f"synthetic/{i:07d}.wav", "size": 0, "mtime": 0.0} for i in range(len(x))], x
+            )
+        store = Store.open(Path(tmp) / "s")
         before = load()
         t = time.perf_counter()
         doc = layout.build_map(store, layout.store_key(store))

@@ -39,9 +39,7 @@ MISSING_TEST_PACKAGES = frozenset(n for n in TEST_ONLY_PACKAGES if importlib.uti
 _RUNTIME_DIRS = [Path(d).resolve() for d in importlib.util.find_spec("mlx_clap").submodule_search_locations]
 # Tests that need a missing package where the failure cannot show it (a CLI turns the error into an exit
 # status): node-id prefixes, skipped up front.
-NEEDS = {
-    "usearch": ("test_index.py::test_ann_", "test_cli_search.py::test_search_like_json_filters_and_clamp"),
-}
+NEEDS: dict[str, tuple[str, ...]] = {}
 
 
 def _install_hint(name: str) -> str:

@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mlx_clap.convert", "mlx_clap.search", "mlx_clap.store"),
     ("mlx_clap.pipeline",),
     ("mlx_clap.loading",),
+    ("mlx_clap.sync",),
     ("mlx_clap.serve",),
     ("mlx_clap.cli",),
 ]

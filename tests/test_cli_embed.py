@@ -297,9 +297,9 @@ def test_non_utf8_file_name(tiny_model_dir, tmp_path):
 
 def test_tiny_decode_budget_no_deadlock(tiny_model_dir, tiny_model, audio_dir, monkeypatch):
     """With a decode budget smaller than any file, decoders wait their turn; the run still completes."""
-    import mlx_clap.cli.embed as cli_embed
+    import mlx_clap.sync.run as sync_run
 
-    monkeypatch.setattr(cli_embed, "DECODE_BUDGET_BYTES", 1000)
+    monkeypatch.setattr(sync_run, "DECODE_BUDGET_BYTES", 1000)
     r = _run(["embed", str(audio_dir), "-r", "--model", str(tiny_model_dir), "--long-audio", "center",
               "--workers", "3", "--batch-size", "2", "-q"])  # fmt: skip
     assert r.exit_code == 1  # broken.mp3

@@ -1,14 +1,12 @@
-"""Flat search against brute-force numpy, the ANN backend's recall and rebuild rules, near-duplicates."""
+"""Flat search against brute-force numpy, near-duplicates (the Lance ANN index: test_lance_index.py)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 from fixtures import create_store
 
-from mlx_clap.search.index import AnnIndex, FlatIndex, SearchError, near_duplicates, open_index, path_mask
+from mlx_clap.search.index import FlatIndex, SearchError, near_duplicates, path_mask
 from mlx_clap.store import Store
 
 MANIFEST = {"model": {"id": "test/random", "weights_sha256": "0" * 64}}
@@ -41,13 +39,11 @@ def brute_force(matrix: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, 
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_flat_equals_brute_force(tmp_path, dtype, monkeypatch):
+def test_flat_equals_brute_force(tmp_path, dtype):
     vecs = unit(np.random.default_rng(0).standard_normal((2500, 48)))
     store = make_store(tmp_path / "s", vecs, dtype=dtype, shard_size=700)
     q = unit(np.random.default_rng(1).standard_normal((5, 48)))
-    # Small blocks so the running top-k merges across blocks and shard boundaries, and a small score
-    # budget so the queries go through in chunks.
-    monkeypatch.setattr("mlx_clap.search.index.SCORE_BUDGET", 512)
+    # Small blocks so the running top-k merges across blocks and shard boundaries.
     res = FlatIndex(store, block_rows=256).search(q, k=10)
     want_s, want_r = brute_force(store.matrix(np.float32), q, 10)
     np.testing.assert_array_equal(res.rows, want_r)
@@ -84,56 +80,6 @@ def test_empty_store_is_an_error(tmp_path):
         FlatIndex(store)
     with pytest.raises(SearchError, match="empty"):
         near_duplicates(store)
-
-
-def test_ann_recall_and_exact_rescoring(tmp_path):
-    vecs = clustered(20_000, 64, centers=200, within=0.5, seed=3)
-    store = make_store(tmp_path / "s", vecs, dtype="float16", shard_size=4096)
-    q = clustered(100, 64, centers=200, within=0.5, seed=3)[:100]
-    flat = FlatIndex(store).search(q, k=10)
-    ann = AnnIndex.open(store)
-    assert ann.built_now and (tmp_path / "s" / "ann.usearch").is_file()
-    res = ann.search(q, k=10)
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(res.rows, flat.rows, strict=False)])
-    assert recall >= 0.95, recall
-    # Shared rows carry the same (exact) score in both backends.
-    for i in range(len(q)):
-        common = {r: s for r, s in zip(flat.rows[i], flat.scores[i], strict=False)}
-        for r, s in zip(res.rows[i], res.scores[i], strict=False):
-            if r in common:
-                assert abs(common[r] - s) < 1e-5
-
-
-def test_ann_reuse_append_and_rebuild(tmp_path):
-    vecs = clustered(3000, 32, centers=30, within=0.5, seed=4)
-    store = make_store(tmp_path / "s", vecs[:2000])
-    assert AnnIndex.open(store).built_now
-    assert not AnnIndex.open(Store.open(tmp_path / "s")).built_now  # saved graph reused
-    with Store.open(tmp_path / "s", write=True) as w:  # one commit adding rows: the graph is extended
-        w.write([{"path": f"new/{i}.wav", "size": 1, "mtime": 0.0} for i in range(1000)], vecs[2000:])
-    store = Store.open(tmp_path / "s")
-    said: list[str] = []
-    grown = AnnIndex.open(store, progress=said.append)
-    assert grown.built_now and len(grown.index) == 3000
-    assert any("adding 1000 new rows" in m for m in said), said
-    meta = json.loads((tmp_path / "s" / "ann.json").read_text())
-    assert meta["fingerprint"]["rows"] == 3000
-    res = grown.search(vecs[2500], k=1)
-    assert res.rows[0, 0] == 2500 and res.scores[0, 0] > 0.999
-    # Filters: a narrow filter is searched exactly; a broad one by widening the candidate list.
-    narrow = path_mask(store.items, contains=["new/"])
-    assert set(grown.search(vecs[0], k=5, mask=narrow).rows[0]) <= set(range(2000, 3000))
-    broad = ~narrow
-    out = grown.search(vecs[2500], k=5, mask=broad)
-    assert len(out.rows[0]) == 5 and (out.rows[0] < 2000).all()
-    # A corrupted metadata file or graph forces a rebuild.
-    (tmp_path / "s" / "ann.json").write_text("{")
-    assert AnnIndex.open(store).built_now
-    (tmp_path / "s" / "ann.usearch").write_bytes(b"garbage")
-    rebuilt = AnnIndex.open(store)
-    assert rebuilt.built_now and rebuilt.search(vecs[5], k=1).rows[0, 0] == 5
-    assert not list((tmp_path / "s").glob(".ann*"))  # no temp files left
-    assert isinstance(open_index(store, "auto"), FlatIndex)
 
 
 def test_near_duplicates_groups_and_ranking(tmp_path):

@@ -440,3 +440,27 @@ def test_a_moderate_store(tmp_path):
         p = r.items[i]["path"]
         np.testing.assert_array_equal(m[i], want[p][0])
         np.testing.assert_array_equal(view.take(view.of_file(i)), want[p][1:])
+
+
+def test_vectors_are_written_as_uncompressed_mini_blocks(tmp_path):
+    """The vector column's layout is what exact search's speed rests on: both write paths (a commit of
+    the writer's own, a worker's fragments) lay it out as uncompressed mini-blocks, which decode about 2x
+    faster than Lance's default full-zip pages (docs/performance.md, "Exact search")."""
+    from lance.file import LanceFileReader
+
+    from mlx_clap.store.schema import VECTOR_ENCODING
+
+    dim = 512  # CLAP's width: Lance's default layout for rows this wide is full-zip, not mini-blocks
+    manifest = {**MANIFEST, "embedding_dim": dim}
+    with Store.create(tmp_path / "st.lance", manifest, dim=dim) as w:
+        w.write(_items("ab"), _vecs(2, dim=dim))
+        w.commit([write_rows(w.target(), _items("c"), _vecs(1, 1, dim=dim))])
+    r = Store.open(tmp_path / "st.lance")
+    assert r.dataset.schema.field("vector").metadata == {
+        k.encode(): v.encode() for k, v in VECTOR_ENCODING.items()
+    }
+    files = sorted((tmp_path / "st.lance" / "data").glob("*.lance"))
+    assert len(files) == 2
+    for f in files:
+        column = LanceFileReader(str(f)).metadata().columns[-1]
+        assert column.pages and all("MiniBlockLayout" in str(p.encoding) for p in column.pages), f

@@ -17,6 +17,7 @@ import lance
 import numpy as np
 import pyarrow as pa
 import pytest
+from legacy_store import write_legacy_store
 
 from mlx_clap.store import LegacyStoreError, Store, StoreError, check_store, migrate_store, repair_store
 from mlx_clap.store.errors import lance_failure
@@ -304,37 +305,45 @@ def test_rows_that_disagree_are_found(tmp_path):
 
 # ------------------------------------------------------------------------------------ migration
 def _format2_store(path: Path) -> dict:
-    """A format-2 store built with today's EmbeddingStore: segments, a superseded row, a copy sharing
-    its segment rows, a compaction (generation 1), a path that is not UTF-8, an errors.jsonl."""
-    from mlx_clap.search.store import EmbeddingStore
-
-    s = EmbeddingStore.create(
-        path, {"model": "tiny", "weights_sha256": "w0", "store_dtype": "float16"}, dim=DIM, segments=SEGMENTS
-    )
+    """A format-2 store as that format's writer left it after a compaction (generation 1) and more runs:
+    segments, a superseded row, a copy sharing its segment rows, a path that is not UTF-8, errors.jsonl,
+    and a torn last line of a killed append. Returns what its reader showed (live rows, in row order)."""
     odd = "/lib/x\udcff.wav"
+    names = ["/lib/a.wav", odd, "/lib/b.wav", "/lib/b.wav", "/lib/c.wav"]
     items = [
-        {"path": p, "size": 10, "mtime": 2.0, "duration": 12.0} for p in ("/lib/a.wav", "/lib/b.wav", odd)
+        {"path": p, "size": 10, "mtime": 2.0, "duration": 12.0, "seg": [2 * k, 2]}
+        for k, p in enumerate(names)
     ]
     items[0]["sha256"] = "sa"
-    s.append(items, _vecs(3), segments=_segs(3, 1))
-    s.append([dict(items[1], size=11)], _vecs(1, 8), segments=_segs(1, 8))
-    s.compact()
-    s.append(
-        [{"path": "/lib/c.wav", "size": 4, "mtime": 3.0, "seg": s.items[0]["seg"]}],
-        _vecs(1, 9),
-        segments=[None],
+    items[3]["size"] = 11  # b again: this row supersedes row 2
+    items[4] = {"path": "/lib/c.wav", "size": 4, "mtime": 3.0, "seg": [0, 2]}  # a copy of a.wav
+    seg_rows = [{"start": s, "end": e} for _ in range(4) for s, e in ((0.0, 10.0), (5.0, 12.0))]
+    vectors, seg_vectors = _vecs(5), _vecs(8, 1)
+    write_legacy_store(
+        path,
+        {"model": "tiny", "weights_sha256": "w0", "store_dtype": "float16"},
+        items,
+        vectors,
+        dtype="float16",
+        segments=SEGMENTS,
+        seg_rows=seg_rows,
+        seg_vectors=seg_vectors,
+        generation=1,
     )
-    s.record_error("/lib/bad.wav", "cannot decode")
-    s.close()
-    old = EmbeddingStore.open(path)
-    view = old.segment_view()
+    with open(path / "data-1" / "items.jsonl", "ab") as fh:
+        fh.write(b'{"path": "/lib/torn')
+    (path / "errors.jsonl").write_text(json.dumps({"path": "/lib/bad.wav", "error": "cannot decode"}) + "\n")
+    live = [0, 1, 3, 4]
+    seg_of = {0: [0, 1], 1: [2, 3], 3: [6, 7], 4: [0, 1]}
     return {
-        "paths": [it["path"] for it in old.items],
-        "sizes": [it["size"] for it in old.items],
-        "matrix": old.matrix(),
-        "raw": np.concatenate([a for _, a in old.iter_shards()]),
-        "segments": view.matrix(),
-        "seg_files": list(view.file_index),
+        "paths": [names[r] for r in live],
+        "sizes": [items[r]["size"] for r in live],
+        "matrix": vectors[live].astype(np.float16).astype(np.float32),
+        "raw": vectors[live].astype(np.float16),
+        "segments": np.concatenate([seg_vectors[seg_of[r]] for r in live])
+        .astype(np.float16)
+        .astype(np.float32),
+        "seg_files": [0, 0, 1, 1, 2, 2, 3, 3],
     }
 
 
@@ -368,8 +377,8 @@ def test_a_format2_store_is_migrated_once_with_the_same_rows(tmp_path):
 
 
 def test_a_migration_cut_short_leaves_the_old_store_and_is_redone(tmp_path, monkeypatch):
-    from mlx_clap.search.store import EmbeddingStore
     from mlx_clap.store import migrate as mig
+    from mlx_clap.store.legacy import LegacyStore
 
     path = tmp_path / "old"
     old = _format2_store(path)
@@ -384,7 +393,7 @@ def test_a_migration_cut_short_leaves_the_old_store_and_is_redone(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         migrate_store(path)
     assert calls["n"] == 1 and not list((path / "_versions").glob("*.manifest"))
-    assert [it["path"] for it in EmbeddingStore.open(path).items] == old["paths"]  # the old store is whole
+    assert [it["path"] for it in LegacyStore(path).items] == old["paths"]  # the old store is whole
     monkeypatch.setattr(mig, "rows_table", real_rows_table)
     # Killed after the commit, before the old files were removed: the next open finishes the job.
     monkeypatch.setattr(mig, "remove_legacy_entries", lambda loc: None)
@@ -397,14 +406,7 @@ def test_a_migration_cut_short_leaves_the_old_store_and_is_redone(tmp_path, monk
 
 
 def test_a_format1_store_is_migrated(tmp_path):
-    from mlx_clap.search.store import EmbeddingStore
-
-    path = tmp_path / "v1"
-    s = EmbeddingStore.create(path, {"model": "m"}, dim=DIM, dtype="float32")
-    s.append(_items("ab"), _vecs(2))
-    manifest = json.loads((path / "manifest.json").read_text())
-    del manifest["store"]["format_version"], manifest["store"]["generation"]
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    path = write_legacy_store(tmp_path / "v1", {"model": "m"}, _items("ab"), _vecs(2), format_version=None)
     r = Store.open(path, migrate=True)
     assert r.manifest["migrated_from_format"] == 1 and not r.has_segments
     np.testing.assert_array_equal(r.matrix(), _vecs(2))

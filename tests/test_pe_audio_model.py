@@ -377,3 +377,43 @@ def test_weight_norm_is_folded():
     want = (g * v / norm).transpose(0, 2, 1)
     assert list(folded) == [f"{key}.weight"]
     assert float(mx.abs(folded[f"{key}.weight"] - want).max()) <= 1e-6
+
+
+def test_cli_convert_writes_the_converted_folder(tmp_path, hub, frame, monkeypatch):
+    """`mlx-clap convert HF_FOLDER DEST` converts a PE-Audio folder (it used to take it for a CLAP one)."""
+    from click.testing import CliRunner
+
+    from mlx_clap.cli import main
+    from mlx_clap.io.files import sha256_file
+
+    _, folder = hub["frame"]
+    dest = tmp_path / "pe-frame"
+    result = CliRunner().invoke(main, ["convert", str(folder), str(dest), "--revision", "r1", "--json"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.output)
+    assert manifest["converter"] == "mlx_clap.convert.pe_audio" and manifest["revision"] == "r1"
+    assert manifest["architecture"] == "PeAudioFrameLevelModel"
+    assert manifest["source_files"]["model.safetensors"] == sha256_file(folder / "model.safetensors")
+    assert json.loads((dest / "config.json").read_text())["family"] == "pe_audio"
+    wave = clips(frame)[1]
+    converted = mlx_clap.load(dest)
+    np.testing.assert_array_equal(converted.embed_frames(wave).vectors, frame.embed_frames(wave).vectors)
+    # A hub id goes the same way (the download stubbed: the tests reach no network).
+    import mlx_clap.cli.convert as cli_convert
+
+    monkeypatch.setattr(cli_convert, "download_hub", lambda name, revision=None: folder)
+    by_id = CliRunner().invoke(
+        main, ["convert", "facebook/pe-a-frame-base", str(tmp_path / "by-id"), "--json"]
+    )
+    assert by_id.exit_code == 0, by_id.output
+    assert json.loads(by_id.output)["source"] == "facebook/pe-a-frame-base"
+    # Converting the converted folder, or an audio-video checkpoint, is refused with the reason.
+    again = CliRunner().invoke(main, ["convert", str(dest), str(tmp_path / "again")])
+    assert again.exit_code == 1 and "already converted" in again.output
+    av = _folder_with_config(tmp_path, "av", {"model_type": "pe_audio_video"})
+    refused = CliRunner().invoke(main, ["convert", str(av), str(tmp_path / "av-out")])
+    assert (
+        refused.exit_code == 1
+        and "audio-video" in refused.output
+        and "supports PE audio-text" in refused.output
+    )

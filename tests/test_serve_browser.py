@@ -260,7 +260,7 @@ def test_the_map_of_a_clustered_library_says_how_it_was_placed(tmp_path, tiny_mo
     import numpy as np
 
     import mlx_clap
-    from mlx_clap.search.store import EmbeddingStore
+    from mlx_clap.store import Store
 
     model = mlx_clap.load(tiny_model_dir)
     rng = np.random.default_rng(0)
@@ -276,9 +276,9 @@ def test_the_map_of_a_clustered_library_says_how_it_was_placed(tmp_path, tiny_mo
     kinds = ["rain", "birds", "engines", "voices", "water", "wind", "bells", "steps"]
     items = [{"path": f"/library/{kinds[c]}/{kinds[c]} {i:03d}.wav", "size": 1, "mtime": 0.0, "duration": 3.0}
              for i, c in enumerate(labels)]  # fmt: skip
-    store = EmbeddingStore.create(tmp_path / "store", {"model": "tiny"}, dim=dim, dtype="float32")
-    store.append(items, x)
-    library = Library(EmbeddingStore.open(tmp_path / "store"), model)
+    with Store.create(tmp_path / "store", {"model": "tiny"}, dim=dim, dtype="float32") as store:
+        store.write(items, x)
+    library = Library(Store.open(tmp_path / "store"), model)
     pacmap = importlib.util.find_spec("pacmap") is not None
     with server_for(library) as url, chromium_page() as (page, errors):
         page.goto(url)

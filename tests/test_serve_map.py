@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from mlx_clap.search.store import EmbeddingStore
 from mlx_clap.serve import layout
+from mlx_clap.store import Store
 
 DIM = 64
 K = 10
@@ -38,12 +38,12 @@ def sheets(n: int, clusters: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray
     return unit(x + 0.002 * rng.standard_normal(x.shape)), labels
 
 
-def make_store(path, vectors: np.ndarray) -> EmbeddingStore:
-    store = EmbeddingStore.create(path, {"model": "synthetic"}, dim=vectors.shape[1], dtype="float32")
-    store.append(
-        [{"path": f"/lib/{i:05d}.wav", "size": 1, "mtime": 0.0} for i in range(len(vectors))], vectors
-    )
-    return EmbeddingStore.open(path)
+def make_store(path, vectors: np.ndarray) -> Store:
+    with Store.create(path, {"model": "synthetic"}, dim=vectors.shape[1], dtype="float32") as store:
+        store.write(
+            [{"path": f"/lib/{i:05d}.wav", "size": 1, "mtime": 0.0} for i in range(len(vectors))], vectors
+        )
+    return Store.open(path)
 
 
 def knn(x: np.ndarray, k: int = K) -> np.ndarray:

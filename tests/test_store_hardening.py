@@ -18,12 +18,11 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 from conftest import REPO_ROOT
+from legacy_store import write_legacy_store
 
 from mlx_clap.cli import main
 from mlx_clap.io.files import append_lines, atomic_write_bytes
-from mlx_clap.search import store as store_mod
-from mlx_clap.search.store import EmbeddingStore, StoreError
-from mlx_clap.store import Store
+from mlx_clap.store import Store, StoreError, migrate_store
 from mlx_clap.store import StoreBusyError as LanceBusyError
 
 
@@ -37,11 +36,9 @@ def _items(start: int, n: int) -> list[dict]:
     return [{"path": f"/a/{i}.wav", "size": i, "mtime": 1.5} for i in range(start, start + n)]
 
 
-def _store(root: Path, n: int = 6, shard_size: int = 4, dtype: str = "float32") -> EmbeddingStore:
-    s = EmbeddingStore.create(root, {"model": "m"}, dim=8, dtype=dtype, shard_size=shard_size)
-    if n:
-        s.append(_items(0, n), _vecs(0, n))
-    return s
+def _store(root: Path, n: int = 6) -> Path:
+    """A format-2 store (the .npy layout a migration reads) of rows /a/0.wav ... /a/{n-1}.wav."""
+    return write_legacy_store(root, {"model": "m"}, _items(0, n), _vecs(0, n))
 
 
 def _lance_store(root: Path, n: int = 6) -> None:
@@ -61,16 +58,6 @@ def _env() -> dict:
     return env
 
 
-HOLDER = """
-import sys, time
-from mlx_clap.search.store import EmbeddingStore
-s = EmbeddingStore.open(sys.argv[1])
-s.hold()
-print("held", flush=True)
-time.sleep(120)
-"""
-
-
 LANCE_HOLDER = """
 import sys, time
 from mlx_clap.store import Store
@@ -80,7 +67,7 @@ time.sleep(120)
 """
 
 
-def _hold_in_subprocess(root: Path, code: str = HOLDER) -> subprocess.Popen:
+def _hold_in_subprocess(root: Path, code: str = LANCE_HOLDER) -> subprocess.Popen:
     p = subprocess.Popen(
         [sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True, env=_env()
     )
@@ -133,36 +120,6 @@ def test_second_writer_fails_at_once_naming_pid_and_kill9_frees_it(tiny_model_di
     r = _embed(tiny_model_dir, clips, out, "--overwrite")
     assert r.exit_code == 0, r.output
     assert len(Store.open(out)) == 3
-
-
-def test_repair_on_open_waits_for_the_lock(tmp_path):
-    """A torn line is left alone (read-only open) while another process holds the writer lock."""
-    root = tmp_path / "st"
-    _store(root, 3)
-    holder = _hold_in_subprocess(root)
-    try:
-        with open(root / "items.jsonl", "ab") as fh:  # as the holder would, mid-append
-            fh.write(b'{"path": "/torn')
-        raw = (root / "items.jsonl").read_bytes()
-        s = EmbeddingStore.open(root)
-        assert s.read_only and len(s) == 3
-        assert (root / "items.jsonl").read_bytes() == raw
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-    s = EmbeddingStore.open(root)
-    assert not s.read_only and (root / "items.jsonl").read_bytes().endswith(b"\n")
-
-
-def test_stale_in_memory_store_refuses_to_append(tmp_path):
-    """Two EmbeddingStore objects on one folder: the second append sees the first one's rows and stops."""
-    root = tmp_path / "st"
-    _store(root, 2)
-    a, b = EmbeddingStore.open(root), EmbeddingStore.open(root)
-    a.append(_items(2, 1), _vecs(2, 1))
-    with pytest.raises(StoreError, match="changed since"):
-        b.append(_items(3, 1), _vecs(3, 1))
-    assert [it["path"] for it in EmbeddingStore.open(root).items] == [f"/a/{i}.wav" for i in range(3)]
 
 
 # ---------------------------------------------------------------------------- 3. nothing outside
@@ -233,7 +190,8 @@ def test_bad_manifest_field_is_named(tmp_path, field, value):
     m["store"][field] = value
     (root / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(StoreError, match=rf"manifest.json: .*store.{field}"):
-        EmbeddingStore.open(root)
+        migrate_store(root)
+    assert not (root / "_versions").exists()
 
 
 @pytest.mark.parametrize("value", [0, -5, "4", 1.5, True, None])
@@ -245,15 +203,13 @@ def test_bad_shard_size_is_refused_not_a_hang(tmp_path, value):
     (root / "manifest.json").write_text(json.dumps(m))
     if isinstance(value, int) and value <= 0:
         # These hung at 100% CPU: open in a child process, so a regression fails instead of hanging.
-        code = (
-            "import sys; from mlx_clap.search.store import EmbeddingStore; EmbeddingStore.open(sys.argv[1])"
-        )
+        code = "import sys; from mlx_clap.store import migrate_store; migrate_store(sys.argv[1])"
         r = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True,
                            env=_env(), timeout=60)  # fmt: skip
         assert r.returncode != 0 and "field store.shard_size" in r.stderr, r.stderr
         return
     with pytest.raises(StoreError, match=r"manifest.json: field store.shard_size"):
-        EmbeddingStore.open(root)
+        migrate_store(root)
 
 
 @pytest.mark.parametrize(
@@ -269,7 +225,7 @@ def test_bad_item_field_names_file_line_and_field(tmp_path, field, value):
     lines[1] = json.dumps(obj)
     (root / "items.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(StoreError, match=rf"items.jsonl: line 2: field '{field}'"):
-        EmbeddingStore.open(root)
+        migrate_store(root)
 
 
 @pytest.mark.parametrize("how", ["missing", "file"])
@@ -283,15 +239,30 @@ def test_repair_never_erases_items_when_shards_is_missing(tmp_path, how):
     if how == "file":
         (root / "shards").write_text("oops")
     with pytest.raises(StoreError, match="shards: is missing or not a folder"):
-        EmbeddingStore.open(root)
+        migrate_store(root)
     assert (root / "items.jsonl").read_bytes() == before
 
 
-def _write_shard_with_sums(root: Path, index: int, arr: np.ndarray) -> None:
-    # Damage that is not bit rot: rows whose checksums match (as a buggy writer would leave them).
-    np.save(root / "shards" / f"emb-{index:05d}.npy", arr)
-    manifest = json.loads((root / "manifest.json").read_text())
-    EmbeddingStore(root, manifest, [])._write_sidecar(index, store_mod.row_crcs(arr))
+@pytest.mark.parametrize("damage", ["missing shard", "short shard", "flipped byte"])
+def test_a_damaged_old_store_is_refused_whole_and_left_as_it_was(tmp_path, damage):
+    """The old format's data-loss case: a missing shard made its open cut items.jsonl. A migration
+    converts every row or none: the damaged file is named and nothing is written or removed."""
+    root = _store(tmp_path / "st", 10)  # shards of 4, 4 and 2 rows
+    shard = root / "shards" / "emb-00001.npy"
+    if damage == "missing shard":
+        shard.unlink()
+    elif damage == "short shard":
+        np.save(shard, np.load(shard)[:2])
+    else:
+        arr = np.load(shard)
+        arr[1, 3] += 0.5
+        np.save(shard, arr)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    cause = {"missing shard": "unreadable shard", "short shard": "but 4 rows", "flipped byte": "checksum"}
+    with pytest.raises(StoreError, match=rf"emb-00001.npy: .*{cause[damage]}"):
+        migrate_store(root)
+    after = {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != ".writer.lock"}
+    assert after == before and not (root / "_versions").exists()
 
 
 def test_cluster_clusters_json_folder_or_read_only(tmp_path, monkeypatch):
@@ -447,26 +418,14 @@ def test_lock_without_fcntl_takes_over_a_dead_holder_only(tmp_path, monkeypatch)
     assert not (folder / lock.LOCK_NAME).exists()
 
 
-def test_read_only_open_with_torn_tail_never_appends_after_it(tmp_path):
-    root = tmp_path / "st"
-    _store(root, 2)
-    with open(root / "items.jsonl", "ab") as fh:
-        fh.write(b'{"path": "/torn')
-    s = EmbeddingStore.open(root, repair=False)
-    with pytest.raises(StoreError, match="open it again"):
-        s.append(_items(2, 1), _vecs(2, 1))
-    s = EmbeddingStore.open(root)
-    s.append(_items(2, 1), _vecs(2, 1))
-    assert len(EmbeddingStore.open(root)) == 3
-
-
 def test_out_given_as_a_link_to_an_empty_folder(tmp_path):
     real = tmp_path / "real"
     real.mkdir()
     os.symlink(real, tmp_path / "link")
-    EmbeddingStore.create(tmp_path / "link", {}, dim=8).append(_items(0, 1), _vecs(0, 1))
-    assert (tmp_path / "link").is_symlink() and (real / "manifest.json").is_file()
-    assert len(EmbeddingStore.open(tmp_path / "link")) == 1
+    with Store.create(tmp_path / "link", {}, dim=8) as s:
+        s.write(_items(0, 1), _vecs(0, 1))
+    assert (tmp_path / "link").is_symlink() and (real / "_versions").is_dir()
+    assert len(Store.open(tmp_path / "link")) == 1
 
 
 def test_check_reports_a_missing_data_file_and_repair_drops_its_rows(tmp_path):

@@ -360,15 +360,14 @@ def test_a_store_of_an_older_mlx_clap_is_converted_by_embed_and_named_by_readers
 ):
     """A format-2 store (.npy shards, items.jsonl) of the same pipeline: `search` names the command that
     converts it and writes nothing; `embed` converts it in place and embeds nothing again."""
-    from mlx_clap.search.store import EmbeddingStore
+    from legacy_store import write_legacy_store
 
     made = tmp_path / "made"
     assert run(embed_args(library, tiny_model_dir, made)).exit_code == 0
     now = Store.open(made)
     old = tmp_path / "old"
     manifest = {k: v for k, v in now.manifest.items() if k != "store"}
-    legacy = EmbeddingStore.create(old, manifest, dim=now.dim, dtype=now.dtype)
-    legacy.append(now.items, now.matrix())
+    write_legacy_store(old, manifest, now.items, now.matrix(), dtype=now.dtype)
     before = sorted(p.name for p in old.iterdir())
     assert "manifest.json" in before and "_versions" not in before
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from mlx_clap.cli.output import printable
+from mlx_clap.cli.targets import STORE
 
 
 def _print_report(report: dict) -> None:
@@ -45,7 +46,7 @@ def _print_report(report: dict) -> None:
 
 
 @click.command()
-@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE)
 @click.option(
     "--repair",
     is_flag=True,

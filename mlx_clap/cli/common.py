@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import click
 
 from mlx_clap.cli.output import printable
 from mlx_clap.settings import DEFAULT_MODEL
+from mlx_clap.sync.manifest import weights_sha256  # noqa: F401 (the commands' import of it)
 
 MODEL_ENV = "MLX_CLAP_MODEL"
 
@@ -57,26 +56,6 @@ def has_random_weights(model: Any) -> bool:
     from mlx_clap.convert.random_init import has_random_weights as folder_is_random
 
     return folder_is_random(getattr(model, "source_dir", None))
-
-
-def weights_sha256(model: Any) -> str | None:
-    """sha256 of model.safetensors: from the converted folder's manifest when recorded, else hashed."""
-    from mlx_clap.io.files import sha256_file
-
-    folder = getattr(model, "source_dir", None)
-    if folder is None:
-        return None
-    folder = Path(folder)
-    try:
-        recorded = (
-            json.loads((folder / "manifest.json").read_text()).get("files", {}).get("model.safetensors")
-        )
-        if recorded:
-            return str(recorded)
-    except (OSError, ValueError, AttributeError):
-        pass
-    weights = folder / "model.safetensors"
-    return sha256_file(weights) if weights.is_file() else None
 
 
 def describe_model(model: Any) -> dict[str, Any]:

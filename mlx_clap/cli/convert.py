@@ -1,4 +1,5 @@
-"""`mlx-clap convert`: turn a Hugging Face CLAP folder, a hub id or a LAION `.pt` into a converted folder."""
+"""`mlx-clap convert`: turn a Hugging Face CLAP or PE-Audio folder, a hub id or a LAION `.pt` into a converted
+folder."""
 
 from __future__ import annotations
 
@@ -54,10 +55,12 @@ def convert(
 ) -> None:
     """Convert SOURCE into an mlx-clap folder DEST (config.json, model.safetensors, tokenizer, manifest).
 
-    SOURCE is a Hugging Face CLAP model folder (config.json + model.safetensors, or pytorch_model.bin
-    with torch installed), a hub id such as laion/clap-htsat-unfused, or an original LAION checkpoint
-    (.pt, needs torch). The safetensors path needs no torch. An already converted folder needs no
-    conversion: pass it to --model as it is.
+    SOURCE is a Hugging Face CLAP or Perception Encoder Audio model folder (config.json +
+    model.safetensors, or pytorch_model.bin with torch installed), a hub id such as
+    laion/clap-htsat-unfused or facebook/pe-a-frame-base, or an original LAION checkpoint (.pt, needs
+    torch). The safetensors path needs no torch. An already converted folder needs no conversion: pass
+    it to --model as it is. A Hugging Face folder with safetensors also loads in place (--model FOLDER);
+    converting writes the MLX layout once, with a manifest of the source's sha256 and revision.
 
     Pickled checkpoints are read with torch's weights-only unpickler, which cannot run code. Released
     LAION .pt files pickle numpy scalars and training arguments too, so they need --trust-pickle: give
@@ -69,6 +72,7 @@ def convert(
     Examples:
       mlx-clap convert laion/clap-htsat-fused weights/clap-htsat-fused
       mlx-clap convert ~/models/clap-htsat-unfused weights/clap-htsat-unfused
+      mlx-clap convert ~/models/pe-a-frame-base weights/pe-a-frame-base
       mlx-clap convert 630k-audioset-best.pt weights/630k --tokenizer ~/roberta-base --trust-pickle
       mlx-clap convert CLAP_weights_2023.pth weights/msclap-2023 --tokenizer ~/gpt2
     """
@@ -76,16 +80,7 @@ def convert(
     path = Path(source).expanduser()
     try:
         if path.is_dir():
-            from mlx_clap.convert.hf import convert_hf_folder
-
-            out = convert_hf_folder(
-                path,
-                dest,
-                source_name=str(path),
-                revision=revision,
-                tokenizer_dir=tokenizer,
-                trust_pickle=trust_pickle,
-            )
+            out = _convert_folder(path, dest, str(path), revision, tokenizer, trust_pickle)
         elif path.is_file():
             if path.suffix not in PT_SUFFIXES:
                 raise WeightsError(f"{path}: not a LAION checkpoint (.pt) or a model folder")
@@ -104,17 +99,8 @@ def convert(
                     path, dest, source_name=str(path), tokenizer_dir=tokenizer, trust_pickle=trust_pickle
                 )
         elif HUB_ID.match(source):
-            from mlx_clap.convert.hf import convert_hf_folder
-
             snapshot = download_hub(source, revision=revision)
-            out = convert_hf_folder(
-                snapshot,
-                dest,
-                source_name=source,
-                revision=snapshot.name,
-                tokenizer_dir=tokenizer,
-                trust_pickle=trust_pickle,
-            )
+            out = _convert_folder(snapshot, dest, source, snapshot.name, tokenizer, trust_pickle)
         else:
             raise WeightsError(f"{source}: no such file or folder, and not a hub id of the form org/name")
     except WeightsError as exc:
@@ -126,6 +112,40 @@ def convert(
     tok = ", ".join(manifest.get("tokenizer_files", [])) or "none (text embedding needs tokenizer files)"
     click.echo(f"converted {source} -> {out}")
     click.echo(f"  tokenizer: {tok}")
+
+
+def _convert_folder(
+    folder: Path,
+    dest: Path,
+    source_name: str,
+    revision: str | None,
+    tokenizer: Path | None,
+    trust_pickle: bool,
+) -> Path:
+    """A Hugging Face folder (or hub snapshot) of either family: CLAP, or Perception Encoder Audio."""
+    from mlx_clap.models.pe_audio.model import is_pe_folder
+
+    if is_pe_folder(folder):  # also the PE kinds we do not run, so the refusal says what they are
+        from mlx_clap.convert.pe_audio import convert_pe_audio_folder
+
+        return convert_pe_audio_folder(
+            folder,
+            dest,
+            source_name=source_name,
+            revision=revision,
+            tokenizer_dir=tokenizer,
+            trust_pickle=trust_pickle,
+        )
+    from mlx_clap.convert.hf import convert_hf_folder
+
+    return convert_hf_folder(
+        folder,
+        dest,
+        source_name=source_name,
+        revision=revision,
+        tokenizer_dir=tokenizer,
+        trust_pickle=trust_pickle,
+    )
 
 
 def check_dest(dest: Path, force: bool) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from mlx_clap.cli.output import INTERRUPTED_STATUS, printable
+from mlx_clap.cli.targets import STORE
 
 # Kept here (not imported) so `--help` does not load numpy; tests hold them equal to the library's.
 FORMAT_CHOICES = ("json", "parquet", "npy")
@@ -20,7 +21,7 @@ LEVEL_CHOICES = ("file", "segment", "both")
 
 
 @click.command("export")
-@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE)
 @click.argument("out", metavar="OUT", type=click.Path(path_type=Path))
 @click.option(
     "--to",

@@ -26,11 +26,12 @@ from mlx_clap.cli.stores import (
     store_model_option,
     store_override,
 )
+from mlx_clap.cli.targets import STORE
 
 
 # ------------------------------------------------------------------------------------------- search
 @click.command()
-@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE)
 @click.option("--text", "text", help="Find the stored audio closest to this description.")
 @click.option(
     "--audio", "audio", type=click.Path(dir_okay=False, path_type=Path), help="Find audio like this file."
@@ -44,10 +45,10 @@ from mlx_clap.cli.stores import (
     type=click.Choice(["auto", "flat", "ann"]),
     default="auto",
     show_default=True,
-    help="flat: exact, every vector scored; ann: the usearch index `mlx-clap index STORE` built (an error "
-    "when it is missing or out of date); auto: ann for a store of 1,000,000 vectors or more when an "
-    "up-to-date index exists, else flat. A search never builds an index. --segments is always exact "
-    "(flat): there is no index over windows, so ann is refused there.",
+    help="flat: exact, every vector scored; ann: the store's Lance vector index (`mlx-clap index STORE` "
+    "builds it; an error when there is none); auto: the index when the store has one, else flat. Rows "
+    "appended since the index was built are scored exactly and merged in; a search never builds an "
+    "index. Which backend answered, and how much of the store its index covers, is noted on stderr.",
 )
 @click.option(
     "--segments",
@@ -122,7 +123,8 @@ def search(
       mlx-clap index vectors/ && mlx-clap search vectors/ --text "rain" --backend ann
       mlx-clap search vectors/ --text "crowd noise" --segments --min-z 3 --json
     """
-    from mlx_clap.search.index import RowReader, SearchError, open_index, path_mask
+    from mlx_clap.search.index import RowReader, SearchError, path_mask
+    from mlx_clap.search.lance_index import open_index
 
     given = [name for name, v in (("--text", text), ("--audio", audio), ("--like", like)) if v is not None]
     if len(given) != 1:
@@ -136,13 +138,13 @@ def search(
 
         view = store_segments(store, store_path)
         if backend == "ann":
-            # Windows have no saved ANN index (`mlx-clap index` indexes file vectors), and a z threshold
-            # needs every window's score anyway: refuse rather than silently answer with another backend.
-            raise click.ClickException(
-                f"{printable(store_path)}: --backend ann: there is no ANN index over segment windows "
-                "(`mlx-clap index` indexes the file vectors only); segment search is exact: use "
-                "--backend flat or auto"
-            )
+            from mlx_clap.search.lance_index import coverage
+
+            if coverage(store) is None:
+                raise click.ClickException(
+                    f"{printable(store_path)}: --backend ann: the store has no ANN index; build it with: "
+                    f"mlx-clap index {printable(store_path)} (or use --backend flat or auto)"
+                )
     exclude: list[int] = []
     if like is not None:
         from mlx_clap.store import StoreError
@@ -165,7 +167,7 @@ def search(
         search_segments_command(
             store, view, query, label, k=k, min_score=min_score, min_z=min_z,
             min_percentile=min_percentile, gap=gap, min_length=min_length,
-            file_mask=path_mask(store.items, globs, contains), as_json=as_json,
+            file_mask=path_mask(store.items, globs, contains), as_json=as_json, backend=backend,
         )  # fmt: skip
         return
     try:
@@ -178,7 +180,7 @@ def search(
     for n in [*getattr(index, "notes", []), *result.notes]:
         note(n)
     if not as_json:
-        how = "exact" if index.name == "flat" else "approximate, rescored exactly"
+        how = "exact" if index.name == "flat" else "Lance vector index, candidates rescored exactly"
         note(f"backend: {index.name} ({how})")
     hits = result.hits(store.items)
     threshold = min_score
@@ -228,24 +230,45 @@ def search_segments_command(
     min_length: float,
     file_mask: np.ndarray | None,
     as_json: bool,
+    backend: str = "flat",
 ) -> None:
-    """`search --segments`: the time ranges, with the backend, calibration and notes file search gives."""
+    """`search --segments`: the time ranges, with the backend, calibration and notes file search gives.
+    `backend` "ann", or "auto" on a store with a vector index, asks the index for the nearest windows
+    (mlx_clap.search.lance_index.ann_segment_search); otherwise every window is scored."""
     from mlx_clap.cli.segments import hit_dicts, print_segment_hits, segment_results, why_empty
 
     thresholds = dict(threshold=min_score, min_z=min_z, min_percentile=min_percentile)
-    (result,) = segment_results(
-        store, view, np.asarray(query)[None, :], k=k, **thresholds, gap=gap, min_length=min_length,
-        file_mask=file_mask,
-    )  # fmt: skip
+    notes: list[str] = []
+    used = "flat"
+    if backend != "flat" and hasattr(store, "dataset"):
+        from mlx_clap.search.index import SearchError
+        from mlx_clap.search.lance_index import ann_segment_search, coverage
+        from mlx_clap.search.segments import merge_gap
+
+        if coverage(store) is not None:
+            try:
+                result, notes = ann_segment_search(
+                    store, view, np.asarray(query), k=k, **thresholds,
+                    gap=merge_gap(view, store.segment_settings) if gap is None else gap,
+                    min_length=min_length, file_mask=file_mask,
+                )  # fmt: skip
+            except SearchError as exc:
+                raise click.ClickException(f"{printable(store.path)}: {exc}") from exc
+            used = "ann"
+    if used == "flat":
+        (result,) = segment_results(
+            store, view, np.asarray(query)[None, :], k=k, **thresholds, gap=gap, min_length=min_length,
+            file_mask=file_mask,
+        )  # fmt: skip
     hits = hit_dicts(store, [result])
     empty = why_empty(result, **thresholds, min_length=min_length)
-    notes = [empty] if empty else []
+    notes = [*notes, empty] if empty else notes
     if as_json:
         emit_json(
             {
                 "query": label,
                 "segments": True,
-                "backend": "flat",
+                "backend": used,
                 "k": len(hits),
                 "calibration": result.calibration.to_dict(),
                 "notes": notes,
@@ -253,7 +276,10 @@ def search_segments_command(
             }
         )
         return
-    note(f"backend: flat (exact, every one of {len(view)} windows scored)")
+    if used == "flat":
+        note(f"backend: flat (exact, every one of {len(view)} windows scored)")
+    else:
+        note("backend: ann (the windows nearest to the query, their files' windows scored exactly)")
     print_segment_hits(hits, notes)
 
 
@@ -267,7 +293,7 @@ def calibration_for(store: Any, query: np.ndarray) -> Any:
 
 # ------------------------------------------------------------------------------------------- dedupe
 @click.command()
-@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE)
 @click.option(
     "--threshold",
     type=click.FloatRange(-1.0, 1.0),
@@ -319,7 +345,7 @@ def dedupe(store_path: Path, threshold: float, as_json: bool) -> None:
 
 # ------------------------------------------------------------------------------------------ cluster
 @click.command()
-@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE)
 @click.option("-k", "k", type=int, required=True, help="Number of clusters.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the k-means++ start.")
 @click.option("--max-iter", type=int, default=100, show_default=True)
@@ -460,8 +486,10 @@ def classify(
     A PATH may also be a store folder: its stored vectors are classified without decoding audio, with
     the model its manifest names (unless --model is given). The probabilities are a softmax over the
     labels given, so they always sum to 1: with a single label it always scores 1.000 (a note says so;
-    --json has "single_label": true). A file that cannot be read is reported on stderr (and under
-    "failures" with --json); the others are still classified and the exit status is 1.
+    --json has "single_label": true). A sigmoid-trained model (PE-Audio) scores each label on its own,
+    sigmoid(scale * cosine + bias): the probabilities do not sum to 1 and one label is fine. A file
+    that cannot be read is reported on stderr (and under "failures" with --json); the others are
+    still classified and the exit status is 1.
 
     \b
     Example:
@@ -505,7 +533,9 @@ def classify(
         except RuntimeError as exc:  # a model folder without tokenizer files
             raise click.ClickException(str(exc)) from exc
         results += [(name, probs[i]) for i, (name, _) in enumerate(rows)]
-    report_classification(results, names, used_template, min(top, len(names)), failures, as_json)
+    # Sigmoid-trained models (PE-Audio) score each label on its own: one label is meaningful there.
+    softmax = any(getattr(clap.family, "scores", None) is None for clap, _ in groups)
+    report_classification(results, names, used_template, min(top, len(names)), failures, as_json, softmax)
     if failures:
         sys.exit(1)
 
@@ -540,10 +570,11 @@ def report_classification(
     top: int,
     failures: list[dict[str, str]],
     as_json: bool,
+    softmax: bool = True,
 ) -> None:
     """Print the top labels per file (or JSON with every probability and the failures)."""
     single = len(names) == 1
-    if single:
+    if single and softmax:
         note(
             f"only one label ({printable(names[0])}): probabilities are a softmax over the labels given, so "
             "a single label always scores 1.000; give two or more labels to compare"

@@ -19,11 +19,15 @@ from mlx_clap.cli.common import trust_pickle_option
 from mlx_clap.cli.output import printable
 from mlx_clap.cli.stores import (
     emit_json,
+    load_model,
+    load_store_model,
     note,
     open_store,
     query_vector,
     store_model_option,
+    store_override,
 )
+from mlx_clap.cli.targets import STORE
 
 PROGRESS_EVERY_S = 5.0  # a long `recurring` run says where it is this often (stderr)
 
@@ -161,9 +165,9 @@ def print_segment_hits(hits: list[dict[str, Any]], notes: list[str] | None = Non
 @click.option(
     "--store",
     "store_path",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="The store (made with --segments) that holds FILE.",
+    type=STORE,
+    help="The store (made with --segments) that holds FILE. Not needed with a frame-level model "
+    "(--model, e.g. PE-Audio Frame), which scores FILE's own 40-ms frames.",
 )
 @click.option("--text", "text", help="Score every window against this description.")
 @click.option(
@@ -176,7 +180,8 @@ def print_segment_hits(hits: list[dict[str, Any]], notes: list[str] | None = Non
     default="csv",
     show_default=True,
     help="csv / json: every window (start, end, score, z); audacity: a label track of the stretches "
-    "at or above --min-z (or --threshold), importable with File > Import > Labels.",
+    "at or above --min-z (or --threshold), importable with File > Import > Labels. With a frame-level "
+    "model: every frame (start, end, score, probability), json adds the merged spans.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @click.option(
@@ -189,7 +194,8 @@ def print_segment_hits(hits: list[dict[str, Any]], notes: list[str] | None = Non
     "--threshold",
     type=click.FloatRange(-1.0, 1.0),
     default=None,
-    help="Cosine a window needs to be labelled (audacity), instead of --min-z.",
+    help="Cosine a window needs to be labelled (audacity), instead of --min-z. With a frame-level "
+    "model: the probability a frame needs to be in a span (default 0.5, the model's own decision).",
 )
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write here instead of stdout.")
 @store_model_option
@@ -212,11 +218,17 @@ def timeline(
     z is the window's score in standard deviations above the query's mean score over all the store's
     windows, as in `search --segments`. FILE is a path as stored (or one that resolves to it).
 
+    With a frame-level model (PE-Audio Frame: --model, or the store's) and --text, FILE itself is
+    decoded and every 40-ms frame is scored with the model's own probability, sigmoid(scale * cosine
+    + bias); frames at or above --threshold (default 0.5) merge into spans. --store is then optional:
+    a store's segments are pooled frames, the timeline refines them from the frames on demand.
+
     \b
     Example:
       mlx-clap timeline show.mp3 --store vectors/ --text "applause"
       mlx-clap timeline show.mp3 --store vectors/ --text "applause" --format audacity --out applause.txt
       mlx-clap timeline show.mp3 --store vectors/ --audio jingle.wav --json
+      mlx-clap timeline show.mp3 --model weights/pe-a-frame-base --text "crowd noise" --json
     """
     from mlx_clap.search.index import SearchError
     from mlx_clap.search.segments import format_timeline
@@ -228,15 +240,38 @@ def timeline(
     if min_z is not None and threshold is not None:
         raise click.UsageError("give at most one of --min-z, --threshold")
     fmt = "json" if as_json else fmt
+    if store_path is None:
+        frames_model = load_model(model, trust_pickle=trust_pickle)
+        if not is_frame_level(frames_model):
+            raise click.UsageError(
+                f"give --store: the model {model!r} gives no frame embeddings (timeline without a store "
+                "needs a frame-level model, e.g. PE-Audio Frame)"
+            )
+        frame_timeline(frames_model, Path(file), text, audio, fmt, min_z, threshold, out, file)
+        return
     store = open_store(store_path)
-    view = store_segments(store, store_path)
     try:
         row = store.row_of(file)
     except (StoreError, KeyError) as exc:
         raise click.ClickException(f"{printable(file)}: not in the store {printable(store_path)}") from exc
-    vector, label = query_vector(store, text, audio, model, trust_pickle)
+    if text is None:
+        view = store_segments(store, store_path)
+        vector, label = query_vector(store, text, audio, model, trust_pickle)
+    else:
+        # The model is loaded once: a frame-level one refines from FILE's frames (the store may hold
+        # pooled segments or none), any other scores the store's windows.
+        store_model = load_store_model(store, store_override(store, model), trust_pickle=trust_pickle)
+        if is_frame_level(store_model):
+            path = Path(str(store.items[row]["path"]))
+            frame_timeline(store_model, path, text, audio, fmt, min_z, threshold, out, file)
+            return
+        view = store_segments(store, store_path)
+        try:
+            vector, label = np.asarray(store_model.embed_text([text])[0], dtype=np.float32), text
+        except RuntimeError as exc:  # a model folder without tokenizer files
+            raise click.ClickException(f"--text: {exc}") from exc
     try:
-        rows = file_timeline(view, row, vector)
+        rows = file_timeline(view, row, vector, sample=index_calibration_sample(store, view))
     except SearchError as exc:
         raise click.ClickException(f"{printable(store_path)}: {exc}") from exc
     if not rows:
@@ -258,9 +293,119 @@ def timeline(
     note(f"wrote {len(rows)} windows ({fmt}) to {printable(out)}")
 
 
+def index_calibration_sample(store: Any, view: Any) -> int | None:
+    """With a vector index (mlx_clap.search.lance_index) over more windows than a calibration sample:
+    that sample size, with a note. `search --segments` through the index calibrates on the same sample,
+    so a window's z agrees, and no query pays a pass over every window. Else None: every window."""
+    from mlx_clap.search import calibration
+    from mlx_clap.search.lance_index import coverage
+
+    cov = coverage(store, "segment") if hasattr(store, "dataset") else None
+    sample = calibration.DEFAULT_SAMPLE
+    if cov is None or len(view) <= sample:
+        return None
+    note(f"{cov.note()}; z calibrated on a sample of {sample:,} windows, as index searches do")
+    return sample
+
+
+def is_frame_level(model: Any) -> bool:
+    """Whether `model` gives frame embeddings (PE-Audio Frame)."""
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "is_frame_level", False))
+
+
+def frame_timeline(
+    model: Any,
+    path: Path,
+    text: str | None,
+    audio: Path | None,
+    fmt: str,
+    min_z: float | None,
+    threshold: float | None,
+    out: Path | None,
+    shown: str,
+) -> None:
+    """`timeline` from the frames of a frame-level model: every 40-ms frame of `path` scored against
+    `text` with the model's probability, and the merged spans at or above `threshold` (default 0.5)."""
+    from mlx_clap.preprocess.audio import AudioDecodeError
+
+    if audio is not None:
+        raise click.UsageError(
+            "a frame-level timeline scores a text (--text): the model's probability is for audio-text pairs"
+        )
+    if min_z is not None:
+        raise click.UsageError(
+            "--min-z is for a store's windows; frames are kept by the model's probability (--threshold)"
+        )
+    cut = 0.5 if threshold is None else threshold
+    if not 0.0 <= cut <= 1.0:
+        raise click.BadParameter(f"{cut:g} is not a probability (0 to 1)", param_hint="--threshold")
+    try:
+        scores = model.family.frame_scores(path, text)
+    except AudioDecodeError as exc:
+        raise click.ClickException(f"{printable(path)}: {getattr(exc, 'cause', None) or exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"{printable(path)}: {exc}") from exc
+    except RuntimeError as exc:  # a model folder without tokenizer files
+        raise click.ClickException(f"--text: {exc}") from exc
+    spans = scores.spans(cut)
+    body = format_frames(scores, spans, fmt, text, cut, str(path))
+    if out is None:
+        click.echo(body, nl=False)
+        return
+    from mlx_clap.io.files import atomic_write_bytes
+
+    try:
+        atomic_write_bytes(out, body.encode("utf-8"))
+    except OSError as exc:
+        raise click.ClickException(f"{printable(out)}: cannot write: {exc.strerror or exc}") from exc
+    note(f"wrote {len(scores.starts)} frames, {len(spans)} spans ({fmt}) to {printable(out)}")
+
+
+def format_frames(
+    scores: Any, spans: list[tuple[float, float, float]], fmt: str, text: str, threshold: float, path: str
+) -> str:
+    """A frame timeline as json (frames and spans), csv (every frame) or an Audacity label track
+    (the spans, labelled "<text> <best probability>")."""
+    import csv
+    import io
+    import json
+
+    if fmt == "audacity":
+        label = " ".join(text.split())  # tabs and line breaks would split the label track's line
+        return "".join(f"{a:.6f}\t{b:.6f}\t{label} {p:.3f}\n" for a, b, p in spans)
+    rows = zip(scores.starts, scores.ends, scores.cosines, scores.probabilities, strict=True)
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["start", "end", "score", "probability"])
+        for a, b, c, p in rows:
+            writer.writerow([f"{a:.6f}", f"{b:.6f}", f"{c:.6f}", f"{p:.6f}"])
+        return buf.getvalue()
+    doc = {
+        "path": path,
+        "query": {"text": text},
+        "hop": round(scores.hop_seconds, 6),
+        "threshold": threshold,
+        "spans": [
+            {"start": round(a, 6), "end": round(b, 6), "probability": round(p, 6)} for a, b, p in spans
+        ],
+        "frames": [
+            {
+                "start": round(a, 6),
+                "end": round(b, 6),
+                "score": round(float(c), 6),
+                "probability": round(float(p), 6),
+            }
+            for a, b, c, p in rows
+        ],
+    }
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+
 # ----------------------------------------------------------------------------------------- recurring
 @click.command()
-@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE)
 @click.option(
     "--threshold",
     type=click.FloatRange(-1.0, 1.0),
@@ -291,11 +436,20 @@ def timeline(
 )
 @click.option(
     "--backend",
-    type=click.Choice(["auto", "ann", "exact"]),
+    type=click.Choice(["auto", "ivf", "ann", "exact"]),
     default="auto",
     show_default=True,
-    help="exact: every pair of windows (time grows with the square of their number); ann: a usearch "
-    "graph built for this run (the `ann` extra); auto: exact up to 20,000 windows, else ann.",
+    help="exact: every pair of windows (time grows with the square of their number); ivf: each window "
+    "compared exactly with the windows of its nearest k-means partitions (those of the store's Lance "
+    "index when it has about as many; 1M windows in minutes); ann: a usearch graph built for this run "
+    "(the `ann` extra); auto: exact up to 20,000 windows, else ivf.",
+)
+@click.option(
+    "--probes",
+    type=click.IntRange(1, None),
+    default=3,
+    show_default=True,
+    help="Nearest partitions each window is compared with (ivf backend).",
 )
 @click.option(
     "-k", "k", type=click.IntRange(0, None), default=20, show_default=True, help="Groups shown (0: all)."
@@ -308,6 +462,7 @@ def recurring(
     min_occurrences: int,
     k_neighbors: int,
     backend: str,
+    probes: int,
     k: int,
     as_json: bool,
 ) -> None:
@@ -340,6 +495,7 @@ def recurring(
             min_occurrences=min_occurrences,
             k_neighbors=k_neighbors,
             backend=backend,
+            probes=probes,
             window=settings.get("window"),
             hop=settings.get("hop"),
             progress=_throttled(),

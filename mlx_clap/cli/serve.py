@@ -24,6 +24,7 @@ from mlx_clap.cli.stores import (
     store_model_option,
     store_override,
 )
+from mlx_clap.cli.targets import STORE
 from mlx_clap.extras import install_hint
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ def describe_library(store_path: Path, files: RowFiles) -> list[str]:
 
 
 @click.command()
-@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("store_path", metavar="STORE", type=STORE)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
     "--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True, help="0: any free port."

@@ -54,12 +54,15 @@ def store_override(store: Any, model: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def holds_store(folder: Path) -> bool:
-    """Whether `folder` holds a store: a Lance dataset, or one of an older mlx-clap (converted by the
-    next `embed` that writes it)."""
-    from mlx_clap.store import is_legacy
+def holds_store(target: str | Path) -> bool:
+    """Whether `target` holds a store: a Lance dataset (a local folder or an object-store URI), or one
+    of an older mlx-clap (converted by the next `embed` that writes it)."""
+    from mlx_clap.store import is_legacy, locate
 
-    return (folder / "_versions").is_dir() or is_legacy(folder)
+    loc = locate(target)
+    if loc.local is None:
+        return bool(loc.version_files())
+    return (loc.local / "_versions").is_dir() or is_legacy(loc)
 
 
 def open_store(path: str | Path):
@@ -125,8 +128,8 @@ def recorded_model_path(store: Any, source: str) -> str:
     resolved against the store folder's parent when it does not exist from here: the store was most
     likely made next to that folder."""
     path = Path(source).expanduser()
-    if path.is_absolute() or path.exists():
-        return source
+    if path.is_absolute() or path.exists() or not isinstance(store.path, Path):
+        return source  # a store on an object store has no folder to look beside
     beside = Path(store.path).resolve().parent / path
     return str(beside) if beside.exists() else source
 

@@ -1,4 +1,5 @@
-"""Output writers for `mlx-clap embed`: a store (mlx_clap.store), one JSON per file, or JSON lines.
+"""Output writers for `mlx-clap embed` other than a store (mlx_clap.sync.plan.StoreSink): one JSON per
+file, or JSON lines; both are sinks of mlx_clap.sync.run.EmbedRun.
 
 Each writer resumes what its output already holds when the settings match, and refuses with a clear error
 when they do not; every file is written atomically.
@@ -48,94 +49,6 @@ def _mismatch_error(out: Path, diffs: list[str]) -> click.ClickException:
         f"{out}: holds embeddings made with other settings ({'; '.join(diffs[:4])}). "
         "Use --overwrite to start fresh there, or choose another --out."
     )
-
-
-class StoreWriter:
-    """The store in --out (a Lance dataset, mlx_clap.store), held under its writer lock for the whole run
-    (a second `embed` on the same --out fails at once, naming this PID). A store of an older mlx-clap is
-    converted in place first; --overwrite commits a new empty store as the next version.
-
-    The store mirrors the inputs (`plan`, `reuse`, `finish`): unchanged files (same path, size, mtime)
-    are skipped, a changed file's new row replaces its old one in the same commit, a file whose content
-    (sha256) is already stored under another path reuses those vectors, and files gone from the folders
-    of this run are removed; `finish` then compacts the store."""
-
-    def __init__(
-        self, out: Path, manifest: dict, dim: int, dtype: str, overwrite: bool, segments: dict | None = None
-    ):
-        from mlx_clap.store import Store, StoreBusyError, StoreError
-
-        self.out = out
-        try:
-            self.store = Store.for_run(
-                out, manifest, dim=dim, dtype=dtype, segments=segments, overwrite=overwrite
-            )
-        except StoreBusyError as exc:  # --overwrite would not help: another run is writing it
-            raise click.ClickException(str(exc)) from exc
-        except StoreError as exc:
-            if "another pipeline" in str(exc):
-                raise click.ClickException(
-                    f"{exc}. Use --overwrite to start fresh there, or choose another --out."
-                ) from exc
-            raise click.ClickException(f"{exc}. Use --overwrite to start fresh, or another --out.") from exc
-        except OSError as exc:
-            raise click.ClickException(f"{out}: cannot write the store ({exc})") from exc
-        self.done = self.store.done_keys()
-        # The store's own segment settings rule (a rerun without --segments keeps making them).
-        self.segments = self.store.segment_settings
-        self.removed = 0
-        self.written = False  # whether this run committed rows (then `finish` compacts)
-
-    def by_content(self) -> dict[str, int]:
-        """sha256 of stored content -> its row in `store.items` (rows of older stores have no sha256)."""
-        return self.store.by_content()
-
-    def reuse(self, reused: list[tuple[dict, int]]) -> None:
-        """Add rows for (item, row of the same content already stored): its vector and its segments are
-        taken over, nothing is embedded. One commit for all of them."""
-        if reused:
-            self.store.reuse(reused)
-            self.written = True
-
-    def write(self, records: list[dict], vectors, segments: list | None = None) -> None:
-        self.store.write([r["item"] for r in records], vectors, segments=segments)
-        self.written = True
-
-    def prune_candidates(self, scopes: list[tuple[str, bool]], present: set[str]) -> list[str]:
-        """Live paths inside the scopes of this run (a folder with its recursion, or one file) that are
-        not among the files present now: they were deleted, renamed or moved away."""
-        out = []
-        for it in self.store.items:
-            p = str(it["path"])
-            if p in present:
-                continue
-            for root, recursive in scopes:
-                if p == root or (
-                    p.startswith(root.rstrip(os.sep) + os.sep)
-                    and (recursive or os.path.dirname(p) == root.rstrip(os.sep))
-                ):
-                    out.append(p)
-                    break
-        return out
-
-    def finish(self, drop: list[str]) -> dict[str, int]:
-        """Remove `drop` (one commit) and compact the store; nothing to do, no write."""
-        stored = {str(it["path"]) for it in self.store.items}
-        drop_set = {p for p in drop if p in stored}
-        if not drop_set and not self.store.dead_rows and not self.written:
-            return {"removed": 0, "reclaimed_rows": 0}
-        if drop_set:
-            self.store.remove(sorted(drop_set))
-        reclaimed = self.store.dead_rows
-        self.store.compact()  # one fragment per write batch and deleted rows: merged, reclaimed
-        self.removed = len(drop_set)
-        return {"removed": len(drop_set), "reclaimed_rows": reclaimed}
-
-    def error(self, path: str, cause: str) -> None:
-        self.store.record_error(path, cause)
-
-    def close(self) -> None:
-        self.store.close()
 
 
 class JsonWriter:

@@ -70,6 +70,40 @@ class FrameEmbedding:
     chunks: int  # model passes the frames came from (1 = one pass over the whole clip, the reference)
 
 
+@dataclass
+class FrameScores:
+    """A text's score on every frame of one clip (`PeAudioFamily.frame_scores`)."""
+
+    starts: np.ndarray  # float64 (T,) seconds
+    ends: np.ndarray  # float64 (T,) seconds: start + hop, the last one clipped to the clip's end
+    cosines: np.ndarray  # float32 (T,)
+    probabilities: np.ndarray  # float32 (T,): sigmoid(scale * cosine + bias)
+    hop_seconds: float
+    duration: float
+
+    def spans(self, threshold: float = 0.5) -> list[tuple[float, float, float]]:
+        """(start, end, best probability) of each run of consecutive frames whose probability is at
+        least `threshold`, in time order. 0.5 is the model's own decision (scale * cosine + bias >= 0)."""
+        keep = np.r_[False, self.probabilities >= threshold, False].astype(np.int8)
+        edges = np.diff(keep)
+        firsts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        return [
+            (float(self.starts[a]), float(self.ends[b - 1]), float(self.probabilities[a:b].max()))
+            for a, b in zip(firsts, ends, strict=True)
+        ]
+
+
+@dataclass
+class FrameSegments:
+    """Segments pooled from frames (`PeAudioFamily.embed_segments`): the fields of the pipeline's
+    `SegmentEmbedding`, which this module cannot import (the pipeline package imports it)."""
+
+    starts: np.ndarray  # float64 (K,) seconds
+    ends: np.ndarray  # float64 (K,) seconds
+    vectors: np.ndarray  # float32 (K, D), unit rows
+    file_vector: np.ndarray  # float32 (D,), unit
+
+
 class PeAudioFamily(FamilyBase):
     """`pipeline.Family` for `PeAudioModel` (pooled or frame level)."""
 
@@ -123,10 +157,14 @@ class PeAudioFamily(FamilyBase):
 
     # ----------------------------------------------------------------------------------- audio in
     def check_options(self, options: dict[str, Any]) -> None:
-        if options:
-            raise TypeError(
-                f"unknown option(s) for a PE-Audio model: {', '.join(sorted(options))} (none known)"
+        # The commands pass quantize_int16 (a LAION reference mode) for every family: off, it means nothing.
+        if options.get("quantize_int16"):
+            raise ValueError(
+                "quantize_int16 is a LAION reference mode; PE-Audio takes float samples as they are"
             )
+        unknown = sorted(set(options) - {"quantize_int16"})
+        if unknown:
+            raise TypeError(f"unknown option(s) for a PE-Audio model: {', '.join(unknown)} (none known)")
 
     def load_file(self, path: str | Path, **options: Any) -> np.ndarray:
         from mlx_clap.preprocess.audio import load_audio
@@ -192,6 +230,32 @@ class PeAudioFamily(FamilyBase):
         0.9985) for 1.05x the time; 10 s + 2 s give 0.988 and up (median 0.995) for 1.34x; memory stays
         about 1 GB above the weights either way (the one pass too: the codec runs in tiles).
         """
+        info: dict[str, int] = {}
+        starts: list[np.ndarray] = []
+        rows: list[np.ndarray] = []
+        for frame0, vecs in self._frame_rows(audio, chunk_seconds, context_seconds, batch_size, info):
+            starts.append(np.arange(frame0, frame0 + vecs.shape[0]))
+            rows.append(vecs)
+        hop_s = self.hop / self.sampling_rate
+        return FrameEmbedding(
+            starts=np.concatenate(starts).astype(np.float64) * hop_s,
+            vectors=np.concatenate(rows).astype(np.float32),
+            hop_seconds=hop_s,
+            duration=info["samples"] / self.sampling_rate,
+            chunks=info["chunks"],
+        )
+
+    def _frame_rows(
+        self,
+        audio: str | Path | np.ndarray | Iterable[np.ndarray],
+        chunk_seconds: float,
+        context_seconds: float,
+        batch_size: int,
+        info: dict[str, int],
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(index of the first frame, unit frame vectors (kept, D) float32) per chunk, in order: what
+        `embed_frames` collects and `embed_segments` pools as they come. At the end `info` holds
+        "samples" (the clip's length) and "chunks" (model passes)."""
         model = self.model
         if not model.config.is_frame_level:
             raise ValueError(
@@ -218,40 +282,119 @@ class PeAudioFamily(FamilyBase):
             blocks = [check_waveform(audio, 0)]
         else:
             blocks = audio
-        starts: list[int] = []
-        rows: list[np.ndarray] = []
-        jobs: list[tuple[np.ndarray, int, int]] = []  # (samples, index of the first kept frame, kept frames)
-        n_total = n_chunks = 0
+        jobs: list[tuple[np.ndarray, int, int, int]] = []  # (samples, first frame, its index in them, kept)
+        info["samples"] = info["chunks"] = 0
 
-        def flush() -> None:
+        def run() -> Iterator[tuple[int, np.ndarray]]:
             values, lengths = batch_waveforms([j[0] for j in jobs], self.hop)
             vecs, _ = model.get_frame_features(mx.array(values), mx.array(lengths))
             vecs = np.array(vecs.astype(mx.float32))
-            for row, (_, first, kept) in enumerate(jobs):
-                rows.append(vecs[row, first : first + kept])
+            for row, (_, frame0, first, kept) in enumerate(jobs):
+                yield frame0, vecs[row, first : first + kept]
             jobs.clear()
 
         def whole(clip: np.ndarray) -> np.ndarray:
             return prepare_waveform(clip, 0, self.hop, self.sampling_rate)  # refuses under one frame
 
         for frame0, samples, first, kept, total in frame_chunks(blocks, self.hop, core, context, whole):
-            jobs.append((samples, first, kept))
-            starts.extend(range(frame0, frame0 + kept))
-            n_total, n_chunks = total, n_chunks + 1
+            jobs.append((samples, frame0, first, kept))
+            info["samples"], info["chunks"] = total, info["chunks"] + 1
             if len(jobs) == batch_size:
-                flush()
+                yield from run()
         if jobs:
-            flush()
-        if not rows:
+            yield from run()
+        if info["chunks"] == 0:
             raise ValueError("audio is empty (0 samples)")
-        hop_s = self.hop / self.sampling_rate
-        return FrameEmbedding(
-            starts=np.array(starts, dtype=np.float64) * hop_s,
-            vectors=np.concatenate(rows).astype(np.float32),
-            hop_seconds=hop_s,
-            duration=n_total / self.sampling_rate,
-            chunks=n_chunks,
+
+    # ------------------------------------------------------------------------------ frames, used
+    def frame_scores(self, audio: str | Path | np.ndarray | Iterable[np.ndarray], text: str) -> FrameScores:
+        """Each frame's cosine to `text` and the model's own match probability for it,
+        sigmoid(scale * cosine + bias), as `classify` scores a clip (frame-level models)."""
+        query = self.embed_text_vector(text)
+        frames = self.embed_frames(audio)
+        cos = frames.vectors @ query
+        probs = self.scores(frames.vectors, query[None, :])[:, 0]
+        return FrameScores(
+            starts=frames.starts,
+            ends=np.minimum(frames.starts + frames.hop_seconds, frames.duration),
+            cosines=cos.astype(np.float32),
+            probabilities=probs.astype(np.float32),
+            hop_seconds=frames.hop_seconds,
+            duration=frames.duration,
         )
+
+    def embed_text_vector(self, text: str) -> np.ndarray:
+        """The unit text embedding (D,) of one string (the pipeline's `embed_text` batches many)."""
+        ids, mask = self.text_inputs([text])
+        return np.array(self.text_features(ids, mask).astype(mx.float32))[0]
+
+    @property
+    def pools_frames(self) -> bool:
+        """Whether `embed_segments` pools frames (frame-level checkpoints); the pooled ones have no
+        frames, and their segments are windows as for the other families."""
+        return bool(self.model.config.is_frame_level)
+
+    def segment_seconds(self, hop_seconds: float) -> float:
+        """Length of the segments `embed_segments` stores at `hop_seconds`: the hop in whole frames."""
+        return self._segment_frames(hop_seconds) * self.hop / self.sampling_rate
+
+    def _segment_frames(self, hop_seconds: float) -> int:
+        if not (np.isfinite(hop_seconds) and hop_seconds > 0):
+            raise ValueError(f"hop_seconds must be a positive number of seconds, got {hop_seconds!r}")
+        return max(1, round(hop_seconds * self.sampling_rate / self.hop))
+
+    def embed_segments(
+        self,
+        blocks: str | Path | np.ndarray | Iterable[np.ndarray],
+        *,
+        hop_seconds: float = 2.0,
+        batch_size: int = 8,
+        chunk_seconds: float = CHUNK_SECONDS,
+        context_seconds: float = CONTEXT_SECONDS,
+        **options: Any,
+    ) -> FrameSegments:
+        """Segments of one clip pooled from its 40-ms frames (frame-level models), for a store.
+
+        Called as `Embedder.embed_segments` is for the windowed families and answering alike (starts,
+        ends, vectors, file_vector). Segment k covers frames [k * n, (k + 1) * n), n = `hop_seconds` in
+        whole frames (at least one); its vector is the unit mean of those frames' unit vectors, and
+        segments do not overlap: the hop is the segment's length. `file_vector` is the unit mean of
+        every frame, the frame-level model's own pooling over a single pass (`embed_audio` of a clip
+        over 30 s averages 30-s windows instead, so the two differ slightly there). Frames come in
+        chunks (`embed_frames` with `chunk_seconds` and `context_seconds`, `batch_size` chunks per model
+        call) and are pooled as they come: memory holds one batch of chunks and one segment, whatever
+        the clip's length.
+        """
+        self.check_options(options)
+        per = self._segment_frames(hop_seconds)
+        info: dict[str, int] = {}
+        dim = self.model.embedding_dim
+        left = np.zeros((0, dim), dtype=np.float32)  # frames of a segment not complete yet
+        total = np.zeros(dim, dtype=np.float64)
+        vectors: list[np.ndarray] = []
+        for _, vecs in self._frame_rows(blocks, chunk_seconds, context_seconds, batch_size, info):
+            total += vecs.sum(axis=0, dtype=np.float64)
+            left = np.concatenate([left, vecs]) if left.size else vecs
+            full = left.shape[0] // per
+            if full:
+                vectors.append(_unit(left[: full * per].reshape(full, per, dim).mean(axis=1)))
+                left = left[full * per :]
+        if left.shape[0]:
+            vectors.append(_unit(left.mean(axis=0, keepdims=True)))
+        seg = per * self.hop / self.sampling_rate
+        duration = info["samples"] / self.sampling_rate
+        out = np.concatenate(vectors).astype(np.float32)
+        starts = np.arange(out.shape[0], dtype=np.float64) * seg
+        return FrameSegments(
+            starts=starts,
+            ends=np.minimum(starts + seg, duration),
+            vectors=out,
+            file_vector=_unit(total[None, :])[0].astype(np.float32),
+        )
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def frame_chunks(

@@ -14,7 +14,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 # Suffixes picked up inside folders; files named on the command line are always tried.
@@ -29,9 +29,31 @@ DECODE_BUDGET_BYTES = 1 << 30
 
 
 # ------------------------------------------------------------------------------------------ inputs
+@dataclass(frozen=True)
+class ObjectPath:
+    """An object on an object store given as an input (`s3://bucket/key`), with the size and mtime its
+    listing gave: `str()` is the URI, the row's path. Nothing here reads it (see
+    mlx_clap.sync.remote_inputs); `stat_key` answers from the listing, as os.stat does for a file."""
+
+    uri: str
+    size: int
+    mtime: float
+
+    def __str__(self) -> str:
+        return self.uri
+
+    @property
+    def name(self) -> str:
+        return self.uri.rsplit("/", 1)[-1]
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.name).suffix
+
+
 @dataclass
 class InputFile:
-    path: Path  # absolute, symlinks not resolved (the name the user knows)
+    path: Path | ObjectPath  # absolute, symlinks not resolved (the name the user knows), or an object
     rel: Path  # relative to the common root of the inputs: mirrored under --out for --format json
 
 
@@ -116,7 +138,10 @@ def _is_audio_name(name: str) -> bool:
     return not name.startswith(".") and Path(name).suffix.lower() in AUDIO_SUFFIXES
 
 
-def stat_key(path: Path) -> tuple[str, int, float]:
+def stat_key(path: Path | ObjectPath) -> tuple[str, int, float]:
+    """(path, size, mtime): what a store row records to tell an unchanged file from a changed one."""
+    if isinstance(path, ObjectPath):
+        return (path.uri, path.size, path.mtime)
     st = os.stat(path)
     return (str(path), int(st.st_size), float(st.st_mtime))
 

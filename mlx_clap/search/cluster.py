@@ -253,8 +253,9 @@ def _finish(labels, best, centroids, k, iterations, converged, seed) -> Clusteri
     return Clustering(labels, centroids, sizes, medoids, medoid_scores, mean_cos, iterations, converged, seed)
 
 
-def write_assignments(store: StoreLike, result: Clustering, name: str = CLUSTERS_NAME) -> Path:
-    """Write `clusters.json` next to the store (temp file + rename): parameters, per-cluster summary
+def write_assignments(store: StoreLike, result: Clustering, name: str = CLUSTERS_NAME) -> Path | str:
+    """Write `clusters.json` next to the store (temp file + rename; one object on an object store, named
+    by its URI in the return value): parameters, per-cluster summary
     with medoid paths, and `labels` (cluster id per row, in the row order of items.jsonl)."""
     from mlx_clap.io.files import atomic_write_json
     from mlx_clap.search.index import store_fingerprint
@@ -270,7 +271,19 @@ def write_assignments(store: StoreLike, result: Clustering, name: str = CLUSTERS
         "clusters": result.summary(store.items),
         "labels": result.labels.tolist(),
     }
-    path = Path(store.path) / name
+    from mlx_clap.store.location import location_of
+
+    loc = location_of(store)
+    if loc.local is None:  # an object store: one PUT replaces it whole
+        from mlx_clap.store.errors import StoreError
+
+        side = loc.side(name)
+        try:
+            side.write_json(doc)
+        except StoreError as exc:
+            raise ClusterError(f"cannot write the cluster assignments: {exc}") from exc
+        return str(side)
+    path = loc.local / name
     if path.is_dir() or path.is_symlink():
         raise ClusterError(
             f"{path}: is a folder or a symbolic link; move it away so clusters.json can be written"

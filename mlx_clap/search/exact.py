@@ -11,16 +11,22 @@ query in the kernel's dtype, u_acc and u_out the unit roundoff of its accumulati
 bound on the rows' norms (`max_norm`, 1 for the store's unit vectors). A row whose kernel score is below
 (k-th best exact score so far - eps) cannot reach the top k; every other row is rescored in float64.
 
-Kernels (`KERNELS`), chosen per dtype and device by `choose_kernel` from docs/performance.md's
-measurements ("Exact search in the stored dtype"):
+Kernels (`KERNELS`), chosen per dtype by `choose_kernel` from docs/performance.md's measurements
+("Exact search in the stored dtype"):
 - "numkong": NumKong's dot products (f16 x f16 with float32 accumulation; f32 x f32, measured with float64
   accumulation here, assumed float32 by the margin; row by row for one query, packed matrix products for
-  several), SIMD for the CPU at hand; blocks on `threads` threads (it releases the GIL).
+  several), SIMD for the CPU at hand (x86 AVX-512/AVX2, Arm NEON/SVE); blocks on `threads` threads (it
+  releases the GIL).
 - "numpy": BLAS in float32 (float16 blocks converted one block at a time): one float32 query, and the
   fallback without NumKong.
-- "mlx": `mx.matmul` in the stored dtype on MLX's default device: the Metal/CUDA path, and the CPU's
-  when `MLX_CLAP_CPU_OPTIMIZATIONS=off` (`ops.device.cpu_fast_paths`). Pass an `mx.array` to keep the
-  matrix resident on the device between queries.
+- "mlx": `mx.matmul` in the stored dtype on MLX's default device, for rows already held as an `mx.array`
+  (resident on Metal/CUDA). Blocks read from a store are host memory on every device: copying them to
+  an accelerator moves more bytes than the CPU reads to score them, so they go to NumKong everywhere,
+  with `MLX_CLAP_CPU_OPTIMIZATIONS=off` (the Metal/CUDA code path) too.
+
+`all_scores` gives every row's score instead of the top k (segment search calibrates on all of them),
+float32 and as accurate as a float32 product: float16 rows are scored against the query split into
+two float16 parts (high and low), one packed product, no conversion of the rows.
 """
 
 from __future__ import annotations
@@ -62,17 +68,13 @@ def available_kernels() -> list[str]:
     return [name for name in KERNELS if name != "numkong" or _numkong() is not None]
 
 
-def choose_kernel(dtype: Any, queries: int = 1, *, device_fast_paths: bool | None = None) -> str:
-    """The kernel for `queries` queries against vectors of `dtype` on this device, as measured
-    (docs/performance.md, "Exact search in the stored dtype"): "mlx" where the CPU fast paths are off
-    (Metal, CUDA, `MLX_CLAP_CPU_OPTIMIZATIONS=off`); on the CPU "numkong" for float16 (the only kernel
-    near the read floor) and for batches of float32 queries, "numpy" (BLAS sgemv) for one float32 query
-    and for every dtype when NumKong is missing."""
-    if device_fast_paths is None:
-        from mlx_clap.ops.device import cpu_fast_paths
-
-        device_fast_paths = cpu_fast_paths()
-    if not device_fast_paths:
+def choose_kernel(dtype: Any, queries: int = 1, *, on_device: bool = False) -> str:
+    """The kernel for `queries` queries against vectors of `dtype`, as measured (docs/performance.md,
+    "Exact search in the stored dtype"): "mlx" for rows held as an `mx.array` (`on_device`); for host
+    memory, on any device, "numkong" for float16 (the only kernel near the read floor) and for batches
+    of float32 queries, "numpy" (BLAS sgemv) for one float32 query and for every dtype when NumKong is
+    missing."""
+    if on_device:
         return "mlx"
     name = _dtype_name(dtype)
     if _numkong() is None or name not in ("float16", "float32") or (name == "float32" and queries == 1):
@@ -81,10 +83,25 @@ def choose_kernel(dtype: Any, queries: int = 1, *, device_fast_paths: bool | Non
 
 
 def default_threads() -> int:
-    """The worker count of the CPU fast paths (`MLX_CLAP_CPU_THREADS`; 1 when they are off)."""
-    from mlx_clap.ops.parallel import worker_count
+    """Scoring threads: `MLX_CLAP_CPU_THREADS`, else the cores this process may use (at most 8). Not
+    tied to `MLX_CLAP_CPU_OPTIMIZATIONS`: that switch is about MLX's CPU work, while exact search scores
+    host memory on the CPU on every device (a Mac's cores included)."""
+    import os
 
-    return worker_count()
+    from mlx_clap import settings
+
+    chosen = settings.current().cpu_threads
+    if chosen is not None:
+        return max(1, chosen)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+def _is_mlx(block: Any) -> bool:
+    return type(block).__module__.startswith("mlx")
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -325,7 +342,9 @@ def top_k_blocks(
     if q.shape[1] != dim:
         raise ValueError(f"queries have {q.shape[1]} dimensions; the vectors have {dim}")
     dtype = _dtype_name(head[1].dtype)
-    name = choose_kernel(dtype, q.shape[0]) if kernel == "auto" else kernel
+    if kernel == "auto":
+        kernel = choose_kernel(dtype, q.shape[0], on_device=_is_mlx(head[1]))
+    name = kernel
     scorer = _KERNEL_CLASSES[name](q, dtype, max_norm)
     excluded = None if exclude is None else np.unique(np.asarray(exclude, dtype=np.int64))
     it = itertools.chain([head], it)
@@ -351,11 +370,18 @@ def top_k_blocks(
 
 
 def _run_workers(work: Callable[[_Best], None], locals_: list[_Best], into: _Best) -> None:
-    """Run `work` on one thread per local state, then merge the states. Plain threads, not the MLX
-    worker pool: they run no MLX graphs (NumKong and BLAS release the GIL), so they may exit."""
+    """Run `work` on one thread per local state, then merge the states."""
+    _run_threads(work, locals_)
+    for local in locals_:
+        into.combine(local)
+
+
+def _run_threads(work: Callable[[Any], None], locals_: Sequence[Any]) -> None:
+    """Run `work(local)` on one thread per local state; the first error is raised here. Plain threads,
+    not the MLX worker pool: they run no MLX graphs (NumKong and BLAS release the GIL), so they may exit."""
     errors: list[BaseException] = []
 
-    def run(local: _Best) -> None:
+    def run(local: Any) -> None:
         try:
             work(local)
         except BaseException as exc:  # re-raised on the calling thread
@@ -368,8 +394,116 @@ def _run_workers(work: Callable[[_Best], None], locals_: list[_Best], into: _Bes
         t.join()
     if errors:
         raise errors[0]
-    for local in locals_:
-        into.combine(local)
+
+
+# ------------------------------------------------------------------------------------ every score
+CONVERT_ROWS = 8192  # float16 -> float32 conversion chunk of the fallback: 16 MiB at 512-d stays in cache
+_LOW_SHIFT = 2.0**11  # the low float16 part of a query, lifted by this out of float16's subnormals
+
+
+class _Scorer:
+    """Every row's float32 score against the queries, for blocks of one dtype (see `all_scores`)."""
+
+    def __init__(self, queries: np.ndarray, dtype: str):
+        self.m = queries.shape[0]
+        self.threaded = True
+        nk = _numkong()
+        if dtype == "float16" and nk is not None:
+            # q = hi + lo / 2^11 with hi, lo float16: their sum holds q to ~2^-22 relative, so the
+            # float32-accumulated products give float32-product accuracy without converting a row.
+            # A power-of-two scale per query (exact) keeps the parts inside float16's range.
+            peak = np.max(np.abs(queries), axis=1)
+            self.scale = np.ldexp(1.0, np.frexp(np.where(peak > 0, peak, 1.0))[1]).astype(np.float32)
+            scaled = queries / self.scale[:, None].astype(np.float64)
+            hi = scaled.astype(np.float16)
+            lo = ((scaled - hi.astype(np.float64)) * _LOW_SHIFT).astype(np.float16)
+            self.nk = nk
+            self.packed = nk.dots_pack(np.concatenate([hi, lo]))
+            self.score = self._numkong_split
+        elif dtype == "float32":
+            # BLAS threads its own product (sgemv for one query, on the OpenBLAS MLX uses).
+            self.q = np.ascontiguousarray(queries, dtype=np.float32)
+            self.threaded = False
+            self.score = self._blas
+        else:
+            self.q = np.ascontiguousarray(queries.T, dtype=np.float32)
+            self.score = self._converted
+
+    def _numkong_split(self, block: Any) -> np.ndarray:
+        s = np.asarray(self.nk.dots_packed(np.ascontiguousarray(block), self.packed), dtype=np.float32)
+        return (s[:, : self.m] + s[:, self.m :] * np.float32(1 / _LOW_SHIFT)) * self.scale
+
+    def _blas(self, block: Any) -> np.ndarray:
+        block = np.asarray(block, dtype=np.float32)
+        if self.m == 1:
+            from mlx_clap.ops.blas import matvec
+
+            return matvec(np.ascontiguousarray(block), self.q[0])[:, None]
+        return block @ self.q.T
+
+    def _converted(self, block: Any) -> np.ndarray:
+        # Only a chunk at a time is converted (numpy converts float16 at ~4 ns a value, one core).
+        out = np.empty((block.shape[0], self.m), dtype=np.float32)
+        for i in range(0, block.shape[0], CONVERT_ROWS):
+            out[i : i + CONVERT_ROWS] = np.asarray(block[i : i + CONVERT_ROWS], dtype=np.float32) @ self.q
+        return out
+
+
+def all_scores(
+    blocks: Iterable[tuple[int, Any]],
+    queries: np.ndarray,
+    rows: int,
+    *,
+    threads: int | None = None,
+) -> np.ndarray:
+    """(m, rows) float32 dot products of each query with every row, from `(first_row, rows)` blocks that
+    cover rows 0 .. `rows`-1 (numpy arrays or memory maps of one dtype), each read once in its dtype.
+
+    float16 rows go through NumKong with the query split in two float16 parts (no row converted); float32
+    rows through BLAS; other dtypes, or float16 without NumKong, are converted a chunk at a time. The
+    scores are as accurate as a float32 product of the rows and the query (~1e-7 for unit vectors).
+    `threads` workers take blocks in turn (default `default_threads()`)."""
+    q = np.asarray(queries, dtype=np.float64)
+    if q.ndim == 1:
+        q = q[None, :]
+    if q.ndim != 2 or q.shape[0] == 0 or not np.all(np.isfinite(q)):
+        raise ValueError(f"queries must be a finite (dim,) or (m, dim) array, not shape {np.shape(queries)}")
+    out = np.empty((q.shape[0], rows), dtype=np.float32)
+    it: Iterator[tuple[int, Any]] = iter(blocks)
+    head = next(it, None)
+    if head is None:
+        if rows:
+            raise ValueError(f"the blocks hold no rows; {rows} were expected")
+        return out
+    if head[1].shape[1] != q.shape[1]:
+        raise ValueError(f"queries have {q.shape[1]} dimensions; the vectors have {head[1].shape[1]}")
+    scorer = _Scorer(q, _dtype_name(head[1].dtype))
+    it = itertools.chain([head], it)
+    lock = threading.Lock()
+    done = [0]
+
+    def work(_: None) -> None:
+        while True:
+            with lock:
+                item = next(it, None)
+            if item is None:
+                return
+            first, block = item
+            b = block.shape[0]
+            if first < 0 or first + b > rows:
+                raise ValueError(f"a block covers rows {first}..{first + b - 1}; there are {rows}")
+            out[:, first : first + b] = scorer.score(block).T
+            with lock:
+                done[0] += b
+
+    workers = max(1, default_threads() if threads is None else threads) if scorer.threaded else 1
+    if workers == 1:
+        work(None)
+    else:
+        _run_threads(work, [None] * workers)
+    if done[0] != rows:
+        raise ValueError(f"the blocks hold {done[0]} rows; {rows} were expected")
+    return out
 
 
 def row_blocks(matrix: Any, block_rows: int = DEFAULT_BLOCK_ROWS) -> Iterator[tuple[int, Any]]:
@@ -416,6 +550,7 @@ __all__ = [
     "DEFAULT_BLOCK_ROWS",
     "KERNELS",
     "TopK",
+    "all_scores",
     "available_kernels",
     "choose_kernel",
     "default_threads",

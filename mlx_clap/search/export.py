@@ -44,7 +44,7 @@ from mlx_clap.io.files import current_umask, json_line, write_failure
 from mlx_clap.io.files import fsync_dir as _fsync_path
 from mlx_clap.store.schema import model_id
 
-if TYPE_CHECKING:  # the view's contract (EmbeddingStore.segment_view()); a type only, not loaded
+if TYPE_CHECKING:  # the view's contract (Store.segment_view()); a type only, not loaded
     from mlx_clap.search.segments import SegmentViewLike as SegmentSource
 
 FORMATS = ("json", "parquet", "npy")
@@ -566,7 +566,7 @@ def _publish(tmp: Path, out: Path, replace: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- export
-def resolve_level(fmt: str, level: str | None, has_segments: bool, store_path: Path) -> str:
+def resolve_level(fmt: str, level: str | None, has_segments: bool, store_path: Path | str) -> str:
     """The --level in force: the default is "both" for a store with segments, else "file"."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r} (one of {', '.join(FORMATS)})")
@@ -597,7 +597,7 @@ def export_store(
     batch_rows: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ExportSummary:
-    """Export an open EmbeddingStore's vectors to `out` as `fmt` ("json", "parquet" or "npy").
+    """Export an open Store's vectors to `out` as `fmt` ("json", "parquet" or "npy").
 
     `level` picks file rows, segment rows or both (default: both when the store has segments, else
     file). `batch_rows` rows are read and written at a time (default: about 32 MiB of vectors, see
@@ -609,7 +609,7 @@ def export_store(
     t0 = time.perf_counter()
     out = Path(out)
     has_segments = bool(getattr(store, "has_segments", False))
-    level = resolve_level(fmt, level, has_segments, Path(store.path))
+    level = resolve_level(fmt, level, has_segments, store.path)
     if batch_rows is None:
         batch_rows = default_batch_rows(int(store.dim))
     if not isinstance(batch_rows, int) or batch_rows < 1:
@@ -619,8 +619,12 @@ def export_store(
     view = store.segment_view() if has_segments and level != "file" else None
     if view is not None:
         _check_view(store, view)
-    real_out, real_store = os.path.realpath(out), os.path.realpath(store.path)
-    if os.path.commonpath([real_out, real_store]) in (real_out, real_store):
+    real_out = os.path.realpath(out)
+    # A store on an object store (its path a URI) has no local folder an OUT could fall into.
+    real_store = (
+        os.path.realpath(store.path) if isinstance(store.path, Path) or "://" not in str(store.path) else None
+    )
+    if real_store is not None and os.path.commonpath([real_out, real_store]) in (real_out, real_store):
         raise ExportError(
             f"{out}: is the store folder, inside it or above it; choose an OUT outside {store.path}"
         )

@@ -9,8 +9,8 @@ and start time into the file, so a second writer can say who holds it.
 Where `fcntl` is missing (Windows), the lock is an O_EXCL-created file holding the same record; a
 file whose PID is no longer alive on this host is stale and is taken over.
 
-Within one process the lock is re-entrant (counted per store folder): an EmbeddingStore that locks
-each write, inside a command that holds the lock for its whole run, does not lock itself out.
+Within one process the lock is re-entrant (counted per store folder): code that locks one write,
+inside a command that holds the lock for its whole run, does not lock itself out.
 """
 
 from __future__ import annotations

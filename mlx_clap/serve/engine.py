@@ -1,16 +1,16 @@
 """The library behind the page: one store, its model kept warm, and the questions the page asks.
 
-Queries are vectors: a text's or a dropped sound's embedding, or a stored row's (or segment's) own
-vector for "more like this". They are answered by exact search (`ExactSearch`: one in-memory matrix
-product when the vectors fit a budget, else `FlatIndex` streaming the shards). A store with segments
-is searched segment by segment; results are then files, each with its best segment, the stretch
-of matching windows around it (merged as `search --segments` merges them: windows at z >= 2 within
-one hop; playback starts there) and the scores of all its segments for the file view's timeline. A
-store without segments (or a store class without the segment API) is searched file by file. Every
-score comes with its z-score (`mlx_clap.search.calibration`): how many standard deviations it lies
-above the query's mean score over a fixed sample of the store.
+Queries are vectors: a text's or a dropped sound's embedding, or a stored row's (or segment's) own vector
+for "more like this". They are answered by exact search (`ExactSearch`: every row of an in-memory matrix
+in the stored dtype when the vectors fit a budget, else `FlatIndex` streaming the store), on the
+request's thread. A store with segments is searched segment by segment; results are then files, each with
+its best segment, the stretch of matching windows around it (merged as `search --segments` merges them:
+windows at z >= 2 within one hop; playback starts there) and the scores of all its segments for the file
+view's timeline. A store without segments (or a store class without the segment API) is searched file by
+file. Every score comes with its z-score (`mlx_clap.search.calibration`): how many standard deviations it
+lies above the query's mean score over a fixed sample of the store.
 
-MLX work (the model, the indexes, clustering, duplicates) runs on one thread of its own (`MLXThread`),
+MLX work (the model, clustering, duplicates) runs on one thread of its own (`MLXThread`),
 one call at a time: MLX streams belong to the thread that made them, the page's requests arrive on
 Starlette's worker threads (or, under a test client, on a thread that ends), and the model's own
 worker pool and compile cache (`mlx_clap.ops.parallel`) are not made for two callers at once. Queries
@@ -38,7 +38,7 @@ import numpy as np
 from mlx_clap.search.index import clip_cosine
 from mlx_clap.search.segments import DEFAULT_MIN_Z, merge_gap, stretch_around
 
-RESIDENT_BYTES = 1 << 30  # float32 vectors kept in MLX memory up to this size (else memory-mapped)
+RESIDENT_BYTES = 1 << 30  # vectors kept in memory (in the stored dtype) up to this size, else streamed
 MAX_K = 200
 CANDIDATES_PER_RESULT = 8  # segments fetched per wanted file
 MIN_CANDIDATES = 64
@@ -195,11 +195,12 @@ def top_k(scores: np.ndarray, k: int, exclude: tuple[int, int] = (0, 0)) -> tupl
 class ExactSearch:
     """Exact top-k by cosine over one set of vectors (the file rows, or the segments).
 
-    Held in memory as one float32 matrix when it fits RESIDENT_BYTES: a query is then one BLAS
-    matrix-vector product (100k x 512 in ~15 ms on 2 cores, where FlatIndex's MLX product took
-    ~40 ms; benchmarks/serve_latency.py), on the BLAS the model uses (`ops.blas.matvec`), and its
-    scores give the calibration sample for free. A
-    larger set streams through `FlatIndex` on the MLX thread, with the sample's vectors kept instead.
+    Held in memory as one matrix in the stored dtype when it fits RESIDENT_BYTES: a query then scores
+    every row (`exact.all_scores`: NumKong on float16 rows with the query split in two float16 parts,
+    BLAS sgemv on float32 ones; float32-product accuracy, no row converted), and those scores give the
+    calibration sample for free. A larger set streams through `FlatIndex` (each block scored as it is
+    read, in the stored dtype), with the sample's vectors kept instead. Neither runs MLX, so a search
+    runs on the request's thread and never waits behind the model.
     """
 
     def __init__(self, rows: Any, take: Callable[[np.ndarray], np.ndarray], mlx: MLXThread):
@@ -210,25 +211,29 @@ class ExactSearch:
         self.sample = sample_rows(self.n, CALIBRATION_ROWS)
         self.matrix: np.ndarray | None = None
         self.flat = None
-        if self.n * self.dim * 4 <= RESIDENT_BYTES:
-            self.matrix = np.empty((self.n, self.dim), dtype=np.float32)
-            for first, block in iter_blocks(rows):
+        blocks = iter_blocks(rows)
+        first_block = next(blocks, None)
+        itemsize = 4 if first_block is None else first_block[1].dtype.itemsize
+        if self.n * self.dim * itemsize <= RESIDENT_BYTES:
+            dtype = np.float32 if first_block is None else first_block[1].dtype
+            self.matrix = np.empty((self.n, self.dim), dtype=dtype)
+            for first, block in itertools.chain([first_block] if first_block else [], blocks):
                 self.matrix[first : first + block.shape[0]] = block
         else:
+            blocks.close()
             self.flat = FlatIndex(rows)
             self.sample_vectors = take(self.sample)
 
     def search(self, q: np.ndarray, k: int, exclude: tuple[int, int] = (0, 0)) -> Ranked:
         """The k best for the unit query `q`, leaving out indexes exclude[0] .. exclude[1] - 1."""
+        from mlx_clap.search import exact
         from mlx_clap.search.calibration import Calibration
 
         if self.matrix is not None:
-            from mlx_clap.ops.blas import matvec
-
-            every = matvec(self.matrix, np.ascontiguousarray(q, dtype=np.float32))
+            every = exact.all_scores(exact.row_blocks(self.matrix), q, self.n)[0]
             rows, scores = top_k(every, k, exclude)
             return Ranked(rows, scores, Calibration.fit(every[self.sample]), lambda a, b: every[a:b])
-        res = self.mlx.call(self.flat.search, q, k, exclude=list(range(*exclude)))
+        res = self.flat.search(q, k, exclude=list(range(*exclude)))
         keep = res.rows[0] >= 0
         return Ranked(
             res.rows[0][keep],
@@ -280,12 +285,19 @@ class Library:
             # Weights load lazily, as graph nodes on this thread's stream, which the MLX thread cannot
             # run: materialize them here, as mlx_clap.ops.parallel does before its workers start.
             mx.eval(family.text_modules, family.audio_modules)
+        from mlx_clap.search.lance_index import ann_search
+
         self.rows = RowReader(store)
-        self.files = ExactSearch(store, self.rows.take, self.mlx)
+        # The store's Lance vector index when it has one (`mlx-clap index`), else exact search.
+        self.files = ann_search(store, "file", self.rows.take, CALIBRATION_ROWS) or ExactSearch(
+            store, self.rows.take, self.mlx
+        )
         self.view = segment_view(store)
         self.segments = None
         if self.view is not None:
-            self.segments = ExactSearch(SegmentRows(store, self.view), self.view.take, self.mlx)
+            self.segments = ann_search(store, "segment", self.view.take, CALIBRATION_ROWS) or ExactSearch(
+                SegmentRows(store, self.view), self.view.take, self.mlx
+            )
             self._index_file_segments()
         self._duplicates: dict[float, list[Any]] = {}
         self._map_lock = threading.Lock()
@@ -401,9 +413,10 @@ class Library:
             results, notes = self._search_segments(q, k, exclude_row)
         else:
             results, notes = self._search_files(q, k, exclude_row)
+        searched = self.segments if self.segments is not None else self.files
         return {
             "results": results,
-            "notes": notes,
+            "notes": [*getattr(searched, "notes", []), *notes],  # an index says how much it covers
             "segments": self.segments is not None,
             "took_ms": round((time.perf_counter() - t0) * 1000, 2),
         }

@@ -24,9 +24,12 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mlx_clap.store.location import SideFile
 
 MAP_NAME = "map.json"
 MAP_VERSION = 2  # 2: neighbour-preserving projection and robust scaling (version 1 maps are recomputed)
@@ -117,15 +120,19 @@ def cluster_count(n: int) -> int:
 def saved_clusters(store: Any, key: dict[str, Any]) -> np.ndarray | None:
     """The labels of the store's clusters.json when it was computed for this very store, else None."""
     from mlx_clap.search.cluster import CLUSTERS_NAME
+    from mlx_clap.store.errors import StoreError
+    from mlx_clap.store.location import location_of
 
-    path = Path(store.path) / CLUSTERS_NAME
-    if not path.is_file() or path.is_symlink():
-        return None
+    loc = location_of(store)
+    if loc.local is not None:
+        path = loc.local / CLUSTERS_NAME
+        if not path.is_file() or path.is_symlink():
+            return None
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = loc.side(CLUSTERS_NAME).read_json()
         labels = np.asarray(doc["labels"], dtype=np.int64)
         same = doc.get("store", {}).get("items_sha256") == key["items_sha256"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, StoreError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return labels if same and labels.shape == (key["rows"],) and labels.min(initial=0) >= 0 else None
 
@@ -181,13 +188,16 @@ def build_map(store: Any, key: dict[str, Any], on_mlx: Callable[..., Any] = dire
     }
 
 
-def cached_map(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    """The map saved at `path` when it is valid for `key` (a link or an unreadable file is ignored)."""
-    if not path.is_file() or path.is_symlink():
+def cached_map(path: Path | SideFile, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The map saved at `path` (a local file, or a side file on an object store) when it is valid for
+    `key` (a link or an unreadable file is ignored)."""
+    from mlx_clap.store.errors import StoreError
+
+    if isinstance(path, Path) and (not path.is_file() or path.is_symlink()):
         return None
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        doc = json.loads(path.read_text(encoding="utf-8")) if isinstance(path, Path) else path.read_json()
+    except (OSError, StoreError, ValueError):
         return None
     if not isinstance(doc, dict) or doc.get("version") != MAP_VERSION:
         return None
@@ -202,9 +212,23 @@ def library_map(store: Any, on_mlx: Callable[..., Any] = direct) -> tuple[dict[s
     """The map of `store` (from map.json when valid, else computed and saved) and notes for the user.
     `on_mlx(fn, *args)` runs the MLX step (k-means colours), e.g. on a server's MLX thread."""
     from mlx_clap.io.files import atomic_write_bytes, write_failure
+    from mlx_clap.store.errors import StoreError
+    from mlx_clap.store.location import location_of
 
     key = store_key(store)
-    path = Path(store.path) / MAP_NAME
+    loc = location_of(store)
+    if loc.local is None:  # an object store: the cache is one object, read and replaced whole
+        side = loc.side(MAP_NAME)
+        doc = cached_map(side, key)
+        if doc is not None:
+            return doc, []
+        doc = build_map(store, key, on_mlx)
+        try:
+            side.write_json(doc, compact=True)
+        except StoreError as exc:
+            return doc, [f"{side}: cannot cache the map ({exc}); it is computed on each start"]
+        return doc, []
+    path = loc.local / MAP_NAME
     doc = cached_map(path, key)
     if doc is not None:
         return doc, []

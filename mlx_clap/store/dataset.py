@@ -75,7 +75,7 @@ from mlx_clap.store.write import RowsTarget, WrittenRows, write_rows, write_tabl
 # Versions younger than this survive a compaction, so a reader that opened one keeps reading it.
 DEFAULT_RETENTION = datetime.timedelta(hours=1)
 BLOCK_ROWS = 65536
-LEGACY_MANIFEST = "manifest.json"  # formats 1 and 2 (mlx_clap.search.store)
+LEGACY_MANIFEST = "manifest.json"  # formats 1 and 2 (mlx_clap.store.legacy)
 _LANCE_ERRORS = (OSError, ValueError, RuntimeError)
 
 
@@ -106,6 +106,9 @@ def _open_dataset(loc: Location, version: int | None) -> lance.LanceDataset:
     except _LANCE_ERRORS as exc:
         text = str(exc)
         if "not found" in text.lower() and "_versions" in text:
+            bucket = loc.missing_bucket()
+            if bucket is not None:
+                raise StoreError(f"{loc}: no such bucket ({bucket}) on the object store") from exc
             raise StoreError(f"{loc}: holds no store (no committed Lance version)") from exc
         if version is not None and "not found" in text.lower():
             raise StaleSnapshotError(
@@ -310,10 +313,10 @@ class Store:
                     raise StoreError(f"{exc}; refusing to write over it") from None
         if (legacy or _has_version(loc)) and not overwrite:
             raise StoreError(f"{loc}: a store already exists here (open it, or overwrite it to start fresh)")
-        from mlx_clap.search.store import is_store_entry
+        from mlx_clap.store.legacy import is_legacy_entry
 
         ours = set(LANCE_ENTRIES) | set(SIDE_FILES) | set(DERIVED_ENTRIES)
-        extra = [n for n in names if n not in ours and not (legacy and is_store_entry(n))]
+        extra = [n for n in names if n not in ours and not (legacy and is_legacy_entry(n))]
         if extra:
             raise StoreError(
                 f"{loc}: exists and is not an embedding store ({', '.join(extra[:3])}); "
@@ -856,7 +859,8 @@ def commit_operation(loc: Location, base: lance.LanceDataset, op: Any) -> lance.
     if ds.version != before + 1:
         raise StoreBusyError(
             f"{loc}: another writer committed to the store while this one did (versions {before + 1} to "
-            f"{ds.version - 1}; this one's is {ds.version}); one writer per store: stop the other run"
+            f"{ds.version - 1}); this commit went in on top of them as version {ds.version}, no rows lost; "
+            "one writer per store: stop the other run"
         )
     return ds
 

@@ -1,21 +1,15 @@
-"""The store's exceptions, and Lance's errors in words a user acts on.
-
-They subclass the older store's (`mlx_clap.search.store`), so a command that catches those catches these
-while it moves over.
-"""
+"""The store's exceptions, and Lance's errors in words a user acts on."""
 
 from __future__ import annotations
 
 import re
 
-from mlx_clap.search import store as _legacy
 
-
-class StoreError(_legacy.StoreError):
+class StoreError(ValueError):
     """A store that cannot be created, opened or written; the message names the store and the cause."""
 
 
-class StoreBusyError(StoreError, _legacy.StoreBusyError):
+class StoreBusyError(StoreError):
     """Another writer holds the store (local lock), or committed to it while this one was writing."""
 
 
@@ -53,7 +47,7 @@ _CAUSES = (
         "(set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)",
     ),
     (
-        re.compile(r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|403 Forbidden", re.I),
+        re.compile(r"InvalidAccessKeyId|SignatureDoesNotMatch|Access_?Denied|403 Forbidden", re.I),
         "access denied by the object store (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)",
     ),
     (re.compile(r"NoSuchBucket", re.I), "no such bucket"),

@@ -176,6 +176,10 @@ class Location:
 
         self._remote(f"remove {name}", remove)
 
+    def side(self, name: str) -> SideFile:
+        """Side file `name` of this store, as one object a command can read and replace."""
+        return SideFile(self, name)
+
     # ------------------------------------------------------------------------------------- listing
     def names(self) -> list[str]:
         """The entries directly under the store (empty when it does not exist)."""
@@ -192,6 +196,21 @@ class Location:
         )
         return sorted(i.base_name for i in infos)
 
+    def missing_bucket(self) -> str | None:
+        """The bucket (or container) of an object-store URI when it does not exist, else None: an empty
+        listing under a missing bucket would otherwise read as "no store here"."""
+        if self.local is None:
+            import pyarrow.fs as pafs
+
+            fs, base = self._fs()
+            bucket = base.split("/", 1)[0]
+            try:
+                if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                    return bucket
+            except OSError:
+                return None  # unreachable or refused: the caller's own error says which
+        return None
+
     def version_files(self) -> list[str]:
         """The manifest file names under `_versions/` (each a committed version)."""
         if self.local is not None:
@@ -207,6 +226,53 @@ class Location:
         selector = pafs.FileSelector(f"{base}/_versions", allow_not_found=True)
         infos = self._remote("list the store's versions", lambda: fs.get_file_info(selector))
         return sorted(i.base_name for i in infos if i.base_name.endswith(".manifest"))
+
+
+@dataclass(frozen=True)
+class SideFile:
+    """One file beside a store's tables (errors.jsonl, warnings.jsonl, clusters.json, map.json), local or
+    on an object store: what a command reads and rewrites whole. `str()` names it for messages."""
+
+    location: Location
+    name: str
+
+    def __str__(self) -> str:
+        if self.location.local is not None:
+            return str(self.location.local / self.name)
+        return f"{self.location.uri}/{self.name}"
+
+    def read_records(self) -> list[dict]:
+        """Its JSON-object lines (none when it is missing; a torn or bad line is skipped)."""
+        return self.location.read_records(self.name)
+
+    def rewrite(self, records: list[dict]) -> None:
+        """Replace it with `records` as JSON lines (removed when there are none)."""
+        if records:
+            self.location.write_side(self.name, lines(records))
+        else:
+            self.location.remove_side(self.name)
+
+    def append(self, records: list[dict]) -> None:
+        self.location.append_side(self.name, records)
+
+    def read_json(self) -> Any:
+        """Its JSON document, or None when it is missing or not JSON (a cache made again)."""
+        raw = self.location.read_side(self.name)
+        try:
+            return None if raw is None else json.loads(raw)
+        except ValueError:
+            return None
+
+    def write_json(self, doc: Any, compact: bool = False) -> None:
+        """Replace it with `doc` (indented, or `compact` for large documents), whole."""
+        text = json.dumps(doc, separators=(",", ":")) if compact else json.dumps(doc, indent=1)
+        self.location.write_side(self.name, text.encode("utf-8"))
+
+
+def location_of(store: Any) -> Location:
+    """The Location of an open store (its `location`), or of whatever a `store.path` names."""
+    loc = getattr(store, "location", None)
+    return loc if isinstance(loc, Location) else locate(store.path)
 
 
 def lines(records: Iterable[dict]) -> bytes:

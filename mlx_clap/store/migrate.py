@@ -1,4 +1,4 @@
-"""Convert a store of format 1 or 2 (`mlx_clap.search.store`: manifest.json, items.jsonl, .npy shards)
+"""Convert a store of format 1 or 2 (manifest.json, items.jsonl, .npy shards; read by `legacy.py`)
 into the Lance format, in place and once.
 
 The Lance dataset is written into the same folder: its entries (`_versions/`, `data/`, ...) never collide
@@ -14,11 +14,11 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 
-import numpy as np
 import pyarrow as pa
 
 from mlx_clap.search import lock as _lock
 from mlx_clap.store.errors import StoreBusyError, StoreError, lance_failure
+from mlx_clap.store.legacy import LegacyStore
 from mlx_clap.store.location import (
     ERRORS_NAME,
     LOCK_NAME,
@@ -63,8 +63,7 @@ def migrate_store(target: str | Location) -> dict:
     naming the folder when the old store is damaged (its own `check --repair` first) or the write fails."""
     import lance
 
-    from mlx_clap.search.store import EmbeddingStore
-    from mlx_clap.search.store import StoreError as LegacyError
+    from mlx_clap.store.legacy import LegacyFormatError
 
     loc = target if isinstance(target, Location) else locate(target)
     if loc.local is None:
@@ -79,12 +78,12 @@ def migrate_store(target: str | Location) -> dict:
             ds = lance.dataset(loc.uri)
             return {"files": None, "segments": None, "version": ds.version}
         try:
-            old = EmbeddingStore.open(loc.local)
-        except LegacyError as exc:
+            old = LegacyStore(loc.local)
+        except LegacyFormatError as exc:
             raise StoreError(f"cannot convert the old-format store: {exc}") from exc
         remove_lance_leftovers(loc)  # a migration killed before its commit
         manifest = {k: v for k, v in old.manifest.items() if k != "store"}
-        manifest["migrated_from_format"] = int(old.manifest["store"].get("format_version", 1))
+        manifest["migrated_from_format"] = old.format_version
         manifest["store"] = layout(old.dim, old.dtype, old.segment_settings)
         schema = store_schema(old.dim, old.dtype, manifest)
         counts = {"files": len(old), "segments": 0}
@@ -112,22 +111,12 @@ def migrate_store(target: str | Location) -> dict:
         _lock.release(loc.local)
 
 
-def _batches(old, schema: pa.Schema, counts: dict, where: str) -> Iterator[pa.RecordBatch]:
-    """The old store's live file rows (and their segments), in its row order, one shard at a time."""
-    items = old.items
-    view = old.segment_view() if old.has_segments else None
-    for first, block in old.iter_shards():
-        rows = np.arange(first, first + block.shape[0])
-        segs = None
-        if view is not None:
-            segs = []
-            for r in rows:
-                idx = view.of_file(int(r))
-                if idx.size:
-                    # The old rows as stored (float16 stays float16), bit for bit.
-                    segs.append((view.start[idx], view.end[idx], view.take(idx).astype(old.dtype)))
-                    counts["segments"] += int(idx.size)
-                else:
-                    segs.append(None)
-        chunk = [{k: v for k, v in items[int(r)].items() if k != "seg"} for r in rows]
-        yield from rows_table(chunk, np.asarray(block), segs, schema, where).to_batches()
+def _batches(old: LegacyStore, schema: pa.Schema, counts: dict, where: str) -> Iterator[pa.RecordBatch]:
+    """The old store's live file rows (and their segments), in its row order, a block at a time; the
+    vectors as stored (float16 stays float16), bit for bit."""
+    for first, block in old.iter_shards(MIGRATE_FILES):
+        rows = range(first, first + block.shape[0])
+        segs = [old.segments_of(r) for r in rows] if old.has_segments else None
+        counts["segments"] += sum(s[2].shape[0] for s in segs or () if s is not None)
+        chunk = [{k: v for k, v in old.items[r].items() if k != "seg"} for r in rows]
+        yield from rows_table(chunk, block, segs, schema, where).to_batches()
