@@ -375,3 +375,31 @@ def test_a_killed_exports_leftovers_are_removed_by_the_next(tmp_path, fmt):
     export_store(store, out, fmt)
     assert leftovers(tmp_path) == sorted([running.name, elsewhere.name])
     assert out.exists()
+
+
+def test_other_tools_read_what_export_npy_writes(tmp_path):
+    """The store is the product: Lance's pyarrow dataset and DuckDB over it, with no mlx-clap code, give
+    the same vectors, in the same order, as `mlx-clap export --to npy` (files and segment windows)."""
+    import lance
+    import pyarrow.compute as pc
+
+    duckdb = pytest.importorskip("duckdb")
+    segmented_store(tmp_path / "st")
+    out = tmp_path / "npy"
+    result = CliRunner().invoke(cli_export.export, [str(tmp_path / "st"), str(out), "--to", "npy"])
+    assert result.exit_code == 0, result.output
+    exported = {"file": np.load(out / "vectors.npy"), "segment": np.load(out / "segments.npy")}
+    names = {"file": "index.jsonl", "segment": "segments.jsonl"}
+    table = lance.dataset(str(tmp_path / "st")).to_table(columns=["path", "kind", "start", "vector"])
+    # DuckDB has no half floats: the float16 column goes to it through a float32 cast in pyarrow.
+    f32 = table.set_column(3, "vector", table.column("vector").cast(pa.list_(pa.float32(), DIM)))  # noqa: F841 (DuckDB reads it by name)
+    for kind in ("file", "segment"):
+        lines = [json.loads(x) for x in (out / names[kind]).read_text().splitlines()]
+        by_arrow = table.filter(pc.equal(table.column("kind"), kind))
+        arrow_vectors = np.array(by_arrow.column("vector").to_pylist(), dtype=np.float32)
+        assert by_arrow.column("path").to_pylist() == [x["path"] for x in lines]
+        np.testing.assert_array_equal(arrow_vectors, exported[kind])
+        rows = duckdb.sql(f"SELECT path, start, vector FROM f32 WHERE kind = '{kind}'").fetchall()
+        assert [r[0] for r in rows] == [x["path"] for x in lines]
+        np.testing.assert_array_equal(np.array([r[2] for r in rows], dtype=np.float32), exported[kind])
+    assert len(exported["segment"]) == sum(len(w) for w in WINDOWS.values())
