@@ -198,3 +198,44 @@ def require_encoder(name: str) -> None:
 def noise(n: int, channels: int = 2, seed: int = 0) -> np.ndarray:
     """(n, channels) float32 white noise at 0.1 RMS, seeded."""
     return (0.1 * np.random.default_rng(seed).standard_normal((n, channels))).astype(np.float32)
+
+
+def moto_endpoint():
+    """A generator for a module-scoped fixture: moto's S3 server on 127.0.0.1 (a free port) while the
+    module runs, yielding its endpoint URL. Skips the module when moto is not installed."""
+    import pytest
+
+    moto_server = pytest.importorskip(
+        "moto.server", reason="moto is not installed (pip install 'moto[server]')"
+    )
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def s3_bucket(endpoint: str, monkeypatch):
+    """A fresh bucket on the local S3 server at `endpoint`, with the environment a user would set (keys,
+    region, AWS_ENDPOINT_URL) and nothing of the machine's own AWS settings: (name, pyarrow S3FileSystem)."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    fs = pafs.S3FileSystem(
+        endpoint_override=endpoint.split("://")[1],
+        scheme="http",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    )
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    fs.create_dir(name)
+    return name, fs

@@ -4,12 +4,12 @@ configured through the usual AWS_* environment variables."""
 from __future__ import annotations
 
 import socket
-import uuid
 
 import lance
 import numpy as np
 import pyarrow as pa
 import pytest
+from fixtures import moto_endpoint, s3_bucket
 
 from mlx_clap.store import Store, StoreBusyError, StoreError, check_store, s3_options
 
@@ -35,31 +35,13 @@ def _segs(n: int, seed: int) -> list:
 
 @pytest.fixture(scope="module")
 def endpoint():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    yield from moto_endpoint()
 
 
 @pytest.fixture
 def bucket(endpoint, monkeypatch):
     """A fresh bucket on the local server, with the environment a user would set."""
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    import pyarrow.fs as pafs
-
-    name = f"b-{uuid.uuid4().hex[:12]}"
-    host = endpoint.split("://")[1]
-    fs = pafs.S3FileSystem(
-        endpoint_override=host, scheme="http", region="us-east-1", allow_bucket_creation=True
-    )
-    fs.create_dir(name)
-    return name
+    return s3_bucket(endpoint, monkeypatch)[0]
 
 
 def test_a_store_on_s3(bucket):

@@ -285,6 +285,47 @@ def test_codec_tiles_equal_one_pass(pooled):
     assert rel_l2(np.array(short), np.array(whole)) > 1e-4
 
 
+def test_codec_tiles_run_side_by_side(pooled, monkeypatch):
+    """On a multi-core CPU a long clip's codec tiles run on the worker threads (one codec call uses one
+    core), with the numbers of one thread; inside a worker's block (a batch cut into blocks) they run in
+    place."""
+    from mlx_clap import settings
+    from mlx_clap.models.pe_audio.encoder import TILE_FRAMES
+    from mlx_clap.ops import parallel
+    from mlx_clap.ops.device import cpu_fast_paths
+
+    if not cpu_fast_paths():
+        pytest.skip("the parallel CPU paths are off here (MLX_CLAP_CPU_OPTIMIZATIONS=off or not the CPU)")
+    embedder = pooled.model.audio_encoder.embedder
+    hop = pooled.config.hop_length
+    frames = 2 * TILE_FRAMES + 2 * embedder.halo + 5  # three tiles
+    wave = make_signal(frames * hop, 7)
+    blocks: list[int] = []
+    real = parallel.map_blocks
+
+    def spy(fn, items):
+        blocks.append(len(items))
+        return real(fn, items)
+
+    monkeypatch.setattr(parallel, "map_blocks", spy)
+    try:
+        monkeypatch.setenv("MLX_CLAP_CPU_THREADS", "2")
+        settings.reset()
+        side = np.array(embedder.codec(mx.array(wave[None]), None))
+        assert blocks == [3]
+        # Three such clips: blocks of two clips on the workers, each clip's tiles in place (no deadlock).
+        batch = pooled.embed_audio([wave, wave[::-1].copy(), wave * 0.5], long_audio="reference")
+        monkeypatch.setenv("MLX_CLAP_CPU_THREADS", "1")
+        settings.reset()
+        alone = np.array(embedder.codec(mx.array(wave[None]), None))
+        single = pooled.embed_audio([wave, wave[::-1].copy(), wave * 0.5], long_audio="reference")
+    finally:
+        settings.reset()
+    assert blocks == [3, 2]  # the codec's tiles, then the batch's two blocks (2 + 1 clips)
+    assert rel_l2(side, alone) <= 1e-6
+    np.testing.assert_allclose(batch, single, atol=1e-6)
+
+
 def test_pooled_model_gives_no_frames(pooled):
     with pytest.raises(ValueError, match="PeAudioFrameLevelModel"):
         pooled.embed_frames(clips(pooled)[0])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
-from fixtures import noise
+from fixtures import moto_endpoint, noise, s3_bucket
 
 from mlx_clap.cli import main
 from mlx_clap.store import Store
@@ -39,33 +39,13 @@ def summary_of(result) -> dict:
 
 @pytest.fixture(scope="module")
 def endpoint():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    yield from moto_endpoint()
 
 
 @pytest.fixture
 def s3(endpoint, monkeypatch):
     """(bucket name, pyarrow S3FileSystem) of a fresh bucket, with the environment a user would set."""
-    import pyarrow.fs as pafs
-
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    fs = pafs.S3FileSystem(
-        endpoint_override=endpoint.split("://")[1],
-        scheme="http",
-        region="us-east-1",
-        allow_bucket_creation=True,
-    )
-    name = f"b-{uuid.uuid4().hex[:12]}"
-    fs.create_dir(name)
-    return name, fs
+    return s3_bucket(endpoint, monkeypatch)
 
 
 def write_library(lib: Path) -> list[str]:

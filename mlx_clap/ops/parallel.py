@@ -121,6 +121,12 @@ def _pool(workers: int) -> _DaemonPool:
         return _pools[workers]
 
 
+def can_split() -> bool:
+    """Whether `map_blocks` would run blocks side by side here: several workers, the CPU fast paths on,
+    and not already inside a block (blocks of blocks run in place)."""
+    return worker_count() > 1 and cpu_fast_paths() and not getattr(_local, "is_worker", False)
+
+
 def map_blocks(fn: Callable[[T], mx.array], items: Sequence[T]) -> list[mx.array]:
     """`fn(item)` for every item, each evaluated, in order; on several threads when it pays.
 
@@ -181,6 +187,7 @@ def eval_batched(
 
 __all__ = [
     "blas_threads",
+    "can_split",
     "eval_batched",
     "graph_lock",
     "map_blocks",

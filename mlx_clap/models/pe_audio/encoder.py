@@ -28,7 +28,7 @@ import numpy as np
 
 from mlx_clap.models.pe_audio.config import PeAudioEncoderConfig
 from mlx_clap.models.pe_audio.dac import Conv1d, PeAudioDacEncoder, receptive_halo
-from mlx_clap.ops import kernels
+from mlx_clap.ops import kernels, parallel
 
 # Added to the scores of padded keys; exp() of it is exactly 0 in float32 (HF uses finfo.min).
 MASK_VALUE = -1e9
@@ -83,7 +83,8 @@ class PeAudioEncoderEmbedder(nn.Module):
     than `TILE_FRAMES` in tiles of that many frames, each computed with `receptive_halo` frames of the
     neighbouring samples on both sides and cut back: every frame sees all the samples it depends on,
     so the tiles give the frames of one pass (up to float rounding) while the codec's activations (about
-    0.1 GB per second of audio, from the 64-channel full-rate first stage) stay those of one tile.
+    0.1 GB per second of audio, from the 64-channel full-rate first stage) stay those of one tile (one
+    per CPU worker: the tiles run side by side there, see `_codec_parallel`).
     """
 
     def __init__(self, config: PeAudioEncoderConfig):
@@ -106,29 +107,56 @@ class PeAudioEncoderEmbedder(nn.Module):
         B, N = input_values.shape
         n_frames = N // hop
         valid = [n_frames] * B if lengths is None else (np.array(lengths) // hop).tolist()
-        rows = []
-        stages: list[dict] = []
+        # (row, first frame, end frame, first kept frame, end kept frame) of each codec call.
+        pieces: list[tuple[int, int, int, int, int]] = []
         for b, frames in enumerate(valid):
-            x = input_values[b : b + 1, : frames * hop, None]
             if frames <= TILE_FRAMES + 2 * self.halo:
-                cap = {} if capture is not None else None
-                out = self.bottleneck(self.dac_encoder(x, cap))
+                pieces.append((b, 0, frames, 0, frames))
+                continue
+            for f0 in range(0, frames, TILE_FRAMES):
+                f1 = min(frames, f0 + TILE_FRAMES)
+                pieces.append((b, max(0, f0 - self.halo), min(frames, f1 + self.halo), f0, f1))
+        if capture is None and len(pieces) > 1 and parallel.can_split():
+            outs = self._codec_parallel(input_values, pieces)
+        else:
+            outs = []
+            stages: list[dict | None] = []
+            for b, lo, hi, f0, f1 in pieces:
+                whole = (lo, hi) == (f0, f1)
+                cap = {} if capture is not None and whole else None
+                x = input_values[b : b + 1, lo * hop : hi * hop, None]
+                outs.append(self.bottleneck(self.dac_encoder(x, cap))[:, f0 - lo : f1 - lo])
                 stages.append(cap)
-            else:
-                tiles = []
-                for f0 in range(0, frames, TILE_FRAMES):
-                    f1 = min(frames, f0 + TILE_FRAMES)
-                    lo, hi = max(0, f0 - self.halo), min(frames, f1 + self.halo)
-                    tile = self.bottleneck(self.dac_encoder(x[:, lo * hop : hi * hop]))
-                    tiles.append(tile[:, f0 - lo : f1 - lo])
-                out = mx.concatenate(tiles, axis=1)
-                stages.append(None)
-            rows.append(_pad_frames(out, n_frames))
-        if capture is not None and all(s is not None for s in stages):
-            for name in stages[0]:
-                longest = max(s[name].shape[1] for s in stages)
-                capture[name] = mx.concatenate([_pad_frames(s[name], longest) for s in stages])
+            if capture is not None and all(s is not None for s in stages):
+                for name in stages[0]:
+                    longest = max(s[name].shape[1] for s in stages)
+                    capture[name] = mx.concatenate([_pad_frames(s[name], longest) for s in stages])
+        rows = []
+        for b in range(B):
+            parts = [out for piece, out in zip(pieces, outs, strict=True) if piece[0] == b]
+            rows.append(_pad_frames(parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1), n_frames))
         return rows[0] if B == 1 else mx.concatenate(rows)
+
+    def _codec_parallel(
+        self, input_values: mx.array, pieces: list[tuple[int, int, int, int, int]]
+    ) -> list[mx.array]:
+        """The codec calls of `pieces` side by side on the CPU workers, each evaluated.
+
+        MLX runs a stream's elementwise work on one thread and OpenBLAS is held to one thread per worker,
+        so one codec call uses one core; the tiles are independent (halos), so they run on all cores.
+        Same operations per tile as the sequential path: the same numbers.
+        """
+        hop = self.hop_length
+        # Workers cannot run nodes queued on this thread's stream: inputs and weights evaluated here.
+        mx.eval(input_values, self.dac_encoder.parameters(), self.bottleneck.parameters())
+
+        def tile(piece: tuple[int, int, int, int, int]) -> mx.array:
+            b, lo, hi, f0, f1 = piece
+            with parallel.graph_lock:
+                x = input_values[b : b + 1, lo * hop : hi * hop, None]
+                return self.bottleneck(self.dac_encoder(x))[:, f0 - lo : f1 - lo]
+
+        return parallel.map_blocks(tile, pieces)
 
     def __call__(
         self, input_values: mx.array, lengths: mx.array | None, capture: dict | None = None
