@@ -281,6 +281,12 @@ def timeline(
         "query": {"text": text} if text is not None else {"audio": str(audio)},
     }
     body = format_timeline(rows, fmt, label=label, min_z=min_z, threshold=threshold, meta=meta)
+    echo_or_write(body, out, f"{len(rows)} windows ({fmt})")
+
+
+def echo_or_write(body: str, out: Path | None, what: str) -> None:
+    """A timeline's text to stdout, or atomically to `out` (a one-line error naming it if it cannot be
+    written), then "wrote WHAT to OUT" on stderr."""
     if out is None:
         click.echo(body, nl=False)
         return
@@ -290,7 +296,7 @@ def timeline(
         atomic_write_bytes(out, body.encode("utf-8"))
     except OSError as exc:
         raise click.ClickException(f"{printable(out)}: cannot write: {exc.strerror or exc}") from exc
-    note(f"wrote {len(rows)} windows ({fmt}) to {printable(out)}")
+    note(f"wrote {what} to {printable(out)}")
 
 
 def index_calibration_sample(store: Any, view: Any) -> int | None:
@@ -350,16 +356,7 @@ def frame_timeline(
         raise click.ClickException(f"--text: {exc}") from exc
     spans = scores.spans(cut)
     body = format_frames(scores, spans, fmt, text, cut, str(path))
-    if out is None:
-        click.echo(body, nl=False)
-        return
-    from mlx_clap.io.files import atomic_write_bytes
-
-    try:
-        atomic_write_bytes(out, body.encode("utf-8"))
-    except OSError as exc:
-        raise click.ClickException(f"{printable(out)}: cannot write: {exc.strerror or exc}") from exc
-    note(f"wrote {len(scores.starts)} frames, {len(spans)} spans ({fmt}) to {printable(out)}")
+    echo_or_write(body, out, f"{len(scores.starts)} frames, {len(spans)} spans ({fmt})")
 
 
 def format_frames(
