@@ -6,6 +6,8 @@ runs, with narrow layers so a forward pass takes milliseconds.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -200,14 +202,13 @@ def noise(n: int, channels: int = 2, seed: int = 0) -> np.ndarray:
     return (0.1 * np.random.default_rng(seed).standard_normal((n, channels))).astype(np.float32)
 
 
-def moto_endpoint():
-    """A generator for a module-scoped fixture: moto's S3 server on 127.0.0.1 (a free port) while the
-    module runs, yielding its endpoint URL. Skips the module when moto is not installed."""
+@contextmanager
+def moto_s3() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (a free port) for the duration, yielding its endpoint URL. Skips the
+    test (or module) when moto is not installed."""
     import pytest
 
-    moto_server = pytest.importorskip(
-        "moto.server", reason="moto is not installed (pip install 'moto[server]')"
-    )
+    moto_server = pytest.importorskip("moto.server", reason="moto is not installed (the `test` extra)")
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

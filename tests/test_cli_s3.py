@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
-from fixtures import moto_endpoint, s3_bucket
+from fixtures import moto_s3, s3_bucket
 
 from mlx_clap.cli import main
 
@@ -44,7 +44,8 @@ def write_clip(path: Path, seed: int, seconds: float = 1.0) -> None:
 
 @pytest.fixture(scope="module")
 def endpoint():
-    yield from moto_endpoint()
+    with moto_s3() as url:
+        yield url
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import lance
 import numpy as np
 import pyarrow as pa
 import pytest
-from fixtures import moto_endpoint, s3_bucket
+from fixtures import moto_s3, s3_bucket
 
 from mlx_clap.store import Store, StoreBusyError, StoreError, check_store, s3_options
 
@@ -35,7 +35,8 @@ def _segs(n: int, seed: int) -> list:
 
 @pytest.fixture(scope="module")
 def endpoint():
-    yield from moto_endpoint()
+    with moto_s3() as url:
+        yield url
 
 
 @pytest.fixture

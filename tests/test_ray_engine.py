@@ -22,7 +22,7 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 from conftest import REPO_ROOT
-from fixtures import encode_pyav, noise
+from fixtures import encode_pyav, moto_s3, noise, s3_bucket
 
 from mlx_clap.cli import main
 from mlx_clap.store import Store
@@ -257,31 +257,13 @@ def test_only_the_ray_engine_imports_ray():
 def test_s3_store_written_by_ray_workers(cluster, tiny_model_dir, tmp_path, monkeypatch):
     """Workers write their data files to object storage (a local S3 server), the driver commits there:
     the same rows as a single-process sync into a local folder."""
-    moto_server = pytest.importorskip("moto.server")
-    import uuid
-
-    import pyarrow.fs as pafs
-
     from mlx_clap.loading import load
     from mlx_clap.sync.api import SyncJob, sync
     from mlx_clap.sync.inputs import collect_inputs
     from mlx_clap.sync.ray_engine import RayEngine, RayOptions
 
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
-            monkeypatch.delenv(name, raising=False)
-        for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
-            monkeypatch.setenv(name, value)
-        monkeypatch.setenv("AWS_REGION", "us-east-1")
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-        bucket = f"b-{uuid.uuid4().hex[:12]}"
-        fs = pafs.S3FileSystem(
-            endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1", allow_bucket_creation=True
-        )
-        fs.create_dir(bucket)
+    with moto_s3() as endpoint:
+        bucket, _ = s3_bucket(endpoint, monkeypatch)
         lib = tmp_path / "lib"
         lib.mkdir()
         for i in range(5):
@@ -302,8 +284,6 @@ def test_s3_store_written_by_ray_workers(cluster, tiny_model_dir, tmp_path, monk
             np.testing.assert_allclose(vec[p], w_vec[p], atol=TOL, rtol=0, err_msg=p)
             np.testing.assert_allclose(segs[p][2], w_segs[p][2], atol=TOL, rtol=0, err_msg=p)
         assert {(r["path"], r["error"]) for r in Store.open(uri).errors()} == errors(tmp_path / "ref")
-    finally:
-        server.stop()
 
 
 def test_a_worker_that_cannot_load_the_model_fails_the_job_with_its_cause(cluster, tiny_model_dir, tmp_path):

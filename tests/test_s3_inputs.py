@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
-from fixtures import moto_endpoint, noise, s3_bucket
+from fixtures import moto_s3, noise, s3_bucket
 
 from mlx_clap.cli import main
 from mlx_clap.store import Store
@@ -39,7 +39,8 @@ def summary_of(result) -> dict:
 
 @pytest.fixture(scope="module")
 def endpoint():
-    yield from moto_endpoint()
+    with moto_s3() as url:
+        yield url
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from fixtures import assert_same_ranking
+from fixtures import assert_same_ranking, moto_s3, s3_bucket
 
 from mlx_clap.store import Store
 from mlx_clap.sync import Progress, SyncError, SyncJob, collect_inputs, embed_files, search, sync
@@ -189,26 +189,8 @@ def test_search_a_store_from_python(model, tiny_model_dir, library, tmp_path):
 
 def test_sync_into_an_object_store(model, tiny_model_dir, library, tmp_path, monkeypatch):
     """The same sync into s3://bucket/prefix (a local moto server): rows, errors.jsonl through the store."""
-    moto_server = pytest.importorskip("moto.server", reason="moto is a test requirement (S3 server)")
-    import uuid
-
-    import pyarrow.fs as pafs
-
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        monkeypatch.setenv("AWS_REGION", "us-east-1")
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-        bucket = f"b-{uuid.uuid4().hex[:12]}"
-        fs = pafs.S3FileSystem(
-            endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1", allow_bucket_creation=True
-        )
-        fs.create_dir(bucket)
+    with moto_s3() as endpoint:
+        bucket, _ = s3_bucket(endpoint, monkeypatch)
         uri = f"s3://{bucket}/lib/vectors"
         report = sync([library], uri, model=model, model_id=str(tiny_model_dir))
         assert (report.embedded, report.failed, report.errors_file) == (3, 1, f"{uri}/errors.jsonl")
@@ -220,5 +202,3 @@ def test_sync_into_an_object_store(model, tiny_model_dir, library, tmp_path, mon
         again = sync([library], uri, model=model, model_id=str(tiny_model_dir))
         assert (again.embedded, again.removed, again.skipped) == (0, 1, 2) and local.embedded == 3
         assert str(library / "a.wav") not in rows(uri)
-    finally:
-        server.stop()
