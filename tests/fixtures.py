@@ -240,3 +240,22 @@ def s3_bucket(endpoint: str, monkeypatch):
     name = f"b-{uuid.uuid4().hex[:12]}"
     fs.create_dir(name)
     return name, fs
+
+
+def run(args: list):
+    """`mlx-clap ARGS` in this process (click's CliRunner), every argument as a string: the Result."""
+    from click.testing import CliRunner
+
+    from mlx_clap.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def summary_of(result) -> dict:
+    """The --summary-json object of a command's Result (the last JSON line of its output)."""
+    import json
+
+    for line in reversed(result.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise AssertionError(result.output)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
-from fixtures import assert_same_ranking
+from fixtures import assert_same_ranking, run
 from mlx.utils import tree_flatten
 from pe_audio_reference import TINY_AUDIO, TINY_TEXT, make_signal, modernbert_tokenizer
 
@@ -29,10 +29,6 @@ from mlx_clap.store import Store
 
 SR = 48000
 HOP = 1920  # samples per frame: 40 ms
-
-
-def run(args: list) -> object:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def write_pe_folder(folder: Path, architecture: str, seed: int) -> Path:

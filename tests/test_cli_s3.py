@@ -16,25 +16,11 @@ import click
 import numpy as np
 import pytest
 import soundfile as sf
-from click.testing import CliRunner
-from fixtures import moto_s3, s3_bucket
-
-from mlx_clap.cli import main
+from fixtures import moto_s3, run, s3_bucket, summary_of
 
 moto_server = pytest.importorskip("moto.server", reason="moto is not installed (pip install 'moto[server]')")
 
 SR = 48000
-
-
-def run(args: list) -> object:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def summary_of(result) -> dict:
-    for line in reversed(result.stdout.strip().splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise AssertionError(result.output)
 
 
 def write_clip(path: Path, seed: int, seconds: float = 1.0) -> None:

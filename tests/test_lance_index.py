@@ -13,23 +13,17 @@ import time
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from conftest import REPO_ROOT
-from fixtures import add_rows, default_sigint
+from fixtures import add_rows, default_sigint, run
 from test_index import clustered, make_store
 from test_segment_search import FakeView, make_segment_store, unit, windows_of
 
-from mlx_clap.cli import main
 from mlx_clap.search import lance_index
 from mlx_clap.search.index import FlatIndex, SearchError, path_mask
 from mlx_clap.search.lance_index import LanceIndex, build_index, coverage, open_index
 from mlx_clap.store import Store
 
 TIE = 1e-6
-
-
-def run(args: list):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def index_store(path) -> Store:

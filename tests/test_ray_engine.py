@@ -20,11 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from click.testing import CliRunner
 from conftest import REPO_ROOT
-from fixtures import encode_pyav, moto_s3, noise, s3_bucket
+from fixtures import encode_pyav, moto_s3, noise, run, s3_bucket
 
-from mlx_clap.cli import main
 from mlx_clap.store import Store
 
 pytestmark = pytest.mark.ray
@@ -46,10 +44,6 @@ def cluster():
     c.wait_for_nodes()
     yield c.address
     c.shutdown()
-
-
-def run(args: list) -> object:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def embed_args(lib: Path, model: Path, out: Path, *extra: str) -> list[str]:

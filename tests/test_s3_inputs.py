@@ -14,27 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from click.testing import CliRunner
-from fixtures import moto_s3, noise, s3_bucket
+from fixtures import moto_s3, noise, run, s3_bucket, summary_of
 
-from mlx_clap.cli import main
 from mlx_clap.store import Store
 
 moto_server = pytest.importorskip("moto.server", reason="moto is not installed (pip install 'moto[server]')")
 
 SR = 48000
 TOL = 1e-6
-
-
-def run(args: list) -> object:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def summary_of(result) -> dict:
-    for line in reversed(result.stdout.strip().splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise AssertionError(result.output)
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from fixtures import run
 from test_index import clustered, make_store, unit
 from test_segment_search import FakeView, make_segment_store, windows_of
-
-from mlx_clap.cli import main
-
-
-def run(args: list) -> object:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def fixed_query(monkeypatch, vector: np.ndarray) -> None:

@@ -16,17 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from click.testing import CliRunner
 from conftest import REPO_ROOT
+from fixtures import run, summary_of
 
-from mlx_clap.cli import main
 from mlx_clap.store import Store, StoreError
 
 SR = 48000
-
-
-def run(args: list) -> object:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def embed_args(
@@ -37,14 +32,6 @@ def embed_args(
     named = inputs if isinstance(inputs, list) else [inputs]
     args = ["embed", *named, *(["-r"] if recursive else []), "--model", model, "--out", out, "-q", *options]
     return [str(a) for a in args]
-
-
-def summary_of(result) -> dict:
-    """The --summary-json object (the last JSON line of the output)."""
-    for line in reversed(result.stdout.strip().splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise AssertionError(result.output)
 
 
 def write_clip(path: Path, seed: int, seconds: float = 1.0) -> None:

@@ -16,20 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from click.testing import CliRunner
 from conftest import REPO_ROOT
+from fixtures import run
 from test_store_sync import summary_of
 
-from mlx_clap.cli import main
 from mlx_clap.store import Store
 
 SR = 48000
 # A run that hangs on a FIFO must fail the test, not block the suite.
 HANG_TIMEOUT_S = 180
-
-
-def run(args: list) -> object:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def embed_args(inputs: Path | list[Path], model: Path, out: Path, *options: str) -> list[str]:
