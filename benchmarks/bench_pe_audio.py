@@ -8,9 +8,11 @@ transformers with `from_pretrained`, by mlx-clap in place (`mlx_clap.load`). Par
           (`embed_audio`, "windows-mean": 30-s windows) and, with --one-pass, its one pass over a clip
           longer than a window ("reference"); transformers' feature extractor + one pass, its only
           mode, for clips up to --torch-max-seconds (its pass over a whole 10-min clip holds the
-          codec's activations for all of it: tens of GB).
+          codec's activations for all of it: tens of GB); past that, transformers on the same 30-s
+          windows as mlx-clap, one at a time, and their mean (the same work).
   frames  the same clips -> 40-ms frame embeddings (PeAudioFrameLevelModel): `embed_frames` (chunks of
-          30 s + 5 s of context) against transformers' one pass.
+          30 s + 5 s of context) against transformers' one pass (past --torch-max-seconds: on the same
+          chunks, one at a time).
   text    8 captions -> unit text embeddings, batch 1 and 8.
   memory  peak memory of a streamed file of --memory-seconds (default 2 h) and of a shorter one
           (--memory-short-seconds, default 60), each in a child process: `embed_audio(path)` (pooled)
@@ -78,6 +80,21 @@ def signal_of(seconds: float, seed: int = 0) -> np.ndarray:
     )
 
 
+def same_pieces(ours: Any, wave: np.ndarray, frame_level: bool) -> list[Any]:
+    """What mlx-clap runs the model on for a long clip, for transformers to run too: the 30-s windows of
+    "windows-mean", or the frame chunks of `embed_frames` as (samples, first kept frame, kept frames)."""
+    from mlx_clap.pipeline.pe_audio import CHUNK_SECONDS, CONTEXT_SECONDS, frame_chunks
+    from mlx_clap.preprocess.windows import sliding_windows
+
+    fam = ours.family
+    if not frame_level:
+        return list(sliding_windows([wave], fam.clip_samples))
+    core = fam._whole_frames(CHUNK_SECONDS) // fam.hop
+    context = round(CONTEXT_SECONDS * fam.sampling_rate / fam.hop)
+    chunks = frame_chunks([wave], fam.hop, core, context, lambda clip: clip)
+    return [(samples, first, kept) for _, samples, first, kept, _ in chunks]
+
+
 def hub_folder(frame_level: bool, seed: int = 0, tiny: bool = False) -> Path:
     """A full-size (or, for a smoke run, the tests' tiny) random PE-A hub folder with its tokenizer,
     built once under the bench cache."""
@@ -120,8 +137,11 @@ class Bench:
         ref = cls.from_pretrained(folder, dtype=self.torch.float32).eval().to(self.args.torch_device)
         return ref, mlx_clap.load(folder), folder
 
-    def time(self, name: str, fn: Any, sync: Any, seconds: float, repeats: int) -> dict[str, Any] | None:
-        """`common.measure` unless the previous clip's time predicts more than --max-seconds."""
+    def time(
+        self, name: str, fn: Any, sync: Any, seconds: float, repeats: int, warm: bool = False
+    ) -> dict[str, Any] | None:
+        """`common.measure` unless the previous clip's time predicts more than --max-seconds; `warm`: the
+        model already ran (under another name), no warm-up call."""
         last = next((r for r in reversed(self.rows) if r["name"] == name), None)
         if last is not None:
             predicted = last["median_s"] * seconds / last["clip_s"]
@@ -130,7 +150,7 @@ class Bench:
                 return None
         # One warm-up per measurement, on its first clip: a long clip's warm-up would only double its cost.
         res = common.measure(
-            fn, sync, warmup=int(last is None), repeats=repeats, budget_s=self.args.max_seconds
+            fn, sync, warmup=int(last is None and not warm), repeats=repeats, budget_s=self.args.max_seconds
         )
         row = {"name": name, "clip_s": seconds, **res}
         self.rows.append(row)
@@ -162,9 +182,6 @@ class Bench:
                 if one_pass:
                     one = lambda w=wave: ours.embed_audio(w, long_audio="reference")  # noqa: E731
                     self.time("mlx embed_audio (one pass)", one, none, seconds, reps)
-            if not whole:
-                self.skipped.append(f"transformers {kind} {seconds:g} s (over --torch-max-seconds)")
-                continue
 
             def reference(w: np.ndarray = wave) -> Any:
                 x = torch.from_numpy(feature_batch([w])["input_values"]).to(self.args.torch_device)
@@ -173,7 +190,28 @@ class Bench:
                     h = out.last_hidden_state if frame_level else out.pooler_output
                     return torch.nn.functional.normalize(ref.audio_head(h), dim=-1)
 
-            self.time(f"transformers {kind} (one pass)", reference, lambda _: self.sync_t(), seconds, reps)
+            if whole:
+                sync = lambda _: self.sync_t()  # noqa: E731
+                self.time(f"transformers {kind} (one pass)", reference, sync, seconds, reps)
+                continue
+            # Past --torch-max-seconds its one pass does not fit: transformers runs the same pieces as
+            # mlx-clap (30-s windows, their mean; or the 30-s chunks with 5 s of context), one at a time.
+            pieces = same_pieces(ours, wave, frame_level)
+            if frame_level:
+
+                def windowed(pieces: list = pieces) -> Any:
+                    return [reference(chunk)[0, first : first + kept] for chunk, first, kept in pieces]
+
+                name = "transformers frames (same 30-s chunks)"
+            else:
+
+                def windowed(pieces: list = pieces) -> Any:
+                    mean = sum(reference(window)[0] for window in pieces)
+                    return torch.nn.functional.normalize(mean, dim=-1)
+
+                name = "transformers audio (same 30-s windows)"
+            ran = any(r["name"].startswith(f"transformers {kind}") for r in self.rows)
+            self.time(name, windowed, lambda _: self.sync_t(), seconds, reps, warm=ran)
         ref = ours = None  # both models freed before the next part builds its own
         gc.collect()
 
