@@ -2,8 +2,8 @@
 
 Both sides of every comparison run in one process and one run: a random-init, full-size transformers
 `ClapModel` (every parameter and buffer randomized, see tests/reference_models.py) is saved in the hub
-layout, converted with `mlx_clap.convert.hf`, and loaded with `mlx_clap.io.folder.load_converted`. The pairs are
-cached under `~/.cache/mlx-clap-bench` (or `$MLX_CLAP_BENCH_CACHE`), keyed by family and seed.
+layout, converted with `mlx_clap.convert.hf`, and loaded with `mlx_clap.io.folder.load_converted`. The
+pairs are cached under `~/.cache/mlx-clap-bench` (or `$MLX_CLAP_BENCH_CACHE`), keyed by family and seed.
 """
 
 from __future__ import annotations

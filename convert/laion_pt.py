@@ -1,4 +1,7 @@
-"""Runnable entry point: `python convert/laion_pt.py --help`. The converter lives in `mlx_clap.convert.laion_pt`."""
+"""Runnable entry point: `python convert/laion_pt.py --help`.
+
+The converter lives in `mlx_clap.convert.laion_pt`.
+"""
 
 from mlx_clap.convert.laion_pt import main
 

@@ -1,4 +1,7 @@
-"""Runnable entry point: `python convert/msclap.py --help`. The converter lives in `mlx_clap.convert.msclap`."""
+"""Runnable entry point: `python convert/msclap.py --help`.
+
+The converter lives in `mlx_clap.convert.msclap`.
+"""
 
 from mlx_clap.convert.msclap import main
 

@@ -56,7 +56,8 @@ def imports_of(module: str) -> set[str]:
     found: set[str] = set()
 
     def resolve(name: str) -> str | None:
-        # The longest prefix that is a module of ours: `from mlx_clap.ops import kernels` -> mlx_clap.ops.kernels.
+        # The longest prefix that is a module of ours:
+        # `from mlx_clap.ops import kernels` -> mlx_clap.ops.kernels.
         while name and name not in MODULES:
             name = name.rpartition(".")[0]
         return name or None
@@ -152,8 +153,8 @@ def test_import_has_no_side_effects():
         "from mlx_clap.ops import blas, malloc\n"
         "assert blas.blas_info()['status'] == 'not set up', blas.blas_info()\n"
         "assert not malloc.malloc_tuned()\n"
-        "heavy = [m for m in ('torch', 'transformers', 'mlx_clap.models.htsat', 'mlx_clap.preprocess.features') "
-        "if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'transformers', 'mlx_clap.models.htsat', "
+        "'mlx_clap.preprocess.features') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "print('clean')\n"
     )

@@ -20,7 +20,6 @@ from mlx_clap.ops.device import cpu_kernels_on
 _erf64 = np.vectorize(math.erf)
 
 
-
 @pytest.fixture(autouse=True)
 def _cpu():
     with mx.stream(mx.cpu):

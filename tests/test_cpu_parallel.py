@@ -39,7 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 THREADS_VAR = "MLX_CLAP_CPU_THREADS"
 
 
-
 @pytest.fixture
 def threads(monkeypatch):
     """Set MLX_CLAP_CPU_THREADS for the rest of the test (settings are parsed again on the next use)."""

@@ -11,8 +11,8 @@ References run here, on the same inputs as ours:
 LAION's fused mel (`get_mel`) needs torchaudio, which is not installable beside torch 2.13 here. The fused
 (HTK, no norm) path is therefore checked against HF's HTK filterbank and HF's fusion code, which copies
 torchaudio's defaults; when `get_audio_features` is replayed, HF's HTK log-mel stands in for `get_mel` and
-a no-antialias bilinear resize for torchvision's `Resize` (docs/numerics.md §2.2-§2.3), so what is tested there
-is LAION's chunk selection and draw order, not torchaudio's numbers.
+a no-antialias bilinear resize for torchvision's `Resize` (docs/numerics.md §2.2-§2.3), so what is tested
+there is LAION's chunk selection and draw order, not torchaudio's numbers.
 
 Precision: the default float32 path (`mx.fft.rfft`) has rounding error about 144 dB below a frame's
 strongest bin. On full-scale pure tones and chirps, mel bands 80+ dB below the frame peak then move by more

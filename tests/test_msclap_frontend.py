@@ -16,8 +16,8 @@ import librosa  # noqa: E402
 import torch  # noqa: E402
 from msclap_reference import make_signal
 
-from mlx_clap.models.msclap.config import MsClapConfig
 from mlx_clap.dsp import slaney_mel_filterbank
+from mlx_clap.models.msclap.config import MsClapConfig
 from mlx_clap.models.msclap.logmel import log_mel
 from mlx_clap.preprocess.msclap_frontend import fit_clip, prepare_batch, to_mono
 

@@ -39,8 +39,8 @@ from msclap_reference import (  # noqa: E402
 
 import mlx_clap  # noqa: E402
 from mlx_clap.models.layers import l2_normalize  # noqa: E402
-from mlx_clap.preprocess.msclap_frontend import prepare_batch  # noqa: E402
 from mlx_clap.models.msclap.gpt2 import last_token_index  # noqa: E402
+from mlx_clap.preprocess.msclap_frontend import prepare_batch  # noqa: E402
 
 SR = 44100
 TEXTS = ["a dog barks! then it runs", "this is the sound of rain"]
