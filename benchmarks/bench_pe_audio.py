@@ -126,6 +126,7 @@ class Bench:
         self.sync_t = common.torch_sync(args.torch_device)
         self.rows: list[dict[str, Any]] = []
         self.skipped: list[str] = []
+        self.memory_rows: list[dict[str, Any]] = []
 
     def models(self, frame_level: bool) -> tuple[Any, Any, Path]:
         import transformers
@@ -238,8 +239,7 @@ class Bench:
         ref = ours = None
         gc.collect()
 
-    def memory(self) -> list[dict[str, Any]]:
-        out = []
+    def memory(self) -> None:
         for seconds in sorted({float(self.args.memory_short_seconds), float(self.args.memory_seconds)}):
             for what in self.args.memory_what:
                 cmd = [
@@ -261,8 +261,7 @@ class Bench:
                 print(
                     f"  memory {what:<15} {seconds:>7g} s  peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True
                 )
-                out.append(row)
-        return out
+                self.memory_rows.append(row)
 
 
 def child_memory(what: str, seconds: float, tiny: bool) -> None:
@@ -323,6 +322,7 @@ def main() -> None:
     p.add_argument("--memory-what", nargs="+", default=["embed_audio", "embed_segments"])
     p.add_argument("--quick", action="store_true", help="10-s and 60-s clips, one repeat, no memory part")
     p.add_argument("--tag", default="")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     p.add_argument(
         "--tiny", action="store_true", help="the tests' tiny architecture: a smoke run of the script"
     )
@@ -340,15 +340,20 @@ def main() -> None:
     print(before, flush=True)
     bench = Bench(args)
     t0 = time.perf_counter()
-    memory: list[dict[str, Any]] = []
-    if "audio" in args.parts:
-        bench.audio(frame_level=False)
-    if "frames" in args.parts:
-        bench.audio(frame_level=True)
-    if "text" in args.parts:
-        bench.text()
-    if "memory" in args.parts:
-        memory = bench.memory()
+    interrupted = False
+    try:  # a SIGTERM (`timeout`) or Ctrl-C still saves what was measured
+        if "audio" in args.parts:
+            bench.audio(frame_level=False)
+        if "frames" in args.parts:
+            bench.audio(frame_level=True)
+        if "text" in args.parts:
+            bench.text()
+        if "memory" in args.parts:
+            bench.memory()
+    except KeyboardInterrupt:
+        interrupted = True
+        print("interrupted: saving what was measured", flush=True)
+    memory = bench.memory_rows
     after = uptime()
     print(after, flush=True)
     data = {
@@ -358,6 +363,7 @@ def main() -> None:
         "rows": bench.rows,
         "memory": memory,
         "skipped": bench.skipped,
+        "interrupted": interrupted,
         "total_s": time.perf_counter() - t0,
     }
     md = [f"# PE-Audio: mlx-clap vs transformers ({args.device} / {args.torch_device})\n", f"`{after}`\n"]
@@ -369,8 +375,10 @@ def main() -> None:
         md.append("\n" + common.md_table(headers, [[m[k] for k in keys] for m in memory]))
     if bench.skipped:
         md.append("\nnot run: " + "; ".join(bench.skipped) + "\n")
+    if interrupted:
+        md.append("\n**interrupted**: the rows above are what finished.\n")
     name = "pe-audio" + (f"-{args.tag}" if args.tag else "")
-    for path in common.save(name, data, "\n".join(md)):
+    for path in common.save(name, data, "\n".join(md), args.out):
         print(f"wrote {path}")
 
 

@@ -71,6 +71,16 @@ MLX_ENABLE_TF32=1 timeout 75 python3 benchmarks/speed.py --torch-device cuda --t
   --dtypes float32 --batches 1 8 64 --repeats 5 --max-seconds 8 --tag cuda-tf32-frontend --out "$RES"
 MLX_ENABLE_TF32=0 timeout 60 python3 benchmarks/speed.py --torch-device cuda --tf32 off --parts audio text \
   --dtypes float32 --batches 8 64 256 --repeats 10 --max-seconds 8 --tag cuda-fp32 --out "$RES"
+echo "CLAP: $((SECONDS - T0)) s"
+
+# 4. PE-Audio (full size, random weights; building its hub folder takes a minute or two): 10-s, 60-s and
+#    10-min clips, frames, text, and the memory of a streamed 2-hour file, MLX and PyTorch on the GPU.
+#    PE_AUDIO=0 skips it; whatever finished within the timeout is kept.
+if [ "${PE_AUDIO:-1}" = 1 ]; then
+  MLX_ENABLE_TF32=1 timeout "${PE_AUDIO_TIMEOUT:-420}" python3 benchmarks/bench_pe_audio.py --device gpu \
+    --torch-device cuda --clips 10 60 600 --torch-max-seconds 60 --repeats 3 --memory-short-seconds 600 \
+    --memory-seconds 7200 --tag cuda --out "$RES"
+fi
 echo "total: $((SECONDS - T0)) s"
 tar -C "$RES" -czf "$OUT/results.tar.gz" .
 ls -la "$RES"
