@@ -112,6 +112,22 @@ def check_heads(where: str, width: int, heads: int) -> None:
         raise ValueError(f"{where} = {heads} does not divide the width {width}")
 
 
+def check_text_tower(prefix: str, cfg: Any, token_ids: tuple[str, ...] = ()) -> None:
+    """The shape of a BERT-like text tower, in the field names RoBERTa, BERT and ModernBERT share:
+    vocabulary, width, depth, heads that divide the width, FFN width, positions; then the special token
+    ids named in `token_ids`, each inside the vocabulary. ValueError naming the first bad field."""
+    p = prefix + "."
+    vocab = check_int(p + "vocab_size", cfg.vocab_size, 1, MAX_VOCAB)
+    width = check_int(p + "hidden_size", cfg.hidden_size, 1, MAX_WIDTH)
+    check_int(p + "num_hidden_layers", cfg.num_hidden_layers, 1, MAX_DEPTH)
+    heads = check_int(p + "num_attention_heads", cfg.num_attention_heads, 1, width)
+    check_heads(p + "num_attention_heads", width, heads)
+    check_int(p + "intermediate_size", cfg.intermediate_size, 1, 4 * MAX_WIDTH)
+    check_int(p + "max_position_embeddings", cfg.max_position_embeddings, 1, MAX_POSITIONS)
+    for name in token_ids:
+        check_int(p + name, getattr(cfg, name), 0, vocab - 1)
+
+
 @dataclass
 class FeatureConfig(DictSerializable):
     """Mel frontend settings, named as in the hub `preprocessor_config.json` (docs/numerics.md §1.1, §2)."""
@@ -242,22 +258,11 @@ class ClapTextConfig(DictSerializable):
     def validate(self, prefix: str = "text_config") -> None:
         """ValueError naming the first field outside its type or sane bounds."""
         p = prefix + "."
-        vocab = check_int(p + "vocab_size", self.vocab_size, 1, MAX_VOCAB)
-        width = check_int(p + "hidden_size", self.hidden_size, 1, MAX_WIDTH)
-        check_int(p + "num_hidden_layers", self.num_hidden_layers, 1, MAX_DEPTH)
-        check_heads(
-            p + "num_attention_heads",
-            width,
-            check_int(p + "num_attention_heads", self.num_attention_heads, 1, width),
-        )
-        check_int(p + "intermediate_size", self.intermediate_size, 1, 4 * MAX_WIDTH)
-        positions = check_int(p + "max_position_embeddings", self.max_position_embeddings, 1, MAX_POSITIONS)
+        check_text_tower(prefix, self, ("pad_token_id", "bos_token_id", "eos_token_id"))
         check_int(p + "type_vocab_size", self.type_vocab_size, 1, 1024)
         check_float(p + "layer_norm_eps", self.layer_norm_eps, 0.0, 1.0, low_open=True)
         check_int(p + "projection_dim", self.projection_dim, 1, MAX_WIDTH)
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            check_int(p + name, getattr(self, name), 0, vocab - 1)
-        check_int(p + "max_length", self.max_length, 1, positions)
+        check_int(p + "max_length", self.max_length, 1, self.max_position_embeddings)
 
 
 @dataclass

@@ -6,6 +6,7 @@ Fast: tiny configs only (the full-size conversions run in test_htsat_parity.py).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -502,8 +503,11 @@ def test_load_model_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch, cache
     assert "offline" in msg.lower() and "--model clap-htsat-unfused/" in msg and "random-model" in msg
     # The README says the same (the user's door must agree with what the command tells them).
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for step in ("hf download laion/clap-htsat-unfused --local-dir clap-htsat-unfused",
-                 "--model clap-htsat-unfused/", "mlx-clap random-model"):
+    for step in (
+        "hf download laion/clap-htsat-unfused --local-dir clap-htsat-unfused",
+        "--model clap-htsat-unfused/",
+        "mlx-clap random-model",
+    ):
         assert step in readme and step in msg, step
 
 
@@ -544,3 +548,55 @@ def test_load_model_hub_id_from_a_hub_cache_layout(tiny_hub, tmp_path, monkeypat
     again = load_model("laion/tiny-clap")
     assert again.source_dir == model.source_dir
     assert not cache.exists() or not any(cache.iterdir())
+
+
+# ------------------------------------------------------- the steps the Hugging Face converters share
+def _convert_pe_audio_folder(*args, **kwargs):
+    from mlx_clap.convert.pe_audio import convert_pe_audio_folder
+
+    return convert_pe_audio_folder(*args, **kwargs)
+
+
+HF_CONVERTERS = pytest.mark.parametrize(
+    "convert", [convert_hf_folder, _convert_pe_audio_folder], ids=["clap", "pe_audio"]
+)
+
+
+@HF_CONVERTERS
+def test_hf_converters_check_their_source_alike(convert, tmp_path):
+    with pytest.raises(WeightsError, match=re.escape(f"{tmp_path / 'missing'}: not a folder")):
+        convert(tmp_path / "missing", tmp_path / "out")
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "config.json").write_text(json.dumps({"format_version": 1, "feature_config": {}}))
+    (done / "model.safetensors").write_bytes(b"")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # An explicit tokenizer folder is checked first, then whether the source is already converted.
+    with pytest.raises(WeightsError, match=re.escape(f"{empty}: no tokenizer files")):
+        convert(done, tmp_path / "out", tokenizer_dir=empty)
+    with pytest.raises(WeightsError, match=re.escape(f"{done}: this folder is already converted")):
+        convert(done, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_hf_manifest_hashes_config_weights_and_preprocessor(tmp_path):
+    from mlx_clap.convert.hf import hf_manifest
+    from mlx_clap.io.files import sha256_file
+
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_text(name)
+    weights = [tmp_path / "model.safetensors"]
+    manifest = hf_manifest("conv", "conv 1", "org/name", tmp_path, weights, revision="r", architecture="A")
+    assert manifest == {
+        "converter": "conv",
+        "converter_version": "conv 1",
+        "source": "org/name",
+        "source_format": "huggingface",
+        "source_files": {n: sha256_file(tmp_path / n) for n in ("config.json", "model.safetensors")},
+        "revision": "r",
+        "architecture": "A",
+    }
+    (tmp_path / "preprocessor_config.json").write_text("{}")
+    files = hf_manifest("conv", "conv 1", "org/name", tmp_path, weights)["source_files"]
+    assert list(files) == ["config.json", "model.safetensors", "preprocessor_config.json"]

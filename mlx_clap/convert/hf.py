@@ -9,6 +9,7 @@ Torch-free for `model.safetensors` (numpy only); `pytorch_model.bin` needs torch
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,46 @@ def read_hf_weights(folder: Path, trust_pickle: bool = False) -> tuple[dict[str,
     return state, files
 
 
+def open_hf_source(src: str | Path, tokenizer_dir: str | Path | None) -> tuple[Path, Path]:
+    """The checks every Hugging Face converter starts with; returns (source folder, tokenizer folder).
+
+    WeightsError when `src` is not a folder or is already one of our converted folders, or when an
+    explicit `tokenizer_dir` holds no tokenizer files. Without `tokenizer_dir` the source's own files are
+    used (they may be absent: the converted folder then has none, as its manifest says).
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise WeightsError(f"{src}: not a folder")
+    # A folder given explicitly must hold tokenizer files (it would otherwise be ignored, unsaid).
+    tok = require_tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else src
+    problem = already_converted_problem(src)
+    if problem:
+        raise WeightsError(problem)
+    return src, tok
+
+
+def read_hf_mlx_weights(
+    src: Path, to_mlx: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], trust_pickle: bool = False
+) -> tuple[dict[str, np.ndarray], list[Path]]:
+    """The folder's weights mapped by `to_mlx` (a mapping error names the weights file), and their files."""
+    state, files = read_hf_weights(src, trust_pickle=trust_pickle)
+    try:
+        return to_mlx(state), files
+    except WeightsError as exc:
+        raise WeightsError(f"{files[0]}: {exc}") from exc
+
+
+def hf_manifest(
+    converter: str, converter_version: str, source: str, src: Path, weight_files: list[Path], **fields: Any
+) -> dict[str, Any]:
+    """The provenance manifest of a Hugging Face folder: config.json, the weight files and the
+    preprocessor config when present are hashed; `fields` are the converter's own."""
+    sources = [src / "config.json", *weight_files]
+    if (src / "preprocessor_config.json").is_file():
+        sources.append(src / "preprocessor_config.json")
+    return provenance_manifest(converter, converter_version, source, "huggingface", sources, **fields)
+
+
 def convert_hf_folder(
     src: str | Path,
     dest: str | Path,
@@ -81,15 +122,7 @@ def convert_hf_folder(
     vocabulary must fit the model's embedding table. `trust_pickle=True` allows a `pytorch_model.bin`
     that pickles more than tensors (full unpickling can run code: trusted files only).
     """
-    src = Path(src)
-    if not src.is_dir():
-        raise WeightsError(f"{src}: not a folder")
-    # A folder given explicitly must hold tokenizer files (it would otherwise be ignored, unsaid); the
-    # source folder's own may be absent (the converted folder then has none, as its manifest says).
-    tok = require_tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else src
-    problem = already_converted_problem(src)
-    if problem:
-        raise WeightsError(problem)
+    src, tok = open_hf_source(src, tokenizer_dir)
     cfg = _read_json(src / "config.json")
     if cfg is None:
         raise WeightsError(f"{src}: no config.json (not a Hugging Face model folder)")
@@ -97,16 +130,9 @@ def convert_hf_folder(
         config = config_from_hf(cfg, _read_json(src / "preprocessor_config.json"), source_name or str(src))
     except (TypeError, ValueError) as exc:
         raise WeightsError(f"{src / 'config.json'}: {exc}") from exc
-    state, files = read_hf_weights(src, trust_pickle=trust_pickle)
-    try:
-        weights = hf_state_to_mlx(state)
-    except WeightsError as exc:
-        raise WeightsError(f"{files[0]}: {exc}") from exc
-    sources = [src / "config.json", *files]
-    if (src / "preprocessor_config.json").is_file():
-        sources.append(src / "preprocessor_config.json")
-    manifest = provenance_manifest(
-        CONVERTER, CONVERTER_VERSION, source_name or str(src), "huggingface", sources, revision=revision
+    weights, files = read_hf_mlx_weights(src, hf_state_to_mlx, trust_pickle=trust_pickle)
+    manifest = hf_manifest(
+        CONVERTER, CONVERTER_VERSION, source_name or str(src), src, files, revision=revision
     )
     return save_clap_folder(dest, config, weights, manifest, tokenizer_dir=tok)
 

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_clap.convert.common import require_tokenizer_files
-from mlx_clap.convert.hf import read_hf_weights
-from mlx_clap.convert.output import provenance_manifest
-from mlx_clap.io.folder import WeightsError, already_converted_problem, save_converted_arrays
+from mlx_clap.convert.hf import hf_manifest, open_hf_source, read_hf_mlx_weights
+from mlx_clap.io.folder import WeightsError, save_converted_arrays
 from mlx_clap.models.pe_audio.model import PeAudioModel, read_pe_audio_config
 from mlx_clap.version import __version__
 
@@ -72,13 +70,7 @@ def convert_pe_audio_folder(
     WeightsError; a source without one converts without it (the manifest says so). The audio-video and
     video checkpoints are refused with what is supported (`UnsupportedPeCheckpoint`).
     """
-    src = Path(src)
-    if not src.is_dir():
-        raise WeightsError(f"{src}: not a folder")
-    tok = require_tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else src
-    problem = already_converted_problem(src)
-    if problem:
-        raise WeightsError(problem)
+    src, tok = open_hf_source(src, tokenizer_dir)
     config, converted = read_pe_audio_config(src)
     if converted:
         raise WeightsError(
@@ -86,20 +78,13 @@ def convert_pe_audio_folder(
         )
     config.source = source_name or str(src)
     _check_tokenizer(tok, config)
-    state, files = read_hf_weights(src, trust_pickle=trust_pickle)
-    try:
-        weights = sanitized_numpy(state)
-    except WeightsError as exc:
-        raise WeightsError(f"{files[0]}: {exc}") from exc
-    sources = [src / "config.json", *files]
-    if (src / "preprocessor_config.json").is_file():
-        sources.append(src / "preprocessor_config.json")
-    manifest = provenance_manifest(
+    weights, files = read_hf_mlx_weights(src, sanitized_numpy, trust_pickle=trust_pickle)
+    manifest = hf_manifest(
         CONVERTER,
         CONVERTER_VERSION,
         config.source,
-        "huggingface",
-        sources,
+        src,
+        files,
         revision=revision,
         architecture=config.architecture,
         verification=VERIFICATION,

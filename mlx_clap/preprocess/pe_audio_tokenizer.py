@@ -12,7 +12,6 @@ Batches are padded to their longest text with `pad_token_id` and a mask: padding
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,36 +19,17 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from mlx_clap.models.pe_audio.config import ModernBertConfig
-from mlx_clap.preprocess.tokenizer import TOKENIZER_FILE, TokenizerError, _check_texts
+from mlx_clap.preprocess.tokenizer import TOKENIZER_FILE, TextTokenizer, TokenizerError, _check_texts
 
 
-class PeAudioTokenizer:
+class PeAudioTokenizer(TextTokenizer):
     """Text -> (input_ids, attention_mask), both int32 (B, L), `[CLS] ... [SEP]` per text."""
 
+    text_config: ModernBertConfig
+
+    # The config is required here: a default ModernBERT-large would only hide a missing one.
     def __init__(self, tokenizer: Tokenizer, text_config: ModernBertConfig, source: str = ""):
-        self.text_config = text_config
-        self.source = source
-        # Our own truncation and padding decide the layout; ignore any stored in tokenizer.json.
-        tokenizer.no_padding()
-        tokenizer.no_truncation()
-        self._tok = tokenizer
-        self._truncation: int | None = None
-        # Truncation is state on the shared `tokenizers` object: set-and-encode must not interleave.
-        self._lock = threading.Lock()
-        self._validate()
-
-    @classmethod
-    def from_file(cls, path: str | Path, text_config: ModernBertConfig) -> PeAudioTokenizer:
-        path = Path(path)
-        try:
-            tok = Tokenizer.from_file(str(path))
-        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-            raise TokenizerError(f"{path}: cannot read tokenizer ({exc})") from exc
-        return cls(tok, text_config, source=str(path))
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        super().__init__(tokenizer, text_config, source)
 
     @property
     def max_tokens(self) -> int:
@@ -74,20 +54,8 @@ class PeAudioTokenizer:
         items = _check_texts(texts)
         if max_length is not None and not 2 <= max_length <= self.max_tokens:
             raise ValueError(f"max_length must be in [2, {self.max_tokens}], got {max_length}")
-        with self._lock:
-            if max_length != self._truncation:
-                if max_length is None:
-                    self._tok.no_truncation()
-                else:
-                    self._tok.enable_truncation(max_length=max_length)
-                self._truncation = max_length
-            ids = [enc.ids for enc in self._tok.encode_batch(items, add_special_tokens=True)]
-        for i, seq in enumerate(ids):
-            if len(seq) > self.max_tokens:
-                raise ValueError(
-                    f"text item {i} has {len(seq)} tokens, more than the model's {self.max_tokens} "
-                    "positions; pass max_length to truncate"
-                )
+        ids = self._encode_batch(items, max_length)
+        self._check_positions(ids, "pass max_length to truncate")
         return ids
 
     def __call__(
@@ -95,16 +63,7 @@ class PeAudioTokenizer:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask), int32 (B, L), padded to the batch's longest text."""
         seqs = self.encode(texts, max_length=max_length)
-        length = max((len(s) for s in seqs), default=0)
-        input_ids = np.full((len(seqs), length), self.text_config.pad_token_id, dtype=np.int32)
-        attention_mask = np.zeros((len(seqs), length), dtype=np.int32)
-        for row, seq in enumerate(seqs):
-            input_ids[row, : len(seq)] = seq
-            attention_mask[row, : len(seq)] = 1
-        return input_ids, attention_mask
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return self._pad(seqs, max((len(s) for s in seqs), default=0))
 
 
 def load_pe_audio_tokenizer(folder: str | Path, text_config: ModernBertConfig) -> PeAudioTokenizer | None:

@@ -9,6 +9,9 @@ Built from a hub `tokenizer.json`, or from `vocab.json` + `merges.txt` set up as
 
 Padding is masked in the model, so padding a batch to its own longest sequence (the default here)
 gives the same embeddings as padding to 77, at a fraction of the cost for short texts.
+
+`TextTokenizer` is the part every text tower's tokenizer shares (PE-Audio's `PeAudioTokenizer` too); each
+subclass keeps its own checks and truncation policy.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
@@ -52,15 +56,19 @@ def _check_texts(texts: Sequence[str] | str) -> list[str]:
     return items
 
 
-class ClapTokenizer:
-    """Text -> (input_ids, attention_mask) as int32 numpy arrays, RoBERTa style.
+_Tokenizer = TypeVar("_Tokenizer", bound="TextTokenizer")
 
-    `text_config` gives the special ids, the vocabulary size the model's embedding table has, the LAION
-    length (77) and the position limit; the tokenizer is checked against it on construction.
+
+class TextTokenizer:
+    """What every text tower's tokenizer here shares: the `tokenizers` object, truncation set per encode
+    under a lock, `from_file`, padding to (B, L) int32 ids and mask, `decode`.
+
+    A subclass owns its policy: `_validate` (checked on construction), `max_tokens` and `encode`, which
+    calls `_encode_batch` and `_check_positions`.
     """
 
-    def __init__(self, tokenizer: Tokenizer, text_config: ClapTextConfig | None = None, source: str = ""):
-        self.text_config = text_config or ClapTextConfig()
+    def __init__(self, tokenizer: Tokenizer, text_config: Any, source: str = ""):
+        self.text_config = text_config
         self.source = source
         # Our own truncation and padding decide the layout; ignore any stored in tokenizer.json.
         tokenizer.no_padding()
@@ -71,9 +79,8 @@ class ClapTokenizer:
         self._lock = threading.Lock()
         self._validate()
 
-    # ------------------------------------------------------------------------------------- building
     @classmethod
-    def from_file(cls, path: str | Path, text_config: ClapTextConfig | None = None) -> ClapTokenizer:
+    def from_file(cls: type[_Tokenizer], path: str | Path, text_config: Any = None) -> _Tokenizer:
         """From a `tokenizer.json` (the hub's fast-tokenizer file)."""
         path = Path(path)
         try:
@@ -82,6 +89,65 @@ class ClapTokenizer:
             raise TokenizerError(f"{path}: cannot read tokenizer ({exc})") from exc
         return cls(tok, text_config, source=str(path))
 
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def max_tokens(self) -> int:
+        """Longest sequence (specials included) the model's position table allows."""
+        raise NotImplementedError
+
+    def _validate(self) -> None:
+        raise NotImplementedError
+
+    def _encode_batch(self, items: list[str], max_length: int | None) -> list[list[int]]:
+        """Id lists with the special tokens, truncated to `max_length` (specials counted) when given."""
+        with self._lock:
+            if max_length != self._truncation:
+                if max_length is None:
+                    self._tok.no_truncation()
+                else:
+                    # Counts the special tokens: `max_length` is the total, as transformers' max_length.
+                    self._tok.enable_truncation(max_length=max_length)
+                self._truncation = max_length
+            encodings = self._tok.encode_batch(items, add_special_tokens=True)
+        return [enc.ids for enc in encodings]
+
+    def _check_positions(self, ids: list[list[int]], hint: str) -> None:
+        """ValueError naming the first text longer than the model's positions; `hint` says what to do."""
+        for i, seq in enumerate(ids):
+            if len(seq) > self.max_tokens:
+                raise ValueError(
+                    f"text item {i} has {len(seq)} tokens, more than the model's {self.max_tokens} "
+                    f"positions; {hint}"
+                )
+
+    def _pad(self, seqs: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask), int32 (B, length): `pad_token_id` after each text, mask 0 there."""
+        input_ids = np.full((len(seqs), length), self.text_config.pad_token_id, dtype=np.int32)
+        attention_mask = np.zeros((len(seqs), length), dtype=np.int32)
+        for row, seq in enumerate(seqs):
+            input_ids[row, : len(seq)] = seq
+            attention_mask[row, : len(seq)] = 1
+        return input_ids, attention_mask
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Ids back to text (for debugging and messages)."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
+class ClapTokenizer(TextTokenizer):
+    """Text -> (input_ids, attention_mask) as int32 numpy arrays, RoBERTa style.
+
+    `text_config` gives the special ids, the vocabulary size the model's embedding table has, the LAION
+    length (77) and the position limit; the tokenizer is checked against it on construction.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, text_config: ClapTextConfig | None = None, source: str = ""):
+        super().__init__(tokenizer, text_config or ClapTextConfig(), source)
+
+    # ------------------------------------------------------------------------------------- building
     @classmethod
     def from_vocab_merges(
         cls, vocab: str | Path, merges: str | Path, text_config: ClapTextConfig | None = None
@@ -113,10 +179,6 @@ class ClapTokenizer:
         return cls(tok, cfg, source=str(Path(vocab).parent))
 
     # ----------------------------------------------------------------------------------- properties
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
-
     @property
     def max_tokens(self) -> int:
         """Longest sequence (specials included) the model's position table allows (514 - 2 = 512)."""
@@ -152,16 +214,6 @@ class ClapTokenizer:
         return len(probe) >= 3 and probe[0] == cfg.bos_token_id and probe[-1] == cfg.eos_token_id
 
     # --------------------------------------------------------------------------------------- encoding
-    def _set_truncation(self, length: int | None) -> None:
-        if length == self._truncation:
-            return
-        if length is None:
-            self._tok.no_truncation()
-        else:
-            # Counts the special tokens: `length` is the total, as transformers' max_length.
-            self._tok.enable_truncation(max_length=length)
-        self._truncation = length
-
     def encode(
         self, texts: Sequence[str] | str, max_length: int | None = None, policy: str = "laion"
     ) -> list[list[int]]:
@@ -176,16 +228,8 @@ class ClapTokenizer:
                 raise ValueError(f"max_length {max_length} leaves no room for <s> and </s>")
             if max_length > self.max_tokens:
                 raise ValueError(f"max_length {max_length} exceeds the model's {self.max_tokens} positions")
-        with self._lock:
-            self._set_truncation(max_length)
-            encodings = self._tok.encode_batch(items, add_special_tokens=True)
-        ids = [enc.ids for enc in encodings]
-        for i, seq in enumerate(ids):
-            if len(seq) > self.max_tokens:
-                raise ValueError(
-                    f"text item {i} has {len(seq)} tokens, more than the model's {self.max_tokens} "
-                    "positions; use policy='laion' (truncates to 77) or pass max_length"
-                )
+        ids = self._encode_batch(items, max_length)
+        self._check_positions(ids, "use policy='laion' (truncates to 77) or pass max_length")
         return ids
 
     def __call__(
@@ -209,16 +253,7 @@ class ClapTokenizer:
         if padding == "max_length":
             target = max_length if max_length is not None else self.text_config.max_length
             length = max(length, target)
-        input_ids = np.full((len(seqs), length), self.text_config.pad_token_id, dtype=np.int32)
-        attention_mask = np.zeros((len(seqs), length), dtype=np.int32)
-        for row, seq in enumerate(seqs):
-            input_ids[row, : len(seq)] = seq
-            attention_mask[row, : len(seq)] = 1
-        return input_ids, attention_mask
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Ids back to text (for debugging and messages)."""
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return self._pad(seqs, length)
 
 
 def has_tokenizer_files(folder: str | Path) -> bool:

@@ -26,6 +26,7 @@ from mlx_clap.config import (
     check_heads,
     check_int,
     check_int_list,
+    check_text_tower,
 )
 
 VERSIONS = ("2022", "2023")
@@ -194,20 +195,9 @@ class MsClapConfig(DictSerializable):
         if g.n_inner is not None:
             check_int("gpt2.n_inner", g.n_inner, 1, 4 * MAX_WIDTH)
         check_float("gpt2.layer_norm_epsilon", g.layer_norm_epsilon, 0.0, 1.0, low_open=True)
-        b = self.bert
-        check_int("bert.vocab_size", b.vocab_size, 1, MAX_VOCAB)
-        check_int("bert.hidden_size", b.hidden_size, 1, MAX_WIDTH)
-        check_int("bert.num_hidden_layers", b.num_hidden_layers, 1, MAX_DEPTH)
-        check_heads(
-            "bert.num_attention_heads",
-            b.hidden_size,
-            check_int("bert.num_attention_heads", b.num_attention_heads, 1, b.hidden_size),
-        )
-        check_int("bert.intermediate_size", b.intermediate_size, 1, 4 * MAX_WIDTH)
-        check_int("bert.max_position_embeddings", b.max_position_embeddings, 1, MAX_POSITIONS)
-        check_int("bert.type_vocab_size", b.type_vocab_size, 1, 1024)
-        check_int("bert.pad_token_id", b.pad_token_id, 0, b.vocab_size - 1)
-        check_float("bert.layer_norm_eps", b.layer_norm_eps, 0.0, 1.0, low_open=True)
+        check_text_tower("bert", self.bert, ("pad_token_id",))
+        check_int("bert.type_vocab_size", self.bert.type_vocab_size, 1, 1024)
+        check_float("bert.layer_norm_eps", self.bert.layer_norm_eps, 0.0, 1.0, low_open=True)
         check_int_list("cnn14.channels", self.cnn14.channels, 1, MAX_WIDTH, (1, 16))
         check_int("cnn14.out_emb", self.cnn14.out_emb, 1, MAX_WIDTH)
         check_int("cnn14.mel_bins", self.cnn14.mel_bins, 1, 1024)

@@ -21,7 +21,6 @@ from mlx_clap.config import (
     MAX_DEPTH,
     MAX_POSITIONS,
     MAX_RATE,
-    MAX_VOCAB,
     MAX_WIDTH,
     MIN_RATE,
     DictSerializable,
@@ -31,6 +30,7 @@ from mlx_clap.config import (
     check_heads,
     check_int,
     check_int_list,
+    check_text_tower,
 )
 
 FAMILY = "pe_audio"
@@ -175,16 +175,11 @@ class ModernBertConfig(DictSerializable):
 
     def validate(self, prefix: str = "text_config") -> None:
         p = prefix + "."
-        vocab = check_int(p + "vocab_size", self.vocab_size, 1, MAX_VOCAB)
-        width = check_int(p + "hidden_size", self.hidden_size, 1, MAX_WIDTH)
-        check_int(p + "intermediate_size", self.intermediate_size, 1, 4 * MAX_WIDTH)
-        layers = check_int(p + "num_hidden_layers", self.num_hidden_layers, 1, MAX_DEPTH)
-        heads = check_int(p + "num_attention_heads", self.num_attention_heads, 1, width)
-        check_heads(p + "num_attention_heads", width, heads)
-        if (width // heads) % 2:
-            raise ValueError(f"{p}head width {width // heads} must be even (rotary embeddings rotate pairs)")
+        check_text_tower(prefix, self, ("pad_token_id", "cls_token_id", "sep_token_id"))
+        layers = self.num_hidden_layers
+        if self.head_dim % 2:
+            raise ValueError(f"{p}head width {self.head_dim} must be even (rotary embeddings rotate pairs)")
         check_choice(p + "hidden_activation", self.hidden_activation, ACTIVATIONS)
-        check_int(p + "max_position_embeddings", self.max_position_embeddings, 1, MAX_POSITIONS)
         check_float(p + "norm_eps", self.norm_eps, 0.0, 1.0, low_open=True)
         for name in ("norm_bias", "attention_bias", "mlp_bias"):
             check_bool(p + name, getattr(self, name))
@@ -195,8 +190,6 @@ class ModernBertConfig(DictSerializable):
         check_int(p + "local_attention", self.local_attention, 2, MAX_POSITIONS)
         check_float(p + "global_rope_theta", self.global_rope_theta, 1.0, 1e9)
         check_float(p + "local_rope_theta", self.local_rope_theta, 1.0, 1e9)
-        for name in ("pad_token_id", "cls_token_id", "sep_token_id"):
-            check_int(p + name, getattr(self, name), 0, vocab - 1)
 
 
 @dataclass
