@@ -25,8 +25,8 @@ from mlx_clap.convert.msclap import (
     write_tokenizer_json,
 )
 from mlx_clap.dsp import periodic_hann
-from mlx_clap.models.msclap.model import MsClapModel
 from mlx_clap.io.folder import WeightsError
+from mlx_clap.models.msclap.model import MsClapModel
 
 # HF -> LAION names inside HTSAT (the inverse of the converter's renames), most specific first.
 HF_TO_LAION = (
@@ -174,6 +174,7 @@ def test_other_stft_kernels_are_refused():
 
 def test_bad_checkpoint_files(tmp_path):
     import torch
+
     path = tmp_path / "x.pth"
     torch.save({"state_dict": {}}, path)
     with pytest.raises(WeightsError, match="'model'"):
