@@ -326,6 +326,72 @@ def test_codec_tiles_run_side_by_side(pooled, monkeypatch):
     np.testing.assert_allclose(batch, single, atol=1e-6)
 
 
+def test_short_clip_codec_splits_across_workers(pooled, monkeypatch):
+    """A clip of one codec tile (3 s) is cut into one tile per worker (with halos) when the tiles run side
+    by side, so every core works: the frames of the one pass within float rounding (measured here: max |Δ|
+    7e-7 on values up to 1.2, the products' rounding for other lengths); without workers it stays one call."""
+    from mlx_clap import settings
+    from mlx_clap.ops import parallel
+    from mlx_clap.ops.device import cpu_fast_paths
+
+    if not cpu_fast_paths():
+        pytest.skip("the parallel CPU paths are off here (MLX_CLAP_CPU_OPTIMIZATIONS=off or not the CPU)")
+    embedder = pooled.model.audio_encoder.embedder
+    hop = pooled.config.hop_length
+    wave = mx.array(make_signal(SR * 3, 8)[None])  # 75 frames: one tile of TILE_FRAMES
+    blocks: list[list[tuple]] = []
+    real = parallel.map_blocks
+
+    def spy(fn, items):
+        blocks.append(list(items))
+        return real(fn, items)
+
+    monkeypatch.setattr(parallel, "map_blocks", spy)
+    try:
+        monkeypatch.setenv("MLX_CLAP_CPU_THREADS", "2")
+        settings.reset()
+        side = np.array(embedder.codec(wave, None))
+        monkeypatch.setenv("MLX_CLAP_CPU_THREADS", "1")
+        settings.reset()
+        alone = np.array(embedder.codec(wave, None))
+    finally:
+        settings.reset()
+    halo = embedder.halo
+    assert blocks == [[(0, 0, 38 + halo, 0, 38), (0, 38 - halo, 75, 38, 75)]]
+    whole = np.array(embedder.bottleneck(embedder.dac_encoder(wave[..., None])))
+    assert side.shape == alone.shape == whole.shape == (1, SR * 3 // hop, whole.shape[-1])
+    np.testing.assert_array_equal(alone, whole)  # one worker: one codec call, as before
+    assert rel_l2(side, whole) <= 1e-6
+    assert np.abs(side - whole).max() <= 1e-5 * np.abs(whole).max()
+
+
+def test_conv_weights_arranged_per_tap(pooled):
+    """Loading lays every convolution's weight out per tap (dac.Conv1d.arrange) without changing the
+    parameters anyone sees; a weight loaded later replaces it (the stale layout is not used)."""
+    from mlx.utils import tree_flatten
+
+    from mlx_clap.models.pe_audio.dac import Conv1d
+
+    model = pooled.model
+    convs = [m for _, m in model.named_modules() if isinstance(m, Conv1d)]
+    assert convs and all(c.get("_arranged") is not None and c._arranged[0] is c.weight for c in convs)
+    shapes = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    assert shapes == PeAudioModel.parameter_shapes(pooled.config)
+    conv = model.audio_encoder.embedder.dac_encoder.block[-1].conv1  # strided
+    assert conv.stride > 1
+    x = mx.random.normal((1, 8 * conv.stride, conv.weight.shape[2]), key=mx.random.key(0))
+    arranged = conv(x)
+    w = conv.weight
+    conv.weight = mx.array(np.array(w))  # a fresh (out, K, in) array: the strided-view path
+    try:
+        np.testing.assert_array_equal(np.array(conv(x)), np.array(arranged))
+        conv.load_weights([("weight", 2 * w)], strict=False)
+        np.testing.assert_allclose(np.array(conv(x)), 2 * np.array(arranged) - np.array(conv.bias), atol=1e-5)
+    finally:
+        conv.weight = w
+    np.testing.assert_array_equal(np.array(conv(x)), np.array(arranged))
+
+
 def test_pooled_model_gives_no_frames(pooled):
     with pytest.raises(ValueError, match="PeAudioFrameLevelModel"):
         pooled.embed_frames(clips(pooled)[0])

@@ -84,17 +84,22 @@ def conv1d(
     stride: int = 1,
     padding: int = 0,
     dilation: int = 1,
+    taps: mx.array | None = None,
 ) -> mx.array:
     """torch's Conv1d (zero padding) on channels-last x (B, L, in) with weight (out, K, in).
 
     Stride 1: one accumulated product per tap (`addmm` over shifted views), no im2col copy (7x the
     input for k7), so memory stays at input + output. Stride s with K = m * s: the input cut into frames
     of s samples, m products. Tiny inputs (K * in <= 64, the first layer) go through `mx.conv1d`.
+    `taps`: the same weight laid out (K, in, out), row-contiguous (`Conv1d.arrange`), so that each
+    product takes a contiguous matrix; without it the products copy strided slices of `weight` per call.
     """
     B, L, cin = x.shape
     cout, K, _ = weight.shape
+    if taps is None:
+        taps = weight.transpose(1, 2, 0)  # a view: the products copy what they need, as before
     if K == 1 and stride == 1 and padding == 0:
-        y = x @ weight[:, 0].T
+        y = x @ taps[0]
     elif K * cin <= 64 and dilation == 1:
         y = mx.conv1d(x, weight, stride=stride, padding=padding)
     elif stride == 1:
@@ -103,8 +108,7 @@ def conv1d(
         y = None
         for k in range(K):
             tap = xp[:, k * dilation : k * dilation + n_out]
-            wk = weight[:, k].T
-            y = tap @ wk if y is None else mx.addmm(y, tap, wk)
+            y = tap @ taps[k] if y is None else mx.addmm(y, tap, taps[k])
     elif K % stride == 0 and dilation == 1:
         m = K // stride
         n_out = (L + 2 * padding - K) // stride + 1
@@ -112,19 +116,24 @@ def conv1d(
         right = max(0, need - (L + padding))
         xp = mx.pad(x, [(0, 0), (padding, right), (0, 0)])[:, :need]
         frames = xp.reshape(B, n_out + m - 1, stride * cin)
-        w = weight.reshape(cout, m, stride * cin)
+        w = taps.reshape(m, stride * cin, cout)  # tap j: rows (sample in frame, channel) of frame j
         y = None
         for j in range(m):
             tap = frames[:, j : j + n_out]
-            wj = w[:, j].T
-            y = tap @ wj if y is None else mx.addmm(y, tap, wj)
+            y = tap @ w[j] if y is None else mx.addmm(y, tap, w[j])
     else:
         y = mx.conv1d(x, weight, stride=stride, padding=padding, dilation=dilation)
     return y if bias is None else y + bias
 
 
 class Conv1d(nn.Module):
-    """A torch-layout Conv1d's parameters (weight stored (out, K, in)) and its call through `conv1d`."""
+    """A torch-layout Conv1d's parameters (weight stored (out, K, in)) and its call through `conv1d`.
+
+    `arrange()` (done at load) keeps the weight's memory in per-tap order (K, in, out): `weight` is then a
+    transposed view of it, the same parameter (name, shape, values) to `parameters()`, saving and
+    conversion, while the products read contiguous matrices. Without it, block 3's strided convolution
+    (50 MB) copied its weight into that order on every call (0.25 -> 0.09 s, docs/performance.md).
+    """
 
     def __init__(
         self,
@@ -142,8 +151,19 @@ class Conv1d(nn.Module):
             self.bias = mx.zeros((cout,))
         self.stride, self.padding, self.dilation = stride, padding, dilation
 
+    def arrange(self) -> mx.array:
+        """Lay the weight out per tap (see the class docstring); returns the arranged array, unevaluated."""
+        taps = mx.contiguous(self.weight.transpose(1, 2, 0))
+        self.weight = taps.transpose(2, 0, 1)
+        # Private (a leading "_" keeps it out of `parameters()`), and tied to this weight array: a weight
+        # loaded or cast later is not this object, and the call falls back to the strided views.
+        self._arranged = (self.weight, taps)
+        return taps
+
     def __call__(self, x: mx.array) -> mx.array:
-        return conv1d(x, self.weight, self.get("bias"), self.stride, self.padding, self.dilation)
+        arranged = self.get("_arranged")
+        taps = arranged[1] if arranged is not None and arranged[0] is self.weight else None
+        return conv1d(x, self.weight, self.get("bias"), self.stride, self.padding, self.dilation, taps)
 
 
 class Snake1d(nn.Module):
@@ -211,6 +231,12 @@ class PeAudioDacEncoder(nn.Module):
         return x
 
 
+def arrange_convs(module: nn.Module) -> None:
+    """`Conv1d.arrange` every convolution under `module` and evaluate them (call after loading weights)."""
+    convs = [m for _, m in module.named_modules() if isinstance(m, Conv1d)]
+    mx.eval([c.arrange() for c in convs], [c.weight for c in convs])
+
+
 def receptive_halo(config: DacEncoderConfig) -> int:
     """Frames on each side of a codec frame whose samples can change it (its receptive field), rounded up.
 
@@ -230,4 +256,4 @@ def receptive_halo(config: DacEncoderConfig) -> int:
     return math.ceil(max(-a, b - (hop - 1)) / hop)
 
 
-__all__ = ["Conv1d", "PeAudioDacEncoder", "Snake1d", "conv1d", "receptive_halo", "snake"]
+__all__ = ["Conv1d", "PeAudioDacEncoder", "Snake1d", "arrange_convs", "conv1d", "receptive_halo", "snake"]

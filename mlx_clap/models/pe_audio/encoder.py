@@ -107,16 +107,18 @@ class PeAudioEncoderEmbedder(nn.Module):
         B, N = input_values.shape
         n_frames = N // hop
         valid = [n_frames] * B if lengths is None else (np.array(lengths) // hop).tolist()
+        split = capture is None and parallel.can_split()
         # (row, first frame, end frame, first kept frame, end kept frame) of each codec call.
         pieces: list[tuple[int, int, int, int, int]] = []
-        for b, frames in enumerate(valid):
-            if frames <= TILE_FRAMES + 2 * self.halo:
+        for b, (frames, n) in enumerate(zip(valid, self._tile_counts(valid, split), strict=True)):
+            if n == 1:
                 pieces.append((b, 0, frames, 0, frames))
                 continue
-            for f0 in range(0, frames, TILE_FRAMES):
-                f1 = min(frames, f0 + TILE_FRAMES)
+            size = -(-frames // n)  # tiles of equal length (the last shorter), not a short remainder
+            for f0 in range(0, frames, size):
+                f1 = min(frames, f0 + size)
                 pieces.append((b, max(0, f0 - self.halo), min(frames, f1 + self.halo), f0, f1))
-        if capture is None and len(pieces) > 1 and parallel.can_split():
+        if split and len(pieces) > 1:
             outs = self._codec_parallel(input_values, pieces)
         else:
             outs = []
@@ -136,6 +138,20 @@ class PeAudioEncoderEmbedder(nn.Module):
             parts = [out for piece, out in zip(pieces, outs, strict=True) if piece[0] == b]
             rows.append(_pad_frames(parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1), n_frames))
         return rows[0] if B == 1 else mx.concatenate(rows)
+
+    def _tile_counts(self, valid: list[int], split: bool) -> list[int]:
+        """Codec calls per row: one up to `TILE_FRAMES` (and its halos), else tiles of at most that many.
+
+        When the calls run side by side (`split`) and there are fewer than workers, the rows are cut
+        further so that every worker has one (a 3-s clip: two tiles, 2 x 12 frames of halo on 75, on two
+        cores), down to tiles of `2 * halo` frames, below which the halos would more than double the work.
+        """
+        counts = [1 if f <= TILE_FRAMES + 2 * self.halo else -(-f // TILE_FRAMES) for f in valid]
+        workers = parallel.worker_count() if split else 1
+        if sum(counts) >= workers:
+            return counts
+        want = -(-workers // len(valid))
+        return [max(c, min(want, f // max(1, 2 * self.halo))) for c, f in zip(counts, valid, strict=True)]
 
     def _codec_parallel(
         self, input_values: mx.array, pieces: list[tuple[int, int, int, int, int]]

@@ -35,6 +35,7 @@ from mlx_clap.models.pe_audio.config import (
     UnsupportedCheckpoint,
     config_from_hf,
 )
+from mlx_clap.models.pe_audio.dac import arrange_convs
 from mlx_clap.models.pe_audio.encoder import PeAudioEncoder, PeAudioEncoderOutput
 from mlx_clap.models.pe_audio.modernbert import ModernBertModel
 
@@ -232,6 +233,7 @@ class PeAudioModel(nn.Module):
             arrays.append((key, arr if arr.dtype == want else arr.astype(want)))
         model.load_weights(arrays, strict=True)
         model.eval()
+        arrange_convs(model)  # per-tap weight layout for the convolutions' products (dac.Conv1d)
         return model
 
 
