@@ -285,79 +285,74 @@ def test_codec_tiles_equal_one_pass(pooled):
     assert rel_l2(np.array(short), np.array(whole)) > 1e-4
 
 
-def test_codec_tiles_run_side_by_side(pooled, monkeypatch):
-    """On a multi-core CPU a long clip's codec tiles run on the worker threads (one codec call uses one
-    core), with the numbers of one thread; inside a worker's block (a batch cut into blocks) they run in
-    place."""
+@pytest.fixture
+def worker_blocks(monkeypatch):
+    """The items of every `parallel.map_blocks` call (recorded, then run) on a CPU with worker threads;
+    skips where the parallel CPU paths are off (the Metal/CUDA code path)."""
     from mlx_clap import settings
-    from mlx_clap.models.pe_audio.encoder import TILE_FRAMES
     from mlx_clap.ops import parallel
     from mlx_clap.ops.device import cpu_fast_paths
 
     if not cpu_fast_paths():
         pytest.skip("the parallel CPU paths are off here (MLX_CLAP_CPU_OPTIMIZATIONS=off or not the CPU)")
+    calls: list[list] = []
+    real = parallel.map_blocks
+
+    def spy(fn, items):
+        calls.append(list(items))
+        return real(fn, items)
+
+    monkeypatch.setattr(parallel, "map_blocks", spy)
+    yield calls
+    settings.reset()
+
+
+def with_threads(monkeypatch, n: int) -> None:
+    """Run what follows with `n` CPU worker threads (settings re-read)."""
+    from mlx_clap import settings
+
+    monkeypatch.setenv("MLX_CLAP_CPU_THREADS", str(n))
+    settings.reset()
+
+
+def test_codec_tiles_run_side_by_side(pooled, monkeypatch, worker_blocks):
+    """On a multi-core CPU a long clip's codec tiles run on the worker threads (one codec call uses one
+    core), with the numbers of one thread; inside a worker's block (a batch cut into blocks) they run in
+    place."""
+    from mlx_clap.models.pe_audio.encoder import TILE_FRAMES
+
     embedder = pooled.model.audio_encoder.embedder
     hop = pooled.config.hop_length
     frames = 2 * TILE_FRAMES + 2 * embedder.halo + 5  # three tiles
     wave = make_signal(frames * hop, 7)
-    blocks: list[int] = []
-    real = parallel.map_blocks
-
-    def spy(fn, items):
-        blocks.append(len(items))
-        return real(fn, items)
-
-    monkeypatch.setattr(parallel, "map_blocks", spy)
-    try:
-        monkeypatch.setenv("MLX_CLAP_CPU_THREADS", "2")
-        settings.reset()
-        side = np.array(embedder.codec(mx.array(wave[None]), None))
-        assert blocks == [3]
-        # Three such clips: blocks of two clips on the workers, each clip's tiles in place (no deadlock).
-        batch = pooled.embed_audio([wave, wave[::-1].copy(), wave * 0.5], long_audio="reference")
-        monkeypatch.setenv("MLX_CLAP_CPU_THREADS", "1")
-        settings.reset()
-        alone = np.array(embedder.codec(mx.array(wave[None]), None))
-        single = pooled.embed_audio([wave, wave[::-1].copy(), wave * 0.5], long_audio="reference")
-    finally:
-        settings.reset()
-    assert blocks == [3, 2]  # the codec's tiles, then the batch's two blocks (2 + 1 clips)
+    clips = [wave, wave[::-1].copy(), wave * 0.5]
+    with_threads(monkeypatch, 2)
+    side = np.array(embedder.codec(mx.array(wave[None]), None))
+    assert [len(b) for b in worker_blocks] == [3]
+    # Three such clips: blocks of two clips on the workers, each clip's tiles in place (no deadlock).
+    batch = pooled.embed_audio(clips, long_audio="reference")
+    with_threads(monkeypatch, 1)
+    alone = np.array(embedder.codec(mx.array(wave[None]), None))
+    single = pooled.embed_audio(clips, long_audio="reference")
+    # The codec's tiles, then the batch's two blocks (2 + 1 clips).
+    assert [len(b) for b in worker_blocks] == [3, 2]
     assert rel_l2(side, alone) <= 1e-6
     np.testing.assert_allclose(batch, single, atol=1e-6)
 
 
-def test_short_clip_codec_splits_across_workers(pooled, monkeypatch):
+def test_short_clip_codec_splits_across_workers(pooled, monkeypatch, worker_blocks):
     """A clip of one codec tile (3 s) is cut into one tile per worker (with halos) when the tiles run side
     by side, so every core works: the frames of the one pass within float rounding (measured here: max |Δ|
     7e-7 on values up to 1.2, the products' rounding for other lengths); without workers it stays one call."""
-    from mlx_clap import settings
-    from mlx_clap.ops import parallel
-    from mlx_clap.ops.device import cpu_fast_paths
-
-    if not cpu_fast_paths():
-        pytest.skip("the parallel CPU paths are off here (MLX_CLAP_CPU_OPTIMIZATIONS=off or not the CPU)")
     embedder = pooled.model.audio_encoder.embedder
     hop = pooled.config.hop_length
     wave = mx.array(make_signal(SR * 3, 8)[None])  # 75 frames: one tile of TILE_FRAMES
-    blocks: list[list[tuple]] = []
-    real = parallel.map_blocks
-
-    def spy(fn, items):
-        blocks.append(list(items))
-        return real(fn, items)
-
-    monkeypatch.setattr(parallel, "map_blocks", spy)
-    try:
-        monkeypatch.setenv("MLX_CLAP_CPU_THREADS", "2")
-        settings.reset()
-        side = np.array(embedder.codec(wave, None))
-        monkeypatch.setenv("MLX_CLAP_CPU_THREADS", "1")
-        settings.reset()
-        alone = np.array(embedder.codec(wave, None))
-    finally:
-        settings.reset()
+    with_threads(monkeypatch, 2)
+    side = np.array(embedder.codec(wave, None))
+    with_threads(monkeypatch, 1)
+    alone = np.array(embedder.codec(wave, None))
     halo = embedder.halo
-    assert blocks == [[(0, 0, 38 + halo, 0, 38), (0, 38 - halo, 75, 38, 75)]]
+    assert worker_blocks == [[(0, 0, 38 + halo, 0, 38), (0, 38 - halo, 75, 38, 75)]]
     whole = np.array(embedder.bottleneck(embedder.dac_encoder(wave[..., None])))
     assert side.shape == alone.shape == whole.shape == (1, SR * 3 // hop, whole.shape[-1])
     np.testing.assert_array_equal(alone, whole)  # one worker: one codec call, as before
