@@ -84,7 +84,8 @@ class PeAudioEncoderEmbedder(nn.Module):
     neighbouring samples on both sides and cut back: every frame sees all the samples it depends on,
     so the tiles give the frames of one pass (up to float rounding) while the codec's activations (about
     0.1 GB per second of audio, from the 64-channel full-rate first stage) stay those of one tile (one
-    per CPU worker: the tiles run side by side there, see `_codec_parallel`).
+    per CPU worker: the tiles run side by side there, see `_codec_parallel`; a clip with fewer tiles than
+    workers is cut into one per worker, see `_tile_counts`).
     """
 
     def __init__(self, config: PeAudioEncoderConfig):
