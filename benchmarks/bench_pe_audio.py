@@ -250,6 +250,8 @@ class Bench:
                     str(seconds),
                     "--device",
                     self.args.device,
+                    "--memory-batch-size",
+                    str(self.args.memory_batch_size),
                     *(["--tiny"] if self.args.tiny else []),
                 ]
                 t0 = time.perf_counter()
@@ -264,7 +266,7 @@ class Bench:
                 self.memory_rows.append(row)
 
 
-def child_memory(what: str, seconds: float, tiny: bool) -> None:
+def child_memory(what: str, seconds: float, tiny: bool, batch_size: int) -> None:
     """Embed a streamed FLAC of `seconds` (written block by block) and print the peaks as JSON."""
     import tempfile
 
@@ -284,10 +286,10 @@ def child_memory(what: str, seconds: float, tiny: bool) -> None:
         mx.reset_peak_memory()
         t0 = time.perf_counter()
         if what == "embed_audio":
-            result = model.embed_audio(path)
+            result = model.embed_audio(path, batch_size=batch_size)
             shape = list(result.shape)
         else:
-            result = model.family.embed_segments(path, hop_seconds=2.0)
+            result = model.family.embed_segments(path, hop_seconds=2.0, batch_size=batch_size)
             shape = list(result.vectors.shape)
         elapsed = time.perf_counter() - t0
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -297,6 +299,7 @@ def child_memory(what: str, seconds: float, tiny: bool) -> None:
             {
                 "what": what,
                 "audio_s": seconds,
+                "batch_size": batch_size,
                 "embed_s": elapsed,
                 "shape": shape,
                 "peak_rss_mib": kb / 1024 if sys.platform != "darwin" else kb / 2**20,
@@ -320,6 +323,12 @@ def main() -> None:
     p.add_argument("--memory-seconds", type=float, default=7200.0, help="the long file of the memory part")
     p.add_argument("--memory-short-seconds", type=float, default=60.0, help="the file it is compared with")
     p.add_argument("--memory-what", nargs="+", default=["embed_audio", "embed_segments"])
+    p.add_argument(
+        "--memory-batch-size",
+        type=int,
+        default=8,
+        help="windows (or frame chunks) per model call: 8 is the default",
+    )
     p.add_argument("--quick", action="store_true", help="10-s and 60-s clips, one repeat, no memory part")
     p.add_argument("--tag", default="")
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
@@ -330,7 +339,7 @@ def main() -> None:
     args = p.parse_args()
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     if args.child_memory:
-        child_memory(args.child_memory[0], float(args.child_memory[1]), args.tiny)
+        child_memory(args.child_memory[0], float(args.child_memory[1]), args.tiny, args.memory_batch_size)
         return
     if args.quick:
         args.clips, args.repeats = [10.0, 60.0], 1
@@ -370,8 +379,8 @@ def main() -> None:
     timings = [[r["name"], r["clip_s"], r["median_s"], r["n"]] for r in bench.rows]
     md.append(common.md_table(["what", "clip s", "median s", "timed"], timings))
     if memory:
-        headers = ["what", "audio s", "embed s", "peak RSS MiB", "MLX peak MiB", "weights MiB"]
-        keys = ["what", "audio_s", "embed_s", "peak_rss_mib", "mlx_peak_mib", "weights_mib"]
+        headers = ["what", "audio s", "batch", "embed s", "peak RSS MiB", "MLX peak MiB", "weights MiB"]
+        keys = ["what", "audio_s", "batch_size", "embed_s", "peak_rss_mib", "mlx_peak_mib", "weights_mib"]
         md.append("\n" + common.md_table(headers, [[m[k] for k in keys] for m in memory]))
     if bench.skipped:
         md.append("\nnot run: " + "; ".join(bench.skipped) + "\n")
