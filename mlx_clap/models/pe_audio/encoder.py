@@ -124,11 +124,10 @@ class PeAudioEncoderEmbedder(nn.Module):
         else:
             outs = []
             stages: list[dict | None] = []
-            for b, lo, hi, f0, f1 in pieces:
-                whole = (lo, hi) == (f0, f1)
+            for piece in pieces:
+                whole = piece[1:3] == piece[3:5]
                 cap = {} if capture is not None and whole else None
-                x = input_values[b : b + 1, lo * hop : hi * hop, None]
-                outs.append(self.bottleneck(self.dac_encoder(x, cap))[:, f0 - lo : f1 - lo])
+                outs.append(self._piece(input_values, piece, cap))
                 stages.append(cap)
             if capture is not None and all(s is not None for s in stages):
                 for name in stages[0]:
@@ -163,17 +162,23 @@ class PeAudioEncoderEmbedder(nn.Module):
         so one codec call uses one core; the tiles are independent (halos), so they run on all cores.
         Same operations per tile as the sequential path: the same numbers.
         """
-        hop = self.hop_length
         # Workers cannot run nodes queued on this thread's stream: inputs and weights evaluated here.
         mx.eval(input_values, self.dac_encoder.parameters(), self.bottleneck.parameters())
 
         def tile(piece: tuple[int, int, int, int, int]) -> mx.array:
-            b, lo, hi, f0, f1 = piece
             with parallel.graph_lock:
-                x = input_values[b : b + 1, lo * hop : hi * hop, None]
-                return self.bottleneck(self.dac_encoder(x))[:, f0 - lo : f1 - lo]
+                return self._piece(input_values, piece)
 
         return parallel.map_blocks(tile, pieces)
+
+    def _piece(
+        self, input_values: mx.array, piece: tuple[int, int, int, int, int], capture: dict | None = None
+    ) -> mx.array:
+        """One codec call: row b's frames [lo, hi) of samples, cut back to the kept frames [f0, f1)."""
+        b, lo, hi, f0, f1 = piece
+        hop = self.hop_length
+        x = input_values[b : b + 1, lo * hop : hi * hop, None]
+        return self.bottleneck(self.dac_encoder(x, capture))[:, f0 - lo : f1 - lo]
 
     def __call__(
         self, input_values: mx.array, lengths: mx.array | None, capture: dict | None = None
